@@ -1,0 +1,40 @@
+"""One process, one device: the reference every sharded engine is compared against."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qshard.engines.base import OptimizerFactory, clip_and_step, nullcontext
+from qshard.lora import adapter_state_dict
+
+
+class SingleEngine:
+    name = "none"
+
+    def __init__(self, device: torch.device, scaler: torch.amp.GradScaler | None = None):
+        self.device, self.scaler = device, scaler
+
+    def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory):
+        self.model = model.to(self.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params)
+        return self.model, self.optimizer
+
+    def accumulating(self):
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, max_grad_norm: float | None) -> float:
+        return clip_and_step(self.params, self.optimizer, max_grad_norm, self.scaler)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in adapter_state_dict(self.model).items()}
+
+    def optimizer_state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

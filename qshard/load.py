@@ -1,0 +1,174 @@
+"""Build a base model without materialising it, then stream the checkpoint in, quantizing on the fly.
+
+The skeleton is created with parameters on the meta device (no memory), the linear layers that will
+be quantized are swapped for empty quantized shells, and each tensor of the safetensors checkpoint is
+read, cast, quantized and placed one at a time. Peak memory is the quantized model plus one dense
+tensor, never the dense model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qshard.errors import QShardError
+from qshard.quant.bnb4bit import Linear4bit
+from qshard.quant.bnb8bit import Linear8bit
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+QUANT_LAYERS = (Linear4bit, Linear8bit)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How base linears are stored: method none | nf4 | fp4 | int8, plus bitsandbytes options."""
+
+    method: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.float32
+    int8_threshold: float = 6.0
+    skip_modules: tuple[str, ...] = ("lm_head",)
+
+
+def resolve_model_dir(path: str) -> Path:
+    """A local folder with config.json, or a hub id downloaded where a network exists."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise QShardError(f"{local} has no config.json, so it is not a Hugging Face model folder",
+                              where="model.path", fix="point model.path at the folder that holds config.json "
+                                                      "(create one with `qshard init-tiny DIR`)")
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja",
+                                                            "*.txt"]))
+    except Exception as e:  # any hub failure is a user-facing "cannot find the model"
+        raise QShardError(f"model {path!r} is not a local folder and could not be fetched from the hub ({e})",
+                          where="model.path", fix="give the path of a local model folder") from None
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise QShardError(f"no safetensors weights in {model_dir}", where="model.path",
+                      fix="qshard reads model.safetensors (or a sharded index); convert .bin weights with "
+                          "`model.save_pretrained(dir, safe_serialization=True)`")
+
+
+def checkpoint_dtype(model_dir: Path) -> torch.dtype:
+    config = json.loads((model_dir / "config.json").read_text())
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return DTYPES.get(name, torch.float32)
+
+
+def build_skeleton(model_dir: Path, dtype: torch.dtype) -> nn.Module:
+    """The architecture with every parameter on meta; buffers (rotary tables) are real and small."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def quantized_linear_names(model: nn.Module, spec: QuantSpec) -> list[str]:
+    """Every nn.Linear that the spec quantizes (all but skip_modules), in module order."""
+    if spec.method == "none":
+        return []
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in spec.skip_modules)]
+
+
+def swap_in_quantized_shells(model: nn.Module, names: list[str], spec: QuantSpec, dtype: torch.dtype) -> None:
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        dense = model.get_submodule(name)
+        if spec.method == "int8":
+            shell = Linear8bit(dense.in_features, dense.out_features, threshold=spec.int8_threshold,
+                               weight_dtype=dtype, bias=dense.bias is not None)
+        else:
+            shell = Linear4bit(dense.in_features, dense.out_features, quant_type=spec.method,
+                               double_quant=spec.double_quant, compute_dtype=spec.compute_dtype,
+                               weight_dtype=dtype, bias=dense.bias is not None)
+        setattr(model.get_submodule(parent_name), leaf, shell)
+
+
+def quantize_into(shell: nn.Module, weight: torch.Tensor, spec: QuantSpec) -> None:
+    """Fill an empty quantized shell's parameters from a dense weight."""
+    if isinstance(shell, Linear8bit):
+        filled = Linear8bit.from_float(weight, threshold=spec.int8_threshold)
+    else:
+        filled = Linear4bit.from_float(weight, quant_type=spec.method, double_quant=spec.double_quant,
+                                       compute_dtype=spec.compute_dtype)
+    for pname, p in filled.named_parameters():
+        if pname != "bias":
+            setattr(shell, pname, p)
+
+
+def open_base(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec()) -> tuple[Path, nn.Module]:
+    """Find the checkpoint and build its empty skeleton (quantized shells in place): cheap, so every
+    check that needs the architecture (LoRA targets) runs before any weight is read."""
+    model_dir = resolve_model_dir(path)
+    checkpoint_files(model_dir)
+    torch_dtype = checkpoint_dtype(model_dir) if dtype == "auto" else DTYPES[dtype]
+    skeleton = build_skeleton(model_dir, torch_dtype)
+    swap_in_quantized_shells(skeleton, quantized_linear_names(skeleton, quant), quant, torch_dtype)
+    return model_dir, skeleton
+
+
+def load_base_model(skeleton: nn.Module, model_dir: Path, *, quant: QuantSpec = QuantSpec(),
+                    device: torch.device = torch.device("cpu")) -> nn.Module:
+    """Stream the weights into the skeleton, quantizing on the fly. Frozen, in eval mode."""
+    _stream_tensors(skeleton, checkpoint_files(model_dir), quant, skeleton.dtype, device)
+    skeleton.tie_weights()
+    _check_materialised(skeleton, model_dir)
+    skeleton.requires_grad_(False)
+    skeleton.config.name_or_path = str(model_dir)
+    return skeleton.to(device).eval()
+
+
+def load_model(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec(),
+               device: torch.device = torch.device("cpu")) -> nn.Module:
+    """open_base + load_base_model in one call (for scripts and tests)."""
+    model_dir, skeleton = open_base(path, dtype=dtype, quant=quant)
+    return load_base_model(skeleton, model_dir, quant=quant, device=device)
+
+
+def _stream_tensors(model: nn.Module, files: list[Path], quant: QuantSpec, dtype: torch.dtype,
+                    device: torch.device) -> None:
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                module_name, _, pname = key.rpartition(".")
+                try:
+                    module = model.get_submodule(module_name)
+                except AttributeError:
+                    continue  # tensors the architecture does not use (e.g. stale rotary tables)
+                tensor = f.get_tensor(key)
+                if isinstance(module, QUANT_LAYERS) and pname == "weight":
+                    quantize_into(module, tensor.to(dtype), quant)
+                elif pname in module._parameters:
+                    module._parameters[pname] = nn.Parameter(tensor.to(dtype), requires_grad=False)
+                elif pname in module._buffers:
+                    module._buffers[pname] = tensor
+
+
+def _check_materialised(model: nn.Module, model_dir: Path) -> None:
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise QShardError(f"the checkpoint lacks {len(missing)} tensor(s) the architecture needs: {shown}",
+                          where=str(model_dir), fix="check that the weights belong to this config.json")

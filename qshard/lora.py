@@ -1,0 +1,82 @@
+"""Attach LoRA adapters (PEFT) to a loaded base, and save them as a PEFT adapter folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qshard import _compat
+from qshard.errors import QShardError
+from qshard.load import QUANT_LAYERS
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def linear_module_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Full names of every linear layer (dense or quantized) except the output head."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, *QUANT_LAYERS)) and name.rpartition(".")[2] not in skip]
+
+
+def resolve_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Leaf names to adapt. 'all-linear' = every linear but the head; a name that matches nothing is an error."""
+    linears = linear_module_names(model)
+    leaves = sorted({name.rpartition(".")[2] for name in linears})
+    if target_modules == "all-linear":
+        return leaves
+    unknown = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linears)]
+    if unknown:
+        raise QShardError(f"LoRA target(s) {unknown} match no linear layer of this model",
+                          where="lora.target_modules", fix=f"use names from: {', '.join(leaves)} (or all-linear)")
+    return list(target_modules)
+
+
+def attach_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, targets: list[str],
+                use_dora: bool, seed: int) -> nn.Module:
+    """Wrap `model` in a PeftModel; adapter weights are fp32 and the only trainable tensors."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners import lora
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        use_dora=use_dora, bias="none", task_type="CAUSAL_LM")
+    # PEFT's custom-module hook: our quantized layers get PEFT's standard LoRA Linear wrapper,
+    # which calls them as `base_layer` and reads `.weight` (dequantized) only for DoRA.
+    config._register_custom_module({cls: lora.Linear for cls in QUANT_LAYERS})
+    torch.manual_seed(seed)  # the initial adapter depends only on the seed, on every process
+    with _compat.quiet_peft_custom_layer_warning():
+        peft_model = get_peft_model(model, config)
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return peft_model
+
+
+def adapter_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors under PEFT's file naming (`...lora_A.weight`, no adapter name)."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model)
+
+
+def save_adapter(out_dir: Path, state: dict[str, torch.Tensor], peft_model: nn.Module) -> Path:
+    """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = peft_model.peft_config["default"]
+    config.save_pretrained(str(out_dir))
+    _drop_private_keys(out_dir / ADAPTER_CONFIG)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out_dir / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    return out_dir
+
+
+def _drop_private_keys(config_file: Path) -> None:
+    """PEFT may serialise private fields; other tools should see only the public config."""
+    data = json.loads(config_file.read_text())
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True))

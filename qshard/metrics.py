@@ -1,0 +1,63 @@
+"""What a run reports: one JSON object per logged step in metrics.jsonl (+ TensorBoard if installed)."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's memory now: resident and peak resident (CPU), allocated/reserved/peak (GPU)."""
+    import psutil
+
+    mb = 1024 * 1024
+    out = {"rss_mb": psutil.Process().memory_info().rss / mb,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out.update(gpu_alloc_mb=torch.cuda.memory_allocated(device) / mb,
+                   gpu_reserved_mb=torch.cuda.memory_reserved(device) / mb,
+                   gpu_peak_mb=torch.cuda.max_memory_allocated(device) / mb)
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+class MetricsLog:
+    """Appends records on the main process only; other ranks pass enabled=False."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = open(out_dir / METRICS_FILE, "a") if enabled else None
+        self.tb = _tensorboard(out_dir / "tensorboard") if enabled else None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _tensorboard(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,128 @@
+"""NF4 / FP4 base layers (QLoRA), quantized by bitsandbytes, stored as engine-shardable parameters.
+
+bitsandbytes' own `Linear4bit` keeps its quantization constants in a `QuantState` object beside a
+`Params4bit` weight. Sharding engines only see parameters, so FSDP2 trips over the detached state
+(`fix_4bit_weight_quant_state_from_module`) and DeepSpeed's `module.bfloat16()` would cast float
+constants. Here every tensor needed to dequantize is a frozen *uint8 parameter*:
+
+    packed         4-bit codes, two per byte, flat [(out*in + 1) // 2]
+    absmax         per-block scales: uint8 codes with double quant, else float32 bytes
+    nested_absmax  float32 bytes of the second-level scales (double quant only)
+    offset         float32 bytes of the double-quant offset (double quant only)
+
+Engines partition and all-gather integer parameters like any other, never cast them (FSDP2 skips
+non-float params in mixed precision; DeepSpeed only casts floating tensors), and the forward calls
+the very same `bnb.matmul_4bit` as `Linear4bit`, so results match bitsandbytes bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BLOCKSIZE = 64  # bitsandbytes' default, the one transformers' BitsAndBytesConfig uses
+NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed block size for double quant
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).reshape(-1)
+
+
+class Linear4bit(nn.Module):
+    """A frozen 4-bit linear layer: y = x @ dequant(W).T + b, computed in `compute_dtype`."""
+
+    def __init__(self, in_features: int, out_features: int, *, quant_type: str = "nf4",
+                 double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
+                 weight_dtype: torch.dtype = torch.float32, bias: bool = False, device="meta"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.double_quant = quant_type, double_quant
+        self.compute_dtype, self.weight_dtype = compute_dtype, weight_dtype
+        n = in_features * out_features
+        blocks = -(-n // BLOCKSIZE)
+        empty = lambda size: _frozen(torch.empty(size, dtype=torch.uint8, device=device))  # noqa: E731
+        self.packed = empty((n + 1) // 2)
+        if double_quant:
+            self.absmax = empty(blocks)
+            self.nested_absmax = empty(4 * -(-blocks // NESTED_BLOCKSIZE))
+            self.offset = empty(4)
+        else:
+            self.absmax = empty(4 * blocks)
+        self.bias = _frozen(torch.empty(out_features, dtype=weight_dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, quant_type: str = "nf4",
+                   double_quant: bool = True, compute_dtype: torch.dtype = torch.float32) -> "Linear4bit":
+        """Quantize a dense [out, in] weight exactly as bitsandbytes' Linear4bit does."""
+        import bitsandbytes.functional as bnbF
+
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
+                    weight_dtype=weight.dtype, bias=bias is not None, device=weight.device)
+        packed, state = bnbF.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE,
+                                           compress_statistics=double_quant, quant_type=quant_type)
+        layer.packed.data = _as_bytes(packed)
+        layer.absmax.data = _as_bytes(state.absmax)
+        if double_quant:
+            layer.nested_absmax.data = _as_bytes(state.state2.absmax.float())
+            layer.offset.data = _as_bytes(state.offset.float().reshape(1))
+        if bias is not None:
+            layer.bias.data = bias.detach().clone()
+        return layer
+
+    def quant_state(self):
+        """Rebuild bitsandbytes' QuantState from our parameters (views, no copies)."""
+        import bitsandbytes.functional as bnbF
+
+        device = self.packed.device
+        code = bnbF.get_4bit_type(self.quant_type, device=device)
+        shape = torch.Size([self.out_features, self.in_features])
+        if not self.double_quant:
+            return bnbF.QuantState(absmax=self.absmax.view(torch.float32), shape=shape, code=code,
+                                   blocksize=BLOCKSIZE, quant_type=self.quant_type, dtype=self.weight_dtype)
+        state2 = bnbF.QuantState(absmax=self.nested_absmax.view(torch.float32), code=_nested_code(device),
+                                 blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+        return bnbF.QuantState(absmax=self.absmax, shape=shape, code=code, blocksize=BLOCKSIZE,
+                               quant_type=self.quant_type, dtype=self.weight_dtype,
+                               offset=self.offset.view(torch.float32)[0], state2=state2)
+
+    def dequantize(self) -> torch.Tensor:
+        import bitsandbytes.functional as bnbF
+
+        return bnbF.dequantize_4bit(self.packed.view(-1, 1), self.quant_state())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight this layer applies (PEFT reads it for DoRA and for the adapter's device)."""
+        if self.packed.device.type == "meta":
+            return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype, device="meta")
+        return self.dequantize().to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        # Same casts as bitsandbytes.nn.Linear4bit.forward, so the numerics are identical.
+        inp_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return bnb.matmul_4bit(x, self.packed.view(-1, 1), bias=bias, quant_state=self.quant_state()).to(inp_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.quant_type}, "
+                f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+
+_NESTED_CODE: dict[torch.device, torch.Tensor] = {}
+
+
+def _nested_code(device: torch.device) -> torch.Tensor:
+    """The 8-bit dynamic map bitsandbytes uses for double quant (a constant; cached per device)."""
+    import bitsandbytes.functional as bnbF
+
+    if device not in _NESTED_CODE:
+        _NESTED_CODE[device] = bnbF.create_dynamic_map(signed=True).to(device)
+    return _NESTED_CODE[device]

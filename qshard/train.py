@@ -1,0 +1,437 @@
+"""`qshard train`: recipe -> validate -> load -> attach LoRA -> engine -> loop -> save.
+
+`run()` is the whole job; `fit()` is the loop, readable in one sitting. The same code runs as one
+process or under torchrun / deepspeed / accelerate (each process builds the same global batches from
+the seed and takes its own slice of every one).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qshard import checkpoint, compat, data
+from qshard.config import Recipe, dump_recipe
+from qshard.engines import create_engine
+from qshard.errors import QShardError
+from qshard.load import DTYPES, QuantSpec, load_base_model, open_base
+from qshard.lora import attach_lora, resolve_targets, save_adapter
+from qshard.metrics import MetricsLog, memory_mb
+from qshard.precision import Precision, resolve_precision
+from qshard.runtime import Runtime, all_reduce_sum, init_runtime, shutdown
+
+
+@dataclass
+class Datasets:
+    train: list[data.Example]
+    eval: list[data.Example]
+    reports: list[data.DataReport]
+
+
+@dataclass
+class Outcome:
+    """What the summary prints and tests assert on."""
+
+    output_dir: Path
+    adapter_dir: Path | None = None
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    eval_before: float | None = None
+    eval_after: float | None = None
+    seconds: float = 0.0
+    tokens: int = 0
+    memory: dict = field(default_factory=dict)
+    sample: str | None = None
+    stopped_by_signal: bool = False
+
+
+def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, log=print) -> Outcome:
+    """The whole job. Every check that can fail on user input runs before the model is loaded."""
+    rt = init_runtime()
+    say = log if rt.is_main else (lambda *_: None)
+    try:
+        precision = resolve_precision(recipe.train.precision, rt.device)
+        compat.check(_engine_key(recipe), compat.base_key(recipe.quantization.method))
+        out_dir = Path(recipe.train.output_dir)
+        resume_from = checkpoint.resolve_resume(resume, out_dir, warn=say) if resume else None
+        if rt.is_main and resume_from is None:
+            prepare_output_dir(out_dir, overwrite)
+        quant = _quant_spec(recipe, precision)
+        model_dir, skeleton = open_base(recipe.model.path, dtype=recipe.model.dtype, quant=quant)
+        targets = resolve_targets(skeleton, recipe.lora.target_modules)
+        tokenizer = load_tokenizer(model_dir)
+        datasets = build_datasets(recipe, tokenizer)
+        for report in datasets.reports:
+            say(report.summary())
+        _barrier(rt)
+        (out_dir / "recipe.yaml").write_text(dump_recipe(recipe)) if rt.is_main else None
+
+        model = load_base_model(skeleton, model_dir, quant=quant, device=rt.device)
+        if recipe.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = attach_lora(model, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+                            targets=targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
+        say(_trainable_line(model))
+        engine = create_engine(recipe.distributed.engine, device=rt.device, scaler=precision.grad_scaler())
+        model, optimizer = engine.wrap(model, lambda params: make_optimizer(params, recipe))
+        outcome = fit(model, engine, optimizer, datasets, tokenizer, recipe, rt, precision, resume_from, say)
+        say(summary(outcome))
+        return outcome
+    finally:
+        shutdown(rt)
+
+
+def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe, rt: Runtime,
+        precision: Precision, resume_from: Path | None, say) -> Outcome:
+    """The training loop: global batches -> this rank's micro-batches -> token-mean loss -> step."""
+    from tqdm import tqdm
+
+    tr = recipe.train
+    out_dir = Path(tr.output_dir)
+    global_batch = tr.micro_batch_size * tr.gradient_accumulation_steps * rt.world_size
+    steps_per_epoch = len(datasets.train) // global_batch
+    if steps_per_epoch == 0:
+        raise QShardError(f"{len(datasets.train)} training examples cannot fill one global batch of {global_batch}",
+                          where="train.micro_batch_size / train.gradient_accumulation_steps",
+                          fix="lower the batch size or add data")
+    total_steps = tr.max_steps or tr.epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, tr.lr_scheduler, tr.warmup_steps, total_steps)
+    pad_id = data.pad_token_id(tokenizer)
+    outcome = Outcome(output_dir=out_dir)
+    step = 0
+    if resume_from is not None:
+        step = restore(resume_from, engine, scheduler, rt)
+        say(f"resumed from {resume_from} at step {step}")
+    else:
+        set_seed(tr.seed)
+    if datasets.eval:
+        outcome.eval_before = evaluate(model, datasets.eval, pad_id, tr.micro_batch_size, precision, rt)
+    metrics = MetricsLog(out_dir, enabled=rt.is_main)
+    stop = _StopFlag()
+    bar = tqdm(total=total_steps, initial=step, disable=not rt.is_main, unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    tokens_seen = 0
+
+    while step < total_steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        batch = data.global_batches(len(datasets.train), global_batch, tr.seed, epoch)[index]
+        examples = [datasets.train[i] for i in batch]
+        # Every rank knows the whole global batch, so the token count that normalises the loss is
+        # the same everywhere without communication: the mean over all loss tokens of the step.
+        loss_tokens = sum(_loss_tokens(ex) for ex in examples)
+        mine = examples[rt.rank * len(examples) // rt.world_size:(rt.rank + 1) * len(examples) // rt.world_size]
+        micro_batches = [mine[i:i + tr.micro_batch_size] for i in range(0, len(mine), tr.micro_batch_size)]
+
+        model.train()
+        loss_sum = torch.zeros((), device=rt.device)
+        for k, micro in enumerate(micro_batches):
+            last = k == len(micro_batches) - 1
+            with (engine.accumulating() if not last else _nullcontext()):
+                with precision.autocast():
+                    micro_loss = token_loss_sum(model, data.collate(micro, pad_id), rt.device)
+                # Engines average gradients over ranks; multiplying by world_size undoes that, so the
+                # gradient is exactly d(global token-mean loss), whatever the number of ranks.
+                engine.backward(micro_loss * rt.world_size / loss_tokens)
+            loss_sum += micro_loss.detach()
+        grad_norm = engine.step(tr.max_grad_norm)
+        scheduler.step()
+        step += 1
+
+        loss = float(all_reduce_sum(loss_sum, rt)) / loss_tokens
+        if not math.isfinite(loss):
+            raise QShardError(f"loss became {loss} at step {step}", where="train.learning_rate",
+                              fix="lower the learning rate or use precision: bf16/fp32 instead of fp16")
+        tokens_seen += sum(len(ex.input_ids) for ex in examples)
+        outcome.losses.append(loss)
+        elapsed = time.perf_counter() - start
+        record = {"step": step, "epoch": epoch, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": round(grad_norm, 6), "tokens": tokens_seen,
+                  "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 3),
+                  **memory_mb(rt.device)}
+        if tr.eval_every and step % tr.eval_every == 0 and datasets.eval and step < total_steps:
+            record["eval_loss"] = evaluate(model, datasets.eval, pad_id, tr.micro_batch_size, precision, rt)
+        if step % tr.log_every == 0 or step == total_steps:
+            metrics.log(record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if (tr.save_every and step % tr.save_every == 0) or stop.requested or step == total_steps:
+            save_checkpoint(out_dir, step, epoch, index + 1, engine, scheduler, recipe, rt, protect=resume_from)
+        if stop.requested:
+            say(f"\nstopped by {stop.requested} after step {step}; checkpoint saved. Resume with the same "
+                f"command plus --resume auto")
+            outcome.stopped_by_signal = True
+            break
+    bar.close()
+    metrics.close()
+    stop.restore()
+
+    outcome.steps, outcome.tokens = step, tokens_seen
+    outcome.seconds = time.perf_counter() - start
+    if datasets.eval:
+        outcome.eval_after = evaluate(model, datasets.eval, pad_id, tr.micro_batch_size, precision, rt)
+    outcome.adapter_dir = out_dir / "adapter"
+    state = engine.adapter_state_dict()
+    if rt.is_main:
+        save_adapter(outcome.adapter_dir, state, model)
+    outcome.memory = memory_mb(rt.device)
+    outcome.sample = generate_sample(model, tokenizer, tr.sample_prompt, datasets, precision, rt.device)
+    return outcome
+
+
+# -- pieces of the loop ----------------------------------------------------------------------------
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over labelled tokens, computed in fp32."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=data.IGNORE, reduction="sum")
+
+
+def _loss_tokens(example: data.Example) -> int:
+    return sum(1 for label in example.labels[1:] if label != data.IGNORE)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[data.Example], pad_id: int, micro_batch: int, precision: Precision,
+             rt: Runtime) -> float:
+    """Token-mean loss over the eval set; each rank takes every world_size-th example."""
+    model.eval()
+    mine = examples[rt.rank::rt.world_size]
+    total = torch.zeros(2, device=rt.device, dtype=torch.float64)
+    for i in range(0, len(mine), micro_batch):
+        chunk = mine[i:i + micro_batch]
+        with precision.autocast():
+            total[0] += token_loss_sum(model, data.collate(chunk, pad_id), rt.device).double()
+        total[1] += sum(_loss_tokens(ex) for ex in chunk)
+    total = all_reduce_sum(total, rt)
+    model.train()
+    return float(total[0] / total[1])
+
+
+def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
+    tr = recipe.train
+    if tr.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tr.learning_rate, weight_decay=tr.weight_decay)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[tr.optimizer]
+    return cls(params, lr=tr.learning_rate, weight_decay=tr.weight_decay)
+
+
+def make_scheduler(optimizer, kind: str, warmup: int, total: int):
+    """Linear warmup to the peak, then cosine/linear decay to 0 at `total` (or constant)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress if kind == "linear" else 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -- set-up ----------------------------------------------------------------------------------------
+
+def prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix a new run into an existing one unless asked (--overwrite)."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise QShardError(f"output folder {out_dir} is not empty", where="train.output_dir",
+                              fix="choose another train.output_dir, resume it with --resume auto, "
+                                  "or pass --overwrite to replace it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise QShardError(f"cannot load a tokenizer from {model_dir}: {e}", where="model.path",
+                          fix="the model folder needs tokenizer files (tokenizer.json / tokenizer_config.json)")
+
+
+def build_datasets(recipe: Recipe, tokenizer) -> Datasets:
+    d = recipe.data
+    rows, fmt = data.load_rows(d.path, d.format, d.text_field)
+    train, report = data.tokenize_rows(rows, fmt, tokenizer, d.max_length, d.template, source=d.path)
+    reports = [report]
+    if d.eval_path:
+        eval_rows, eval_fmt = data.load_rows(d.eval_path, d.format, d.text_field)
+        evals, eval_report = data.tokenize_rows(eval_rows, eval_fmt, tokenizer, d.max_length, d.template,
+                                                source=d.eval_path)
+        reports.append(eval_report)
+    else:
+        train, evals = data.split_eval(train, d.eval_fraction, recipe.train.seed)
+    if d.packing:
+        train = data.pack(train, d.max_length)
+    return Datasets(train, evals, reports)
+
+
+def _quant_spec(recipe: Recipe, precision: Precision) -> QuantSpec:
+    q = recipe.quantization
+    compute = precision.dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
+    return QuantSpec(method=q.method, double_quant=q.double_quant, compute_dtype=compute,
+                     int8_threshold=q.int8_threshold, skip_modules=tuple(q.skip_modules))
+
+
+def _engine_key(recipe: Recipe) -> str:
+    d = recipe.distributed
+    return compat.engine_key(d.engine, d.zero_stage, d.offload_params, d.offload_optimizer)
+
+
+def _trainable_line(model) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"LoRA: {trainable:,} trainable parameters"
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+def save_checkpoint(out_dir: Path, step: int, epoch: int, offset: int, engine, scheduler, recipe: Recipe,
+                    rt: Runtime, protect: Path | None) -> Path:
+    adapter = engine.adapter_state_dict()
+    optimizer_state = engine.optimizer_state_dict()
+    stage = checkpoint.staging_dir(out_dir, step) if rt.is_main else None
+    _barrier(rt)
+    stage = out_dir / f".staging-{checkpoint.PREFIX}{step}"
+    checkpoint.save_state(stage, f"rng-rank{rt.rank}", rng_state())
+    if rt.is_main:
+        save_adapter(stage / "adapter", adapter, engine.model)
+        checkpoint.save_state(stage, "optimizer", optimizer_state)
+        checkpoint.write_json(stage / "trainer_state.json", {
+            "step": step, "epoch": epoch, "offset_in_epoch": offset, "seed": recipe.train.seed,
+            "world_size": rt.world_size, "scheduler": scheduler.state_dict()})
+        (stage / "recipe.yaml").write_text(dump_recipe(recipe))
+    _barrier(rt)
+    final = out_dir / f"{checkpoint.PREFIX}{step}"
+    if rt.is_main:
+        checkpoint.commit(stage, out_dir, step)
+        checkpoint.prune(out_dir, recipe.train.keep_checkpoints, protect=protect)
+    _barrier(rt)
+    return final
+
+
+def restore(ckpt: Path, engine, scheduler, rt: Runtime) -> int:
+    """Adapter, optimizer, scheduler and this rank's RNG from a verified checkpoint; returns the step."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from qshard.lora import ADAPTER_WEIGHTS
+
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(engine.model, load_file(str(ckpt / "adapter" / ADAPTER_WEIGHTS)))
+    engine.load_optimizer_state_dict(checkpoint.load_state(ckpt, "optimizer"))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = ckpt / f"rng-rank{rt.rank}.json"
+    if rng_file.exists():
+        set_rng_state(checkpoint.load_state(ckpt, f"rng-rank{rt.rank}"))
+    return int(state["step"])
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- the end of a run ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_sample(model, tokenizer, prompt: str | None, datasets: Datasets, precision: Precision,
+                    device: torch.device, max_new_tokens: int = 40) -> str:
+    """Greedy continuation of a chat prompt, so the user sees what the adapter learned."""
+    prompt = prompt or tokenizer.decode(_prompt_part(datasets.train[0]), skip_special_tokens=False)
+    if tokenizer.chat_template and not prompt.startswith(tuple(tokenizer.all_special_tokens)):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    model.eval()
+    with precision.autocast():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=data.pad_token_id(tokenizer))
+    return prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _prompt_part(example: data.Example) -> list[int]:
+    first_target = next(i for i, label in enumerate(example.labels) if label != data.IGNORE)
+    return example.input_ids[:first_target]
+
+
+def summary(o: Outcome) -> str:
+    lines = [f"\ntrained {o.steps} steps, {o.tokens:,} tokens in {o.seconds:.1f} s "
+             f"({o.tokens / max(o.seconds, 1e-9):,.0f} tokens/s)"]
+    if o.losses:
+        lines.append(f"train loss: {o.losses[0]:.4f} (first step) -> {o.losses[-1]:.4f} (last step)")
+    if o.eval_before is not None:
+        lines.append(f"eval loss:  {o.eval_before:.4f} (before) -> {o.eval_after:.4f} (after)")
+    peak = o.memory.get("gpu_peak_mb") or o.memory.get("peak_rss_mb")
+    lines.append(f"peak memory: {peak:,.0f} MB ({'GPU allocated' if 'gpu_peak_mb' in o.memory else 'CPU resident'})")
+    lines.append(f"adapter: {o.adapter_dir}  (PEFT format; PeftModel.from_pretrained(base, path))")
+    if o.sample is not None:
+        lines.append(f"sample:\n{o.sample}")
+    return "\n".join(lines)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask for one last checkpoint at the end of the current step, then a clean exit."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, _frame):
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        torch.distributed.barrier()
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()

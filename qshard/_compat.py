@@ -18,3 +18,18 @@ def quiet_peft_custom_layer_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Unsupported layer type .*qshard\.quant")
         yield
+
+
+def quiet_known_noise() -> None:
+    """Silence messages that are harmless for qshard and would bury the progress output.
+
+    - bitsandbytes >= 0.49 on CPUs with AVX512-BF16 logs "Failed to load CPU gemm_4bit_forward from
+      kernels-community" at import when the optional `kernels` package (a hub download) is absent; it
+      only affects bitsandbytes' eval-mode CPU kernel, which qshard's layers do not use.
+    - PEFT 0.21 calls transformers' deprecated `is_gradient_checkpointing` (FutureWarning in
+      transformers 5.x). Remove when PEFT uses `is_activation_checkpointing`.
+    """
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)

@@ -10,6 +10,9 @@ from qshard.errors import QShardError
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from qshard import _compat
+
+    _compat.quiet_known_noise()
     try:
         return args.func(args) or 0
     except QShardError as e:

@@ -167,7 +167,12 @@ def _stream_tensors(model: nn.Module, files: list[Path], quant: QuantSpec, dtype
 
 
 def _check_materialised(model: nn.Module, model_dir: Path) -> None:
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing = []
+    for name, module in model.named_modules():
+        unread = [p for p, t in module.named_parameters(recurse=False) if t.device.type == "meta"]
+        # a quantized layer's packed tensors all come from one checkpoint tensor: `<name>.weight`
+        keys = ["weight"] if unread and isinstance(module, QUANT_LAYERS) and unread != ["bias"] else unread
+        missing += [f"{name}.{k}" for k in keys]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise QShardError(f"the checkpoint lacks {len(missing)} tensor(s) the architecture needs: {shown}",

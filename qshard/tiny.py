@@ -83,6 +83,10 @@ def tiny_config(arch: str, size: str, vocab_size: int):
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
         max_position_embeddings=2048, tie_word_embeddings=False,
         pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        # A frozen random head with the usual std 0.02 cannot produce peaked logits at small widths
+        # (|logit| <= 0.02 * hidden after the final RMSNorm), so LoRA could not fit anything;
+        # 1/sqrt(hidden) gives the head unit-norm rows. Real-size models keep 0.02.
+        initializer_range=0.02 if hidden >= 1024 else hidden ** -0.5,
     )
 
 

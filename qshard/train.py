@@ -26,6 +26,7 @@ from qshard.errors import QShardError
 from qshard.load import DTYPES, QuantSpec, load_base_model, open_base
 from qshard.lora import attach_lora, resolve_targets, save_adapter
 from qshard.metrics import MetricsLog, memory_mb
+from qshard.monitor import GradFlowCheck
 from qshard.precision import Precision, resolve_precision
 from qshard.runtime import Runtime, all_reduce_sum, init_runtime, shutdown
 
@@ -42,6 +43,7 @@ class Outcome:
     """What the summary prints and tests assert on."""
 
     output_dir: Path
+    model: object = field(default=None, repr=False)  # the trained PeftModel (engine-wrapped), for callers
     adapter_dir: Path | None = None
     steps: int = 0
     losses: list[float] = field(default_factory=list)
@@ -106,7 +108,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     total_steps = tr.max_steps or tr.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, tr.lr_scheduler, tr.warmup_steps, total_steps)
     pad_id = data.pad_token_id(tokenizer)
-    outcome = Outcome(output_dir=out_dir)
+    outcome = Outcome(output_dir=out_dir, model=model)
     step = 0
     if resume_from is not None:
         step = restore(resume_from, engine, scheduler, rt)
@@ -117,6 +119,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         outcome.eval_before = evaluate(model, datasets.eval, pad_id, tr.micro_batch_size, precision, rt)
     metrics = MetricsLog(out_dir, enabled=rt.is_main)
     stop = _StopFlag()
+    grad_flow = GradFlowCheck(model) if step == 0 else None
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_main, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     tokens_seen = 0
@@ -145,6 +148,8 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         grad_norm = engine.step(tr.max_grad_norm)
         scheduler.step()
         step += 1
+        if grad_flow is not None:
+            grad_flow.after_step(step)
 
         loss = float(all_reduce_sum(loss_sum, rt)) / loss_tokens
         if not math.isfinite(loss):
@@ -172,6 +177,8 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
             break
     bar.close()
     metrics.close()
+    if grad_flow is not None:
+        grad_flow.close()
     stop.restore()
 
     outcome.steps, outcome.tokens = step, tokens_seen

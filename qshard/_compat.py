@@ -33,3 +33,17 @@ def quiet_known_noise() -> None:
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+
+
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed (seen in 0.19.8) JIT-compiles its `deepspeed_shm_comm` C++ op inside every
+    `init_distributed` on CPU (~40 s and up to 2 GB per compiler on 2 cores, then cached), although
+    the op serves only `inference_all_reduce`, which training never calls. Marking the op incompatible
+    makes DeepSpeed skip the build and fall back to torch.distributed. Remove when DeepSpeed builds it
+    lazily. Must run before the first `deepspeed.initialize` / `init_distributed`.
+    """
+    import deepspeed.ops
+
+    ops = deepspeed.ops.__compatible_ops__
+    if "deepspeed_shm_comm" in ops:
+        ops["deepspeed_shm_comm"] = False

@@ -21,13 +21,7 @@ class Cell:
     instead: str = ""
 
 
-_SHARDED_TODO = Cell(False, "sharded engines are not built yet in this release (tracked in issue #3)",
-                     "distributed.engine: none (one process)")
-
-SUPPORT: dict[tuple[str, str], Cell] = {
-    **{("none", base): Cell(True) for base in BASES},
-    **{(engine, base): _SHARDED_TODO for engine in ENGINES[1:] for base in BASES},
-}
+SUPPORT: dict[tuple[str, str], Cell] = {(engine, base): Cell(True) for engine in ENGINES for base in BASES}
 
 
 def engine_key(engine: str, zero_stage: int = 2, offload_params: str = "none", offload_optimizer: str = "none") -> str:

@@ -88,7 +88,10 @@ class TrainSection(Section):
     eval_every: int | None = Field(None, ge=1, description="Steps between evaluations (and at the end).")
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
-    sample_prompt: str | None = Field(None, description="Prompt to generate from at the end of training.")
+    sample_prompt: str | None = Field(None, description="Prompt to generate from at the end of training "
+                                                        "(default: the first training example's prompt).")
+    sample_tokens: int = Field(40, ge=0, le=4096, description="Tokens to generate for the end-of-run sample; 0 = "
+                                                              "no sample.")
 
 
 class DistributedSection(Section):

@@ -62,6 +62,11 @@ def adapter_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(peft_model)
 
 
+def adapter_params_by_file_key(peft_model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters keyed as PEFT writes them to files (the adapter name `.default` removed)."""
+    return {n.replace(".default", ""): p for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
 def save_adapter(out_dir: Path, state: dict[str, torch.Tensor], peft_model: nn.Module) -> Path:
     """Write a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
     from safetensors.torch import save_file

@@ -3,50 +3,83 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from qshard.errors import QShardError
+from qshard.runtime import Runtime, all_reduce_sum
 
 
 class GradFlowCheck:
-    """Records which trainable tensors received a non-zero, finite gradient during the first steps.
+    """Every trainable tensor must get a finite, non-zero gradient within the first `steps` steps.
 
-    LoRA's B starts at zero, so A's gradient is exactly zero on step 1 by construction; every tensor
-    must have had a non-zero gradient by the end of step 2, or it is not training.
+    LoRA's B starts at zero, so A's gradient is exactly zero on step 1 by construction: the check
+    for "no gradient" runs after step 2. The engine hands over each rank's (shard of the) gradient
+    between backward and the optimizer step; flags are summed over ranks, so a tensor counts as
+    trained if any rank's shard of its gradient is non-zero.
     """
 
-    def __init__(self, model: nn.Module, steps: int = 2):
-        self.steps, self.seen, self.nonfinite = steps, set(), set()
-        self.names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        self.handles = [p.register_post_accumulate_grad_hook(self._record)
-                        for p in model.parameters() if p.requires_grad]
+    def __init__(self, rt: Runtime, steps: int = 2):
+        self.rt, self.steps = rt, steps
+        self.seen: torch.Tensor | None = None
 
-    def _record(self, p: torch.Tensor) -> None:
-        if p.grad is None:
-            return
-        if not bool(torch.isfinite(p.grad).all()):
-            self.nonfinite.add(self.names[id(p)])
-        elif bool(p.grad.any()):
-            self.seen.add(self.names[id(p)])
+    def inspect(self, grads: dict[str, torch.Tensor | None], step: int) -> None:
+        names = sorted(grads)
+        flags = torch.zeros(2, len(names), dtype=torch.float64, device=self.rt.device)
+        for i, name in enumerate(names):
+            g = grads[name]
+            if g is not None and g.numel():
+                flags[0, i] = float(bool(g.any()))
+                flags[1, i] = float(not bool(torch.isfinite(g).all()))
+        flags = all_reduce_sum(flags, self.rt)
+        self.seen = flags[0] if self.seen is None else self.seen + flags[0]
+        nonfinite = [n for n, bad in zip(names, flags[1].tolist()) if bad]
+        if nonfinite:
+            _fail(nonfinite, f"a non-finite gradient at step {step}",
+                  "lower train.learning_rate, or use precision bf16/fp32 instead of fp16")
+        silent = [n for n, seen in zip(names, self.seen.tolist()) if not seen]
+        if step >= self.steps and silent:
+            _fail(silent, f"no gradient in the first {self.steps} steps",
+                  "the layer is detached from the loss (e.g. frozen, or wrapped after LoRA was attached)")
 
-    def after_step(self, step: int) -> None:
-        if step == 1 and self.nonfinite:
-            self._fail(sorted(self.nonfinite), "a non-finite gradient", "lower train.learning_rate or use fp32/bf16")
-        if step < self.steps:
-            return
-        self.close()
-        silent = sorted(set(self.names.values()) - self.seen)
-        if silent:
-            self._fail(silent, "no gradient in the first steps",
-                       "the layer is detached from the loss (e.g. wrapped or frozen after LoRA was attached)")
 
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+def _fail(names: list[str], what: str, cause: str) -> None:
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    raise QShardError(f"{len(names)} LoRA tensor(s) got {what}: {shown}", where="gradient flow check",
+                      fix=f"likely cause: {cause}")
 
-    @staticmethod
-    def _fail(names: list[str], what: str, cause: str) -> None:
-        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        raise QShardError(f"{len(names)} LoRA tensor(s) got {what}: {shown}", where="gradient flow check",
-                          fix=f"likely cause: {cause}")
+
+def sharding_report(model: torch.nn.Module, rt: Runtime) -> list[dict]:
+    """Bytes this rank holds against the unsharded total, per kind of tensor, for every rank.
+
+    kinds: `base_quantized` (integer storage of quantized layers), `base_dense` (frozen float
+    tensors: embeddings, norms, head), `lora` (trainable), `buffers`. Collective: every rank calls it.
+    """
+    from qshard.engines.base import local_numel
+
+    mine: dict[str, list[int]] = {k: [0, 0] for k in ("base_quantized", "base_dense", "lora", "buffers")}
+    for p in model.parameters():
+        kind = "lora" if p.requires_grad else ("base_dense" if p.dtype.is_floating_point else "base_quantized")
+        size = p.element_size()
+        mine[kind][0] += local_numel(p) * size
+        mine[kind][1] += getattr(p, "ds_numel", p.numel()) * size
+    for b in model.buffers():
+        mine["buffers"][0] += b.numel() * b.element_size()
+        mine["buffers"][1] += b.numel() * b.element_size()
+    row = {"rank": rt.rank, **{f"{k}_local": v[0] for k, v in mine.items()},
+           **{f"{k}_full": v[1] for k, v in mine.items()}}
+    if not rt.distributed:
+        return [row]
+    rows: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(rows, row)
+    return rows
+
+
+def format_sharding(rows: list[dict]) -> str:
+    kinds = ("base_quantized", "base_dense", "lora", "buffers")
+    head = "rank  " + "  ".join(f"{k:>22}" for k in kinds)
+    lines = [head] + ["{:<4}  ".format(r["rank"]) + "  ".join(
+        f"{_mb(r[k + '_local']):>9} / {_mb(r[k + '_full']):>9} MB" for k in kinds) for r in rows]
+    return "held on each rank (local / unsharded):\n" + "\n".join(lines)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f}"

@@ -15,6 +15,7 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # True when init_runtime started the process group (and so ends it)
 
     @property
     def is_main(self) -> bool:
@@ -22,11 +23,12 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def init_runtime(timeout_s: float = 600.0) -> Runtime:
-    """Start the process group when launched with several processes (nccl on CUDA, gloo on CPU)."""
+def init_runtime(timeout_s: float = 600.0, need_group: bool = False) -> Runtime:
+    """Start the process group when launched with several processes (nccl on CUDA, gloo on CPU), or
+    when an engine needs one even for a single process (`need_group`: DDP/DeepSpeed/FSDP2 with one rank)."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -35,12 +37,24 @@ def init_runtime(timeout_s: float = 600.0) -> Runtime:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
+    owns = (world > 1 or need_group) and not torch.distributed.is_initialized()
+    if owns:
         import datetime
 
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return Runtime(rank, world, local, device)
+        # without a launcher (one process), a private rendezvous on a free local port
+        init = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        torch.distributed.init_process_group(backend, init_method=init, rank=rank, world_size=world,
+                                             timeout=datetime.timedelta(seconds=timeout_s))
+    return Runtime(rank, world, local, device, owns)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def all_reduce_sum(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
@@ -51,5 +65,5 @@ def all_reduce_sum(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
 
 
 def shutdown(rt: Runtime) -> None:
-    if rt.distributed and torch.distributed.is_initialized():
+    if rt.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -26,7 +26,7 @@ from qshard.errors import QShardError
 from qshard.load import DTYPES, QuantSpec, load_base_model, open_base
 from qshard.lora import attach_lora, resolve_targets, save_adapter
 from qshard.metrics import MetricsLog, memory_mb
-from qshard.monitor import GradFlowCheck
+from qshard.monitor import GradFlowCheck, format_sharding, sharding_report
 from qshard.precision import Precision, resolve_precision
 from qshard.runtime import Runtime, all_reduce_sum, init_runtime, shutdown
 
@@ -53,14 +53,18 @@ class Outcome:
     tokens: int = 0
     memory: dict = field(default_factory=dict)
     sample: str | None = None
+    sharding: list[dict] = field(default_factory=list)  # per rank, see monitor.sharding_report
     stopped_by_signal: bool = False
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, log=print) -> Outcome:
     """The whole job. Every check that can fail on user input runs before the model is loaded."""
-    rt = init_runtime()
+    rt = init_runtime(need_group=recipe.distributed.engine != "none")
     say = log if rt.is_main else (lambda *_: None)
     try:
+        if rt.world_size > 1 and recipe.distributed.engine == "none":
+            raise QShardError(f"{rt.world_size} processes were launched but distributed.engine is none, so each "
+                              "would train alone", where="distributed.engine", fix="choose ddp, deepspeed or fsdp2")
         precision = resolve_precision(recipe.train.precision, rt.device)
         compat.check(_engine_key(recipe), compat.base_key(recipe.quantization.method))
         out_dir = Path(recipe.train.output_dir)
@@ -83,7 +87,14 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
         model = attach_lora(model, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                             targets=targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
         say(_trainable_line(model))
-        engine = create_engine(recipe.distributed.engine, device=rt.device, scaler=precision.grad_scaler())
+        d = recipe.distributed
+        engine = create_engine(d.engine, device=rt.device, precision=precision.name, world_size=rt.world_size,
+                               micro_batch=recipe.train.micro_batch_size,
+                               accumulation=recipe.train.gradient_accumulation_steps,
+                               max_grad_norm=recipe.train.max_grad_norm, zero_stage=d.zero_stage,
+                               offload_optimizer=d.offload_optimizer, offload_params=d.offload_params,
+                               deepspeed_config=d.deepspeed_config, reshard_after_forward=d.reshard_after_forward,
+                               fsdp_cpu_offload=d.fsdp_cpu_offload)
         model, optimizer = engine.wrap(model, lambda params: make_optimizer(params, recipe))
         outcome = fit(model, engine, optimizer, datasets, tokenizer, recipe, rt, precision, resume_from, say)
         say(summary(outcome))
@@ -108,7 +119,8 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     total_steps = tr.max_steps or tr.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, tr.lr_scheduler, tr.warmup_steps, total_steps)
     pad_id = data.pad_token_id(tokenizer)
-    outcome = Outcome(output_dir=out_dir, model=model)
+    outcome = Outcome(output_dir=out_dir, model=engine.peft_model, sharding=sharding_report(engine.peft_model, rt))
+    say(format_sharding(outcome.sharding))
     step = 0
     if resume_from is not None:
         step = restore(resume_from, engine, scheduler, rt)
@@ -119,7 +131,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         outcome.eval_before = evaluate(model, datasets.eval, pad_id, tr.micro_batch_size, precision, rt)
     metrics = MetricsLog(out_dir, enabled=rt.is_main)
     stop = _StopFlag()
-    grad_flow = GradFlowCheck(model) if step == 0 else None
+    grad_flow = GradFlowCheck(rt) if step == 0 else None
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_main, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     tokens_seen = 0
@@ -145,11 +157,11 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
                 # gradient is exactly d(global token-mean loss), whatever the number of ranks.
                 engine.backward(micro_loss * rt.world_size / loss_tokens)
             loss_sum += micro_loss.detach()
+        if grad_flow is not None and step < grad_flow.steps:
+            grad_flow.inspect(engine.local_grads(), step + 1)
         grad_norm = engine.step(tr.max_grad_norm)
         scheduler.step()
         step += 1
-        if grad_flow is not None:
-            grad_flow.after_step(step)
 
         loss = float(all_reduce_sum(loss_sum, rt)) / loss_tokens
         if not math.isfinite(loss):
@@ -177,8 +189,6 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
             break
     bar.close()
     metrics.close()
-    if grad_flow is not None:
-        grad_flow.close()
     stop.restore()
 
     outcome.steps, outcome.tokens = step, tokens_seen
@@ -188,9 +198,11 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     outcome.adapter_dir = out_dir / "adapter"
     state = engine.adapter_state_dict()
     if rt.is_main:
-        save_adapter(outcome.adapter_dir, state, model)
+        save_adapter(outcome.adapter_dir, state, engine.peft_model)
     outcome.memory = memory_mb(rt.device)
-    outcome.sample = generate_sample(model, tokenizer, tr.sample_prompt, datasets, precision, rt.device)
+    if tr.sample_tokens:
+        outcome.sample = generate_sample(engine.peft_model, tokenizer, tr.sample_prompt, datasets, precision,
+                                         rt.device, tr.sample_tokens)
     return outcome
 
 
@@ -324,7 +336,7 @@ def save_checkpoint(out_dir: Path, step: int, epoch: int, offset: int, engine, s
     stage = out_dir / f".staging-{checkpoint.PREFIX}{step}"
     checkpoint.save_state(stage, f"rng-rank{rt.rank}", rng_state())
     if rt.is_main:
-        save_adapter(stage / "adapter", adapter, engine.model)
+        save_adapter(stage / "adapter", adapter, engine.peft_model)
         checkpoint.save_state(stage, "optimizer", optimizer_state)
         checkpoint.write_json(stage / "trainer_state.json", {
             "step": step, "epoch": epoch, "offset_in_epoch": offset, "seed": recipe.train.seed,
@@ -347,9 +359,7 @@ def restore(ckpt: Path, engine, scheduler, rt: Runtime) -> int:
 
     from qshard.lora import ADAPTER_WEIGHTS
 
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(engine.model, load_file(str(ckpt / "adapter" / ADAPTER_WEIGHTS)))
+    engine.load_adapter(load_file(str(ckpt / "adapter" / ADAPTER_WEIGHTS)))
     engine.load_optimizer_state_dict(checkpoint.load_state(ckpt, "optimizer"))
     state = json.loads((ckpt / "trainer_state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
@@ -384,7 +394,7 @@ def set_rng_state(state: dict) -> None:
 
 @torch.no_grad()
 def generate_sample(model, tokenizer, prompt: str | None, datasets: Datasets, precision: Precision,
-                    device: torch.device, max_new_tokens: int = 40) -> str:
+                    device: torch.device, max_new_tokens: int) -> str:
     """Greedy continuation of a chat prompt, so the user sees what the adapter learned."""
     prompt = prompt or tokenizer.decode(_prompt_part(datasets.train[0]), skip_special_tokens=False)
     if tokenizer.chat_template and not prompt.startswith(tuple(tokenizer.all_special_tokens)):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qshard.engines.base import OptimizerFactory, clip_and_step, nullcontext
+from qshard.engines.base import (OptimizerFactory, clip_and_step, full_optimizer_state, load_adapter_into,
+                                 load_full_optimizer_state, nullcontext, trainable_grads)
 from qshard.lora import adapter_state_dict
 
 
@@ -16,7 +17,7 @@ class SingleEngine:
         self.device, self.scaler = device, scaler
 
     def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory):
-        self.model = model.to(self.device)
+        self.model = self.peft_model = model.to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params)
         return self.model, self.optimizer
@@ -27,14 +28,20 @@ class SingleEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    def local_grads(self):
+        return trainable_grads(self.peft_model)
+
     def step(self, max_grad_norm: float | None) -> float:
         return clip_and_step(self.params, self.optimizer, max_grad_norm, self.scaler)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in adapter_state_dict(self.model).items()}
+        return {k: v.detach().cpu() for k, v in adapter_state_dict(self.peft_model).items()}
 
     def optimizer_state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        return full_optimizer_state(self.model, self.optimizer)
 
     def load_optimizer_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        load_full_optimizer_state(self.model, self.optimizer, state)
+
+    def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        load_adapter_into(self.peft_model, state, lambda param, full: full)

@@ -1,0 +1,86 @@
+"""PyTorch FSDP2 (`fully_shard`): every parameter, the quantized base's uint8 storage included, is a
+DTensor sharded along dim 0; each decoder layer is all-gathered for its forward and backward.
+
+bitsandbytes' own Linear4bit fails here (its QuantState lives outside the parameter, see
+`fix_4bit_weight_quant_state_from_module`); qshard's layers keep every constant in uint8 parameters,
+which FSDP2 gathers as bytes and never casts (mixed precision applies to floating params only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from qshard.engines.base import (clip_and_step, full_optimizer_state, load_adapter_into, load_full_optimizer_state,
+                                 trainable_grads)
+
+
+class FSDP2Engine:
+    name = "fsdp2"
+
+    def __init__(self, device: torch.device, reshard_after_forward: bool = True, cpu_offload: bool = False,
+                 param_dtype: torch.dtype | None = None):
+        self.device, self.reshard, self.cpu_offload, self.param_dtype = (device, reshard_after_forward,
+                                                                          cpu_offload, param_dtype)
+
+    def wrap(self, model: nn.Module, make_optimizer):
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        model = model.to(self.device)
+        options = {"reshard_after_forward": self.reshard,
+                   "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()}
+        if self.param_dtype is not None:
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
+        for layer in decoder_layers(model):
+            fully_shard(layer, **options)
+        fully_shard(model, **options)  # the rest: embeddings, final norm, head
+        self.model = self.peft_model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params)
+        return self.model, self.optimizer
+
+    @contextlib.contextmanager
+    def accumulating(self):
+        self.model.set_requires_gradient_sync(False)  # keep unsharded grads; reduce once, on the last micro-batch
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def local_grads(self):
+        return trainable_grads(self.model)
+
+    def step(self, max_grad_norm: float | None) -> float:
+        return clip_and_step(self.params, self.optimizer, max_grad_norm)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        full = {n: p.full_tensor().detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        return get_peft_model_state_dict(self.model, state_dict=full)
+
+    def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        load_adapter_into(self.model, state, lambda p, full: distribute_tensor(full, p.device_mesh, p.placements))
+
+    def optimizer_state_dict(self) -> dict:
+        return full_optimizer_state(self.model, self.optimizer)
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        load_full_optimizer_state(self.model, self.optimizer, state)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks, found by the class names transformers marks as not-to-be-split."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise RuntimeError(f"no decoder layers ({names or 'no _no_split_modules'}) found in {type(base).__name__}")
+    return layers

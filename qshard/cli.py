@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 
 from qshard.errors import QShardError
@@ -24,9 +26,20 @@ def _train(args) -> int:
     from qshard.config import load_recipe
     from qshard.train import run
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set)  # validated here, before any process is started
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch(args)
     outcome = run(recipe, overwrite=args.overwrite, resume=args.resume)
     return 3 if outcome.stopped_by_signal else 0
+
+
+def _launch(args) -> int:
+    """Start N processes on this machine through torchrun, each running this same command."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           f"--max-restarts={args.max_restarts}", "-m", "qshard.cli", "train", args.recipe]
+    cmd += [f"--set={item}" for item in args.set]
+    cmd += ["--overwrite"] * args.overwrite + ([f"--resume={args.resume}"] if args.resume else [])
+    return subprocess.call(cmd)
 
 
 def _init_tiny(args) -> int:
@@ -66,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a recipe key, e.g. --set train.max_steps=50 (repeatable)")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty train.output_dir")
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint (auto) or PATH")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="start N processes on this machine (through torchrun); for several machines run "
+                        "torchrun yourself (see README)")
+    t.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --nproc: restart all processes up to K times after a failure; each restart "
+                        "resumes from the newest checkpoint")
     t.set_defaults(func=_train)
 
     i = sub.add_parser("init-tiny", help="write a randomly initialised model + tokenizer folder")

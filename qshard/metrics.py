@@ -25,6 +25,16 @@ def memory_mb(device: torch.device) -> dict[str, float]:
     return {k: round(v, 1) for k, v in out.items()}
 
 
+def memory_all_ranks(device: torch.device) -> list[dict[str, float]]:
+    """memory_mb of every rank, gathered (collective: every rank calls it at the same step)."""
+    mine = memory_mb(device)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    rows: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(rows, mine)
+    return rows
+
+
 class MetricsLog:
     """Appends records on the main process only; other ranks pass enabled=False."""
 
@@ -61,3 +71,11 @@ def _tensorboard(log_dir: Path):
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_after(run_dir: Path, step: int) -> None:
+    """On resume, drop records of steps after the checkpoint (they are about to be redone)."""
+    path = Path(run_dir) / METRICS_FILE
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))

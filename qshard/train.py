@@ -8,6 +8,7 @@ the seed and takes its own slice of every one).
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import signal
@@ -25,7 +26,7 @@ from qshard.engines import create_engine
 from qshard.errors import QShardError
 from qshard.load import DTYPES, QuantSpec, load_base_model, open_base
 from qshard.lora import attach_lora, resolve_targets, save_adapter
-from qshard.metrics import MetricsLog, memory_mb
+from qshard.metrics import MetricsLog, memory_all_ranks, truncate_after
 from qshard.monitor import GradFlowCheck, format_sharding, sharding_report
 from qshard.precision import Precision, resolve_precision
 from qshard.runtime import Runtime, all_reduce_sum, init_runtime, shutdown
@@ -59,6 +60,10 @@ class Outcome:
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, log=print) -> Outcome:
     """The whole job. Every check that can fail on user input runs before the model is loaded."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        # torchrun restarted this job after a failure: continue from the newest checkpoint; the
+        # output folder is this job's own, so starting it afresh (no checkpoint yet) is safe.
+        resume, overwrite = resume or "auto", True
     rt = init_runtime(need_group=recipe.distributed.engine != "none")
     say = log if rt.is_main else (lambda *_: None)
     try:
@@ -124,6 +129,8 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     step = 0
     if resume_from is not None:
         step = restore(resume_from, engine, scheduler, rt)
+        if rt.is_main:
+            truncate_after(out_dir, step)
         say(f"resumed from {resume_from} at step {step}")
     else:
         set_seed(tr.seed)
@@ -135,6 +142,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_main, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     tokens_seen = 0
+    mem = ""
 
     while step < total_steps:
         epoch, index = divmod(step, steps_per_epoch)
@@ -163,7 +171,11 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         scheduler.step()
         step += 1
 
-        loss = float(all_reduce_sum(loss_sum, rt)) / loss_tokens
+        # one collective for the global loss and for "did any rank get SIGTERM/SIGINT", so that
+        # every rank saves the last checkpoint together
+        totals = all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(float(stop.requested is not None),
+                                                                             dtype=torch.float64, device=rt.device)]), rt)
+        loss, stopping = float(totals[0]) / loss_tokens, bool(totals[1] > 0)
         if not math.isfinite(loss):
             raise QShardError(f"loss became {loss} at step {step}", where="train.learning_rate",
                               fix="lower the learning rate or use precision: bf16/fp32 instead of fp16")
@@ -172,19 +184,21 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         elapsed = time.perf_counter() - start
         record = {"step": step, "epoch": epoch, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
                   "grad_norm": round(grad_norm, 6), "tokens": tokens_seen,
-                  "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 3),
-                  **memory_mb(rt.device)}
-        if tr.eval_every and step % tr.eval_every == 0 and datasets.eval and step < total_steps:
+                  "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 3)}
+        evaluating = bool(tr.eval_every and step % tr.eval_every == 0 and datasets.eval and step < total_steps)
+        if evaluating:
             record["eval_loss"] = evaluate(model, datasets.eval, pad_id, tr.micro_batch_size, precision, rt)
-        if step % tr.log_every == 0 or step == total_steps:
-            metrics.log(record)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if evaluating or step % tr.log_every == 0 or step == total_steps:
+            ranks = memory_all_ranks(rt.device)
+            metrics.log({**record, **ranks[0], "rank_memory": ranks})
+            mem = f"{max(r.get('gpu_peak_mb', r['rss_mb']) for r in ranks):.0f}MB"
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=mem)
         bar.update(1)
-        if (tr.save_every and step % tr.save_every == 0) or stop.requested or step == total_steps:
+        if (tr.save_every and step % tr.save_every == 0) or stopping or step == total_steps:
             save_checkpoint(out_dir, step, epoch, index + 1, engine, scheduler, recipe, rt, protect=resume_from)
-        if stop.requested:
-            say(f"\nstopped by {stop.requested} after step {step}; checkpoint saved. Resume with the same "
-                f"command plus --resume auto")
+        if stopping:
+            say(f"\nstopped by {stop.requested or 'a signal to another rank'} after step {step}; checkpoint saved. "
+                f"Resume with the same command plus --resume auto")
             outcome.stopped_by_signal = True
             break
     bar.close()
@@ -199,7 +213,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     state = engine.adapter_state_dict()
     if rt.is_main:
         save_adapter(outcome.adapter_dir, state, engine.peft_model)
-    outcome.memory = memory_mb(rt.device)
+    outcome.memory = memory_all_ranks(rt.device)[0]
     if tr.sample_tokens:
         outcome.sample = generate_sample(engine.peft_model, tokenizer, tr.sample_prompt, datasets, precision,
                                          rt.device, tr.sample_tokens)

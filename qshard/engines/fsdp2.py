@@ -26,7 +26,8 @@ class FSDP2Engine:
                                                                           cpu_offload, param_dtype)
 
     def wrap(self, model: nn.Module, make_optimizer):
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                            register_fsdp_forward_method)
 
         model = model.to(self.device)
         options = {"reshard_after_forward": self.reshard,
@@ -36,6 +37,9 @@ class FSDP2Engine:
         for layer in decoder_layers(model):
             fully_shard(layer, **options)
         fully_shard(model, **options)  # the rest: embeddings, final norm, head
+        # PeftModel.generate reaches the inner model without calling the root's forward, so the
+        # root's parameters (embeddings, head) would stay sharded: hook generate like forward.
+        register_fsdp_forward_method(model, "generate")
         self.model = self.peft_model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params)

@@ -100,7 +100,8 @@ def init_tiny(out_dir: str | Path, arch: str = "llama", size: str = "tiny", seed
         raise QShardError(f"{out} is not empty", where=str(out), fix="choose a new folder or delete this one")
     vocab_size = vocab_size or (32000 if size == "400m" else 512)
     tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
-    config = tiny_config(arch, size, vocab_size=len(tokenizer))
+    # the embedding may be larger than the trained vocabulary (e.g. 32k rows for the 400m benchmark model)
+    config = tiny_config(arch, size, vocab_size=max(len(tokenizer), vocab_size))
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)

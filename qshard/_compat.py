@@ -26,12 +26,20 @@ def quiet_known_noise() -> None:
     - bitsandbytes >= 0.49 on CPUs with AVX512-BF16 logs "Failed to load CPU gemm_4bit_forward from
       kernels-community" at import when the optional `kernels` package (a hub download) is absent; it
       only affects bitsandbytes' eval-mode CPU kernel, which qshard's layers do not use.
+    - DeepSpeed (0.19) warns at import when it auto-detects the CPU accelerator.
     - PEFT 0.21 calls transformers' deprecated `is_gradient_checkpointing` (FutureWarning in
       transformers 5.x). Remove when PEFT uses `is_activation_checkpointing`.
     """
     import logging
+    import os
+
+    import torch
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if not torch.cuda.is_available():
+        # DeepSpeed (imported by transformers/peft when installed) prints "Setting accelerator to
+        # CPU" on every import when it has to guess; on a machine without CUDA it is the right guess.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 

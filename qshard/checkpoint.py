@@ -90,8 +90,12 @@ def verify(ckpt: Path) -> dict:
         entries = manifest["files"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointInvalid(f"{ckpt.name}: unreadable {MANIFEST} ({e})") from None
+    if not isinstance(entries, dict):
+        raise CheckpointInvalid(f"{ckpt.name}: malformed {MANIFEST} (files is not a mapping)")
     for name, meta in entries.items():
         path = _inside(ckpt, name)
+        if not isinstance(meta, dict) or not {"size", "sha256"} <= meta.keys():
+            raise CheckpointInvalid(f"{ckpt.name}: malformed {MANIFEST} entry for {name!r}")
         if not path.is_file():
             raise CheckpointInvalid(f"{ckpt.name}: {name} is missing")
         if path.stat().st_size != meta["size"]:
@@ -143,7 +147,9 @@ def save_state(stage: Path, stem: str, state: object) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split_tensors(state, "", tensors)
     write_json(stage / f"{stem}.json", skeleton)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(stage / f"{stem}.safetensors"))
+    # clone: safetensors refuses tensors that share memory (views into one flat buffer)
+    save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()},
+              str(stage / f"{stem}.safetensors"))
 
 
 def load_state(ckpt: Path, stem: str) -> object:

@@ -52,3 +52,23 @@ def check(engine: str, base: str) -> None:
 
 def supported_cells() -> list[tuple[str, str]]:
     return [key for key, cell in SUPPORT.items() if cell.supported]
+
+
+# Options that some engines cannot honour: (engines, option, why, what instead).
+OPTION_RULES = [
+    (("zero3", "zero3_offload"), "lora.use_dora",
+     "DoRA reads the dense base weight in the adapter's forward, outside the base layer's own forward, where "
+     "ZeRO-3 may hold only this rank's partition of it (seen: empty tensors mid-step)",
+     "distributed.engine: fsdp2 (or ddp / zero_stage 1-2), or lora.use_dora: false"),
+]
+
+
+def check_options(engine: str, *, use_dora: bool, device: str, fsdp_cpu_offload: bool) -> None:
+    """Refuse option combinations that cannot work, before any loading."""
+    chosen = {"lora.use_dora": use_dora}
+    for engines, option, why, instead in OPTION_RULES:
+        if engine in engines and chosen.get(option):
+            raise QShardError(f"{option} cannot be used with {engine}: {why}", where=option, fix=f"use {instead}")
+    if engine == "fsdp2" and fsdp_cpu_offload and device == "cpu":
+        raise QShardError("distributed.fsdp_cpu_offload moves parameters from the GPU to the CPU, but this run "
+                          "is already on the CPU", where="distributed.fsdp_cpu_offload", fix="set it to false")

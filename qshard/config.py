@@ -156,7 +156,11 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise QShardError(f"cannot set {key}: {part} is not a section", where=f"--set {item}")
-    node[leaf] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise QShardError(f"cannot parse the value of {key}: {e}", where=f"--set {item}",
+                          fix="quote strings and close brackets, e.g. --set lora.target_modules=[q_proj,v_proj]")
 
 
 def _check_known_keys(raw: Any, model: type[BaseModel], prefix: str, source: str) -> None:

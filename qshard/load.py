@@ -18,9 +18,10 @@ from torch import nn
 from qshard.errors import QShardError
 from qshard.quant.bnb4bit import Linear4bit
 from qshard.quant.bnb8bit import Linear8bit
+from qshard.quant.base import QuantLinear
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-QUANT_LAYERS = (Linear4bit, Linear8bit)
+QUANT_LAYERS = (QuantLinear,)
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,15 @@ def attach_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, targe
     # which calls them as `base_layer` and reads `.weight` (dequantized) only for DoRA.
     config._register_custom_module({cls: lora.Linear for cls in QUANT_LAYERS})
     torch.manual_seed(seed)  # the initial adapter depends only on the seed, on every process
-    with _compat.quiet_peft_custom_layer_warning():
-        peft_model = get_peft_model(model, config)
+    quant_layers = [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
+    for layer in quant_layers:
+        layer.weight_is_placeholder = not use_dora  # only DoRA needs the dense values
+    try:
+        with _compat.quiet_peft_custom_layer_warning():
+            peft_model = get_peft_model(model, config)
+    finally:
+        for layer in quant_layers:
+            layer.weight_is_placeholder = False
     for p in peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -63,8 +70,14 @@ def adapter_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_params_by_file_key(peft_model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable parameters keyed as PEFT writes them to files (the adapter name `.default` removed)."""
-    return {n.replace(".default", ""): p for n, p in peft_model.named_parameters() if p.requires_grad}
+    """Trainable parameters keyed as PEFT writes them to files. PEFT's own renaming decides (adapter
+    name removed, DoRA's `lora_magnitude_vector.default.weight` -> `lora_magnitude_vector`): we pass
+    it each parameter's index as a stand-in value and read the names back."""
+    from peft import get_peft_model_state_dict
+
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    tags = get_peft_model_state_dict(peft_model, state_dict={n: torch.tensor(i) for i, (n, _) in enumerate(named)})
+    return {key: named[int(tag)][1] for key, tag in tags.items()}
 
 
 def save_adapter(out_dir: Path, state: dict[str, torch.Tensor], peft_model: nn.Module) -> Path:

@@ -72,19 +72,30 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
                               "would train alone", where="distributed.engine", fix="choose ddp, deepspeed or fsdp2")
         precision = resolve_precision(recipe.train.precision, rt.device)
         compat.check(_engine_key(recipe), compat.base_key(recipe.quantization.method))
+        compat.check_options(_engine_key(recipe), use_dora=recipe.lora.use_dora, device=rt.device.type,
+                             fsdp_cpu_offload=recipe.distributed.fsdp_cpu_offload)
         out_dir = Path(recipe.train.output_dir)
         resume_from = checkpoint.resolve_resume(resume, out_dir, warn=say) if resume else None
-        if rt.is_main and resume_from is None:
-            prepare_output_dir(out_dir, overwrite)
+        if resume_from is None:
+            check_output_dir(out_dir, overwrite)
+        else:
+            check_resume_compatible(resume_from, recipe, rt.world_size, say)
+        rows = read_rows(recipe)
         quant = _quant_spec(recipe, precision)
         model_dir, skeleton = open_base(recipe.model.path, dtype=recipe.model.dtype, quant=quant)
         targets = resolve_targets(skeleton, recipe.lora.target_modules)
         tokenizer = load_tokenizer(model_dir)
-        datasets = build_datasets(recipe, tokenizer)
+        datasets = build_datasets(recipe, rows, tokenizer)
         for report in datasets.reports:
             say(report.summary())
+        # every check passed (on every rank: they see the same inputs): only now is anything in the
+        # output folder replaced, by rank 0 alone
         _barrier(rt)
-        (out_dir / "recipe.yaml").write_text(dump_recipe(recipe)) if rt.is_main else None
+        if rt.is_main:
+            if resume_from is None:
+                reset_output_dir(out_dir)
+            (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        _barrier(rt)
 
         model = load_base_model(skeleton, model_dir, quant=quant, device=rt.device)
         if recipe.model.gradient_checkpointing:
@@ -167,6 +178,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
             loss_sum += micro_loss.detach()
         if grad_flow is not None and step < grad_flow.steps:
             grad_flow.inspect(engine.local_grads(), step + 1)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         grad_norm = engine.step(tr.max_grad_norm)
         scheduler.step()
         step += 1
@@ -182,7 +194,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         tokens_seen += sum(len(ex.input_ids) for ex in examples)
         outcome.losses.append(loss)
         elapsed = time.perf_counter() - start
-        record = {"step": step, "epoch": epoch, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, "epoch": epoch, "loss": round(loss, 6), "lr": lr,
                   "grad_norm": round(grad_norm, 6), "tokens": tokens_seen,
                   "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 3)}
         evaluating = bool(tr.eval_every and step % tr.eval_every == 0 and datasets.eval and step < total_steps)
@@ -195,7 +207,8 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=mem)
         bar.update(1)
         if (tr.save_every and step % tr.save_every == 0) or stopping or step == total_steps:
-            save_checkpoint(out_dir, step, epoch, index + 1, engine, scheduler, recipe, rt, protect=resume_from)
+            save_checkpoint(out_dir, step, epoch, index + 1, global_batch, engine, scheduler, recipe, rt,
+                            protect=resume_from)
         if stopping:
             say(f"\nstopped by {stop.requested or 'a signal to another rank'} after step {step}; checkpoint saved. "
                 f"Resume with the same command plus --resume auto")
@@ -284,15 +297,20 @@ def set_seed(seed: int) -> None:
 
 # -- set-up ----------------------------------------------------------------------------------------
 
-def prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into an existing one unless asked (--overwrite)."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise QShardError(f"output folder {out_dir} is not empty", where="train.output_dir",
-                              fix="choose another train.output_dir, resume it with --resume auto, "
-                                  "or pass --overwrite to replace it")
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix a new run into an existing one unless asked (--overwrite); deletes nothing."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise QShardError(f"output folder {out_dir} is not empty", where="train.output_dir",
+                          fix="choose another train.output_dir, resume it with --resume auto, "
+                              "or pass --overwrite to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QShardError(f"{out_dir} exists and is not a folder", where="train.output_dir")
+
+
+def reset_output_dir(out_dir: Path) -> None:
+    if out_dir.exists():
         shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True)
 
 
 def load_tokenizer(model_dir: Path):
@@ -305,13 +323,22 @@ def load_tokenizer(model_dir: Path):
                           fix="the model folder needs tokenizer files (tokenizer.json / tokenizer_config.json)")
 
 
-def build_datasets(recipe: Recipe, tokenizer) -> Datasets:
+def read_rows(recipe: Recipe) -> dict[str, tuple[list[dict], str]]:
+    """Parse the data files (cheap, and where most user mistakes are) before the model is touched."""
     d = recipe.data
-    rows, fmt = data.load_rows(d.path, d.format, d.text_field)
-    train, report = data.tokenize_rows(rows, fmt, tokenizer, d.max_length, d.template, source=d.path)
+    rows = {d.path: data.load_rows(d.path, d.format, d.text_field)}
+    if d.eval_path:
+        rows[d.eval_path] = data.load_rows(d.eval_path, d.format, d.text_field)
+    return rows
+
+
+def build_datasets(recipe: Recipe, rows: dict[str, tuple[list[dict], str]], tokenizer) -> Datasets:
+    d = recipe.data
+    train_rows, fmt = rows[d.path]
+    train, report = data.tokenize_rows(train_rows, fmt, tokenizer, d.max_length, d.template, source=d.path)
     reports = [report]
     if d.eval_path:
-        eval_rows, eval_fmt = data.load_rows(d.eval_path, d.format, d.text_field)
+        eval_rows, eval_fmt = rows[d.eval_path]
         evals, eval_report = data.tokenize_rows(eval_rows, eval_fmt, tokenizer, d.max_length, d.template,
                                                 source=d.eval_path)
         reports.append(eval_report)
@@ -341,8 +368,8 @@ def _trainable_line(model) -> str:
 
 # -- checkpoints -----------------------------------------------------------------------------------
 
-def save_checkpoint(out_dir: Path, step: int, epoch: int, offset: int, engine, scheduler, recipe: Recipe,
-                    rt: Runtime, protect: Path | None) -> Path:
+def save_checkpoint(out_dir: Path, step: int, epoch: int, offset: int, global_batch: int, engine, scheduler,
+                    recipe: Recipe, rt: Runtime, protect: Path | None) -> Path:
     adapter = engine.adapter_state_dict()
     optimizer_state = engine.optimizer_state_dict()
     stage = checkpoint.staging_dir(out_dir, step) if rt.is_main else None
@@ -354,7 +381,9 @@ def save_checkpoint(out_dir: Path, step: int, epoch: int, offset: int, engine, s
         checkpoint.save_state(stage, "optimizer", optimizer_state)
         checkpoint.write_json(stage / "trainer_state.json", {
             "step": step, "epoch": epoch, "offset_in_epoch": offset, "seed": recipe.train.seed,
-            "world_size": rt.world_size, "scheduler": scheduler.state_dict()})
+            "world_size": rt.world_size, "global_batch": global_batch, "scheduler": scheduler.state_dict(),
+            "grad_scaler": engine.scaler.state_dict() if getattr(engine, "scaler", None) else None,
+            "fingerprints": fingerprints(recipe)})
         (stage / "recipe.yaml").write_text(dump_recipe(recipe))
     _barrier(rt)
     final = out_dir / f"{checkpoint.PREFIX}{step}"
@@ -363,6 +392,66 @@ def save_checkpoint(out_dir: Path, step: int, epoch: int, offset: int, engine, s
         checkpoint.prune(out_dir, recipe.train.keep_checkpoints, protect=protect)
     _barrier(rt)
     return final
+
+
+# Recipe keys a resume may change (logged); any other difference makes the checkpoint meaningless.
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
+                     "train.keep_checkpoints", "train.sample_prompt", "train.sample_tokens", "train.output_dir",
+                     "train.micro_batch_size", "train.gradient_accumulation_steps", "model.gradient_checkpointing",
+                     "distributed.")
+
+
+def check_resume_compatible(ckpt: Path, recipe: Recipe, world_size: int, say) -> None:
+    """Refuse a resume that would continue a different run; log the harmless differences."""
+    import json
+
+    from qshard.config import load_recipe
+
+    saved = load_recipe(ckpt / "recipe.yaml")
+    before, now = _flatten(saved.model_dump(mode="json")), _flatten(recipe.model_dump(mode="json"))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    fatal = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+    if fatal:
+        raise QShardError(f"cannot resume from {ckpt}: the recipe changed in {', '.join(fatal)}",
+                          where="--resume", fix="restore those values, or start a new run in another output_dir")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps * world_size
+    if batch != state["global_batch"]:
+        raise QShardError(f"cannot resume from {ckpt}: the global batch would be {batch} sequences, the run "
+                          f"used {state['global_batch']} (micro_batch x accumulation x processes)",
+                          where="train.micro_batch_size / train.gradient_accumulation_steps",
+                          fix=f"with {world_size} process(es), keep micro_batch_size x gradient_accumulation_steps = "
+                              f"{state['global_batch'] // world_size}" if state["global_batch"] % world_size == 0
+                              else "use a process count that divides the global batch")
+    for name, digest in fingerprints(recipe).items():
+        if state["fingerprints"].get(name) != digest:
+            raise QShardError(f"cannot resume from {ckpt}: {name} changed since the checkpoint was written",
+                              where=name, fix="resume with the same model and data files")
+    if changed:
+        say(f"resuming with changed settings: {', '.join(changed)}")
+
+
+def fingerprints(recipe: Recipe) -> dict[str, str]:
+    """sha256 of the base model's config.json and of each data file."""
+    import hashlib
+
+    from qshard.load import resolve_model_dir
+
+    files = {"model config.json": resolve_model_dir(recipe.model.path) / "config.json",
+             f"data file {recipe.data.path}": Path(recipe.data.path)}
+    if recipe.data.eval_path:
+        files[f"data file {recipe.data.eval_path}"] = Path(recipe.data.eval_path)
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def restore(ckpt: Path, engine, scheduler, rt: Runtime) -> int:
@@ -377,6 +466,12 @@ def restore(ckpt: Path, engine, scheduler, rt: Runtime) -> int:
     engine.load_optimizer_state_dict(checkpoint.load_state(ckpt, "optimizer"))
     state = json.loads((ckpt / "trainer_state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
+    # the optimizer state carried the learning rate of the old schedule; set the one the (possibly
+    # longer or shorter) current schedule gives for the next step
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    if state.get("grad_scaler") and getattr(engine, "scaler", None):
+        engine.scaler.load_state_dict(state["grad_scaler"])
     rng_file = ckpt / f"rng-rank{rt.rank}.json"
     if rng_file.exists():
         set_rng_state(checkpoint.load_state(ckpt, f"rng-rank{rt.rank}"))

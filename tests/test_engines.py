@@ -33,7 +33,11 @@ from qshard.lora import attach_lora, resolve_targets
 from qshard.train import run
 from tests.helpers import recipe_dict
 
+# (engine, base) from the table; DoRA (which reads the dense base weight) rides on the NF4 cells of
+# the engines the option rules allow it with, as "nf4+dora".
 SHARDED_CELLS = [(engine, base) for engine, base in compat.supported_cells() if engine != "none"]
+SHARDED_CELLS += [(engine, "nf4+dora") for engine in ("fsdp2", "zero2")
+                  if not any(engine in engines for engines, option, *_ in compat.OPTION_RULES if option == "lora.use_dora")]
 SPLITS_BASE = {"zero3", "zero3_offload", "fsdp2"}
 LR, STEPS, GLOBAL_BATCH = 1e-2, 5, 4
 PROBE = [[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10, 12, 14, 16]]
@@ -42,6 +46,8 @@ PROBE = [[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10, 12, 14, 16]]
 def _recipe(model_dir, data, out, engine: str, base: str, micro_batch: int) -> dict:
     r = recipe_dict(model_dir, data, out, max_steps=STEPS, micro_batch_size=micro_batch, learning_rate=LR,
                     sample_tokens=0)
+    base, _, variant = base.partition("+")
+    r["lora"]["use_dora"] = variant == "dora"
     r["quantization"]["method"] = "none" if base == "bf16" else base
     r["model"]["dtype"] = "bfloat16" if base == "bf16" else "float32"
     if engine.startswith("zero"):
@@ -98,7 +104,7 @@ def test_sharded_losses_match_single_process(matrix, engine, base):
 @pytest.mark.parametrize("engine,base", SHARDED_CELLS, ids=[f"{e}-{b}" for e, b in SHARDED_CELLS])
 def test_sharded_adapter_is_complete_and_matches_single_process(matrix, engine, base):
     ours, ref = matrix["sharded"][(engine, base)]["adapter"], matrix["singles"][base]["adapter"]
-    assert ours.keys() == ref.keys() and len(ours) == 28  # 7 linears x 2 layers x (A, B)
+    assert ours.keys() == ref.keys() and len(ours) == (42 if "dora" in base else 28)  # 7 linears x 2 layers x A, B(, m)
     for key, tensor in ours.items():
         assert tensor.shape == ref[key].shape and tensor.numel() > 0, key  # never ZeRO-3's empty tensors
         assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
@@ -110,10 +116,20 @@ def test_sharded_adapter_is_complete_and_matches_single_process(matrix, engine, 
         assert diff.max() <= 1e-3
 
 
+def test_dora_with_zero3_is_refused_before_loading(micro_model, tmp_path):
+    from qshard.errors import QShardError
+
+    recipe = parse_recipe(_recipe(micro_model, tmp_path / "missing.jsonl", tmp_path / "out", "zero3", "nf4+dora", 2))
+    with pytest.raises(QShardError, match="use_dora cannot be used with zero3") as e:
+        run(recipe)  # the data file does not even exist: the refusal comes first
+    assert "fsdp2" in e.value.fix and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("engine,base", SHARDED_CELLS, ids=[f"{e}-{b}" for e, b in SHARDED_CELLS])
 def test_frozen_base_is_split_only_where_the_engine_shards(matrix, engine, base):
     ranks = matrix["sharded"][(engine, base)]["ranks"]
     kind = "base_dense" if base == "bf16" else "base_quantized"
+    assert ranks[0]["sharding"] == ranks[1]["sharding"]  # the report is gathered: same table on every rank
     full = matrix["singles"][base]["sharding"][f"{kind}_full"]
     local = [r["sharding"][r["rank"]][f"{kind}_local"] for r in ranks]
     assert full > 0
@@ -129,10 +145,11 @@ def test_saved_adapter_reproduces_the_sharded_models_logits(matrix, engine, base
     cell = matrix["sharded"][(engine, base)]
     sharded_logits = torch.tensor(cell["ranks"][0]["logits"])
     assert torch.equal(sharded_logits, torch.tensor(cell["ranks"][1]["logits"]))
-    spec = QuantSpec("none" if base == "bf16" else base, double_quant=True)
+    method, _, variant = base.partition("+")
+    spec = QuantSpec("none" if method == "bf16" else method, double_quant=True)
     model = load_model(str(matrix["model"]), dtype="bfloat16" if base == "bf16" else "float32", quant=spec)
     model = attach_lora(model, r=8, alpha=16, dropout=0.0, targets=resolve_targets(model, "all-linear"),
-                        use_dora=False, seed=0)
+                        use_dora=variant == "dora", seed=0)
     from qshard.engines.single import SingleEngine
 
     engine_1 = SingleEngine(torch.device("cpu"))

@@ -138,21 +138,28 @@ class DeepSpeedEngine:
             safe_set_full_fp32_param(param, state[key].to(self.device, torch.float32))
 
     def optimizer_state_dict(self) -> dict:
+        """Full AdamW state keyed by parameter name: the same format torch's engines write (DCP's full
+        optimizer state dict), so a checkpoint moves between engines and world sizes."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
         names = [n for n, p in self.peft_model.named_parameters() if p.requires_grad]
-        return {"state": {n: {key: safe_get_full_optimizer_state(p, key) for key in ("exp_avg", "exp_avg_sq")}
-                          for n, p in zip(names, self.params)},
-                "step": _adam_step(self.optimizer)}
+        step = torch.tensor(float(_adam_step(self.optimizer)))
+        state = {n: {"step": step.clone(), **{key: safe_get_full_optimizer_state(p, key).cpu()
+                                              for key in ("exp_avg", "exp_avg_sq")}}
+                 for n, p in zip(names, self.params)}
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": names}
+                  for g in self.optimizer.param_groups[:1]]
+        return {"state": state, "param_groups": groups}
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
         names = [n for n, p in self.peft_model.named_parameters() if p.requires_grad]
+        _ensure_adam_state(self.optimizer)
         for n, p in zip(names, self.params):
-            for key, value in state["state"][n].items():
-                safe_set_full_optimizer_state(p, value, key)
-        _set_adam_step(self.optimizer, state["step"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, state["state"][n][key].to(self.device, torch.float32), key)
+        _set_adam_step(self.optimizer, int(next(iter(state["state"].values()))["step"]))
 
 
 def _adam_step(optimizer: torch.optim.Optimizer) -> int:
@@ -160,6 +167,15 @@ def _adam_step(optimizer: torch.optim.Optimizer) -> int:
         if "step" in s:
             return int(s["step"])
     return 0
+
+
+def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW creates its state at the first step; a resumed run writes into it before that."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
 
 
 def _set_adam_step(optimizer: torch.optim.Optimizer, step: int) -> None:

@@ -18,21 +18,14 @@ the very same `bnb.matmul_4bit` as `Linear4bit`, so results match bitsandbytes b
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from qshard.quant.base import QuantLinear, as_bytes, frozen
 
 BLOCKSIZE = 64  # bitsandbytes' default, the one transformers' BitsAndBytesConfig uses
 NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed block size for double quant
 
 
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t, requires_grad=False)
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).reshape(-1)
-
-
-class Linear4bit(nn.Module):
+class Linear4bit(QuantLinear):
     """A frozen 4-bit linear layer: y = x @ dequant(W).T + b, computed in `compute_dtype`."""
 
     def __init__(self, in_features: int, out_features: int, *, quant_type: str = "nf4",
@@ -44,7 +37,7 @@ class Linear4bit(nn.Module):
         self.compute_dtype, self.weight_dtype = compute_dtype, weight_dtype
         n = in_features * out_features
         blocks = -(-n // BLOCKSIZE)
-        empty = lambda size: _frozen(torch.empty(size, dtype=torch.uint8, device=device))  # noqa: E731
+        empty = lambda size: frozen(torch.empty(size, dtype=torch.uint8, device=device))  # noqa: E731
         self.packed = empty((n + 1) // 2)
         if double_quant:
             self.absmax = empty(blocks)
@@ -52,7 +45,7 @@ class Linear4bit(nn.Module):
             self.offset = empty(4)
         else:
             self.absmax = empty(4 * blocks)
-        self.bias = _frozen(torch.empty(out_features, dtype=weight_dtype, device=device)) if bias else None
+        self.bias = frozen(torch.empty(out_features, dtype=weight_dtype, device=device)) if bias else None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, quant_type: str = "nf4",
@@ -65,11 +58,11 @@ class Linear4bit(nn.Module):
                     weight_dtype=weight.dtype, bias=bias is not None, device=weight.device)
         packed, state = bnbF.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE,
                                            compress_statistics=double_quant, quant_type=quant_type)
-        layer.packed.data = _as_bytes(packed)
-        layer.absmax.data = _as_bytes(state.absmax)
+        layer.packed.data = as_bytes(packed)
+        layer.absmax.data = as_bytes(state.absmax)
         if double_quant:
-            layer.nested_absmax.data = _as_bytes(state.state2.absmax.float())
-            layer.offset.data = _as_bytes(state.offset.float().reshape(1))
+            layer.nested_absmax.data = as_bytes(state.state2.absmax.float())
+            layer.offset.data = as_bytes(state.offset.float().reshape(1))
         if bias is not None:
             layer.bias.data = bias.detach().clone()
         return layer
@@ -94,13 +87,6 @@ class Linear4bit(nn.Module):
         import bitsandbytes.functional as bnbF
 
         return bnbF.dequantize_4bit(self.packed.view(-1, 1), self.quant_state())
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense weight this layer applies (PEFT reads it for DoRA and for the adapter's device)."""
-        if self.packed.device.type == "meta":
-            return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype, device="meta")
-        return self.dequantize().to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb

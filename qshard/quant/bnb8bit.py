@@ -8,12 +8,11 @@ casts them; the forward is bitsandbytes' own `bnb.matmul`, so results match `Lin
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from qshard.quant.bnb4bit import _as_bytes, _frozen
+from qshard.quant.base import QuantLinear, as_bytes, frozen
 
 
-class Linear8bit(nn.Module):
+class Linear8bit(QuantLinear):
     """A frozen int8 linear layer with bitsandbytes' outlier threshold (6.0 as in LLM.int8())."""
 
     def __init__(self, in_features: int, out_features: int, *, threshold: float = 6.0,
@@ -22,9 +21,9 @@ class Linear8bit(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.threshold, self.weight_dtype = threshold, weight_dtype
         self.compute_dtype = weight_dtype
-        self.weight_int8 = _frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.row_scale = _frozen(torch.empty(4 * out_features, dtype=torch.uint8, device=device))
-        self.bias = _frozen(torch.empty(out_features, dtype=weight_dtype, device=device)) if bias else None
+        self.weight_int8 = frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.row_scale = frozen(torch.empty(4 * out_features, dtype=torch.uint8, device=device))
+        self.bias = frozen(torch.empty(out_features, dtype=weight_dtype, device=device)) if bias else None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -37,7 +36,7 @@ class Linear8bit(nn.Module):
                     device=weight.device)
         cb, scb, _ = bnbF.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
         layer.weight_int8.data = cb
-        layer.row_scale.data = _as_bytes(scb.float())
+        layer.row_scale.data = as_bytes(scb.float())
         if bias is not None:
             layer.bias.data = bias.detach().clone()
         return layer
@@ -46,13 +45,6 @@ class Linear8bit(nn.Module):
         import bitsandbytes.functional as bnbF
 
         return bnbF.int8_vectorwise_dequant(self.weight_int8, self.row_scale.view(torch.float32)).to(self.weight_dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dense weight this layer applies (PEFT reads it for DoRA and for the adapter's device)."""
-        if self.weight_int8.device.type == "meta":
-            return torch.empty(self.out_features, self.in_features, dtype=self.weight_dtype, device="meta")
-        return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb

@@ -1,0 +1,44 @@
+"""What every quantized base layer shares: frozen storage in integer parameters, a dense view on demand.
+
+A layer subclasses `QuantLinear`, stores everything it needs as frozen parameters (so engines shard
+them), and implements `dequantize()` and `forward()`. PEFT wraps it with its standard LoRA Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's raw bytes as a flat uint8 tensor: engines never cast integer parameters."""
+    return t.contiguous().view(torch.uint8).reshape(-1)
+
+
+class QuantLinear(nn.Module):
+    in_features: int
+    out_features: int
+    compute_dtype: torch.dtype
+    # Set while PEFT attaches adapters without DoRA: PEFT reads `.weight` ~20 times per layer only
+    # for its device and dtype, and dequantizing each time costs seconds on a small model.
+    weight_is_placeholder: bool = False
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight this layer applies (PEFT reads it for DoRA and for the adapter's device).
+
+        Empty while it is only needed for its device/dtype, or while the storage is partitioned
+        (ZeRO-3 outside a gather)."""
+        storage = next(self.parameters())
+        if storage.device.type == "meta":
+            return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype, device="meta")
+        if self.weight_is_placeholder or storage.numel() == 0:
+            return torch.empty(0, dtype=self.compute_dtype, device=storage.device)
+        return self.dequantize().to(self.compute_dtype)

@@ -27,6 +27,7 @@ def quiet_known_noise() -> None:
       kernels-community" at import when the optional `kernels` package (a hub download) is absent; it
       only affects bitsandbytes' eval-mode CPU kernel, which qshard's layers do not use.
     - DeepSpeed (0.19) warns at import when it auto-detects the CPU accelerator.
+    - torch 2.13's deprecation of all_gather_into_tensor / reduce_scatter_tensor (see below).
     - PEFT 0.21 calls transformers' deprecated `is_gradient_checkpointing` (FutureWarning in
       transformers 5.x). Remove when PEFT uses `is_activation_checkpointing`.
     """
@@ -41,6 +42,9 @@ def quiet_known_noise() -> None:
         # CPU" on every import when it has to guess; on a machine without CUDA it is the right guess.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+    # torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor (used by FSDP2, DeepSpeed and
+    # bench-comm) in favour of *_single, which torch 2.6 (our minimum) lacks. Remove with torch >= 2.13.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
 
 
 def skip_deepspeed_shm_build() -> None:

@@ -45,19 +45,23 @@ def staging_dir(output_dir: Path, step: int) -> Path:
     return stage
 
 
-def commit(stage: Path, output_dir: Path, step: int) -> Path:
-    """Seal a fully written staging folder: manifest, fsync, rename, move `latest`."""
+def commit(stage: Path, output_dir: Path, step: int, fault=lambda name: None) -> Path:
+    """Seal a fully written staging folder: manifest, fsync, rename, move `latest`.
+
+    `fault(point)` is the fault-injection hook of the tests (qshard.faults); a no-op otherwise."""
     files = sorted(p for p in stage.rglob("*") if p.is_file())
     manifest = {"format_version": FORMAT_VERSION, "step": step,
                 "files": {str(p.relative_to(stage)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                           for p in files}}
     for p in files:
         _fsync_file(p)
+    fault("save:before_manifest")
     write_json(stage / MANIFEST, manifest)
     _fsync_dir(stage)
     final = output_dir / f"{PREFIX}{step}"
     if final.exists():
         shutil.rmtree(final)  # only reached when re-saving the same step after a resume
+    fault("save:before_rename")
     os.rename(stage, final)
     pointer = output_dir / f".{LATEST}.tmp"
     pointer.write_text(final.name)

@@ -56,6 +56,47 @@ def _init_tiny(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from pathlib import Path
+
+    from qshard import plan
+    from qshard.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    result = plan.make_plan(recipe, plan.read_model_spec(recipe.model.path), gpus=args.gpus, nodes=args.nodes,
+                            gpu_mem=plan.parse_size(args.gpu_mem),
+                            cpu_mem=plan.parse_size(args.cpu_mem) if args.cpu_mem else None)
+    print(plan.report(result))
+    if result.best is None:
+        return 1
+    for path in plan.write_recommendation(result, recipe, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def _doctor(args) -> int:
+    from qshard import doctor
+
+    return doctor.main(args.recipe, args.set)
+
+
+def _report(args) -> int:
+    from qshard.report import write_report
+
+    report = write_report(args.run_dir)
+    print(f"wrote {len(report.files)} files to {report.out_dir} (summary: {report.out_dir / 'summary.md'})")
+    return 0
+
+
+def _bench_comm(args) -> int:
+    from qshard import commbench
+
+    job = commbench.prepare(args.sizes, args.iters, args.recipe, args.set)  # checked before processes start
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return subprocess.call(commbench.launch_command(args))
+    return commbench.main(job, tflops=args.tflops, json_out=args.json)
+
+
 def _strings(obj):
     if isinstance(obj, str):
         yield obj
@@ -96,6 +137,37 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--data", action="append", default=[], metavar="FILE",
                    help="train the tokenizer on this dataset's text too (repeatable)")
     i.set_defaults(func=_init_tiny)
+
+    pl = sub.add_parser("plan", help="predict memory per GPU and recommend an engine/quantization/batch setup")
+    pl.add_argument("recipe", help="YAML recipe (only the model's config.json is read, no weights)")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    pl.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs per node")
+    pl.add_argument("--nodes", type=int, default=1, metavar="M")
+    pl.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU, e.g. 24GiB")
+    pl.add_argument("--cpu-mem", default=None, help="CPU memory per node (limits offloading), e.g. 512GiB")
+    pl.add_argument("--out", default="plan", metavar="DIR", help="where the recommended recipe is written")
+    pl.set_defaults(func=_plan)
+
+    dr = sub.add_parser("doctor", help="check the environment (and a recipe against it)")
+    dr.add_argument("recipe", nargs="?", help="YAML recipe to validate against this machine")
+    dr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    dr.set_defaults(func=_doctor)
+
+    rp = sub.add_parser("report", help="plots and a Markdown summary of a run folder (RUN_DIR/report/)")
+    rp.add_argument("run_dir", help="the run's folder (train.output_dir), holding metrics.jsonl")
+    rp.set_defaults(func=_report)
+
+    bc = sub.add_parser("bench-comm", help="time all-reduce / all-gather / reduce-scatter (algbw, busbw), and "
+                                           "say whether a recipe's steps are communication- or compute-bound")
+    bc.add_argument("recipe", nargs="?", help="YAML recipe whose per-step communication is estimated")
+    bc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    bc.add_argument("--nproc", type=int, default=1, metavar="N", help="start N processes (through torchrun)")
+    bc.add_argument("--sizes", default="1KB,64KB,1MB,16MB,256MB", help="message sizes, comma-separated")
+    bc.add_argument("--iters", type=int, default=10, metavar="K", help="timed iterations per size")
+    bc.add_argument("--tflops", type=float, default=None,
+                    help="compute throughput per process for the recipe estimate (default: 396 on GPU, 1 on CPU)")
+    bc.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    bc.set_defaults(func=_bench_comm)
     return p
 
 

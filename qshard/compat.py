@@ -72,3 +72,14 @@ def check_options(engine: str, *, use_dora: bool, device: str, fsdp_cpu_offload:
     if engine == "fsdp2" and fsdp_cpu_offload and device == "cpu":
         raise QShardError("distributed.fsdp_cpu_offload moves parameters from the GPU to the CPU, but this run "
                           "is already on the CPU", where="distributed.fsdp_cpu_offload", fix="set it to false")
+
+
+def markdown_table() -> str:
+    """The table as Markdown (README shows it; a test keeps the two in sync)."""
+    lines = ["| engine | " + " | ".join(BASES) + " |", "|---" * (len(BASES) + 1) + "|"]
+    for engine in ENGINES:
+        cells = ["yes" if SUPPORT[(engine, b)].supported else f"no: {SUPPORT[(engine, b)].reason}" for b in BASES]
+        lines.append(f"| {engine} | " + " | ".join(cells) + " |")
+    lines += [f"\n- {option} with {', '.join(engines)}: refused ({why}); use {instead}."
+              for engines, option, why, instead in OPTION_RULES]
+    return "\n".join(lines)

@@ -88,6 +88,11 @@ class TrainSection(Section):
     eval_every: int | None = Field(None, ge=1, description="Steps between evaluations (and at the end).")
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    imbalance_warn: float = Field(0.15, gt=0.0, le=1.0, description="Warn when ranks' memory differs by more "
+                                                                  "than this share of the largest.")
+    watchdog_s: float | None = Field(600.0, gt=0, description="A step that takes longer than this (a hung rank "
+                                                              "or collective) dumps every thread's stack and exits; "
+                                                              "null = off.")
     sample_prompt: str | None = Field(None, description="Prompt to generate from at the end of training "
                                                         "(default: the first training example's prompt).")
     sample_tokens: int = Field(40, ge=0, le=4096, description="Tokens to generate for the end-of-run sample; 0 = "

@@ -35,6 +35,12 @@ def resolve_targets(model: nn.Module, target_modules: str | list[str]) -> list[s
     return list(target_modules)
 
 
+def lora_param_count(model: nn.Module, targets: list[str], r: int) -> int:
+    """Adapter parameters LoRA will add (r x (in + out) per adapted layer), from the empty skeleton."""
+    return sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, (nn.Linear, *QUANT_LAYERS)) and name.rpartition(".")[2] in targets)
+
+
 def attach_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, targets: list[str],
                 use_dora: bool, seed: int) -> nn.Module:
     """Wrap `model` in a PeftModel; adapter weights are fp32 and the only trainable tensors."""

@@ -83,3 +83,36 @@ def format_sharding(rows: list[dict]) -> str:
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.2f}"
+
+
+IMBALANCE_CAUSES = ("a buffer or parameter the engine replicates instead of sharding (e.g. GPTQ buffers), "
+                    "a quantized weight left unsharded, or work done on rank 0 only (loading, logging)")
+
+
+def memory_imbalance(ranks: list[dict], threshold: float) -> str | None:
+    """A warning when ranks' resident (or GPU) memory differs by more than `threshold` of the largest."""
+    key = "gpu_alloc_mb" if "gpu_alloc_mb" in ranks[0] else "rss_mb"
+    values = [r[key] for r in ranks]
+    spread = (max(values) - min(values)) / max(max(values), 1e-9)
+    if len(values) < 2 or spread <= threshold:
+        return None
+    heavy = values.index(max(values))
+    return (f"memory differs across ranks by {spread:.0%} ({key}: " + ", ".join(f"{v:.0f}" for v in values) +
+            f" MB; rank {heavy} holds the most). Usually: {IMBALANCE_CAUSES}")
+
+
+def replicated_tensors(model: torch.nn.Module, rt: Runtime, min_bytes: int = 1 << 20) -> list[str]:
+    """Frozen base tensors this rank holds whole although the run is sharded (only meaningful when
+    the engine is expected to shard: ZeRO-3, FSDP2)."""
+    from qshard.engines.base import local_numel
+
+    if rt.world_size < 2:
+        return []
+    found = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.requires_grad or t.numel() * t.element_size() < min_bytes:
+            continue
+        full = getattr(t, "ds_numel", t.numel())
+        if local_numel(t) >= full:
+            found.append(f"{name} ({full * t.element_size() / 2**20:.1f} MB)")
+    return found

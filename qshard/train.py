@@ -20,14 +20,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qshard import checkpoint, compat, data
+from qshard import checkpoint, compat, data, faults
 from qshard.config import Recipe, dump_recipe
 from qshard.engines import create_engine
 from qshard.errors import QShardError
+from qshard.faults import Watchdog
 from qshard.load import DTYPES, QuantSpec, load_base_model, open_base
-from qshard.lora import attach_lora, resolve_targets, save_adapter
+from qshard.lora import attach_lora, lora_param_count, resolve_targets, save_adapter
 from qshard.metrics import MetricsLog, memory_all_ranks, truncate_after
-from qshard.monitor import GradFlowCheck, format_sharding, sharding_report
+from qshard.monitor import (GradFlowCheck, format_sharding, memory_imbalance, replicated_tensors,
+                            sharding_report)
 from qshard.precision import Precision, resolve_precision
 from qshard.runtime import Runtime, all_reduce_sum, init_runtime, shutdown
 
@@ -84,6 +86,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
         quant = _quant_spec(recipe, precision)
         model_dir, skeleton = open_base(recipe.model.path, dtype=recipe.model.dtype, quant=quant)
         targets = resolve_targets(skeleton, recipe.lora.target_modules)
+        if rt.is_main:
+            check_disk(out_dir, lora_param_count(skeleton, targets, recipe.lora.r), recipe.train.keep_checkpoints)
         tokenizer = load_tokenizer(model_dir)
         datasets = build_datasets(recipe, rows, tokenizer)
         for report in datasets.reports:
@@ -137,9 +141,17 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     pad_id = data.pad_token_id(tokenizer)
     outcome = Outcome(output_dir=out_dir, model=engine.peft_model, sharding=sharding_report(engine.peft_model, rt))
     say(format_sharding(outcome.sharding))
+    warnings_log = WarningsLog(out_dir, rt.is_main, say)
+    if rt.is_main:
+        checkpoint.write_json(out_dir / "sharding.json", outcome.sharding)
+    if _engine_key(recipe) in SHARDS_BASE:
+        whole = replicated_tensors(engine.peft_model, rt)
+        if whole:
+            warnings_log.warn(0, "replicated", f"{len(whole)} large frozen tensor(s) are held whole on rank "
+                              f"{rt.rank} although {_engine_key(recipe)} shards the base: {', '.join(whole[:4])}")
     step = 0
     if resume_from is not None:
-        step = restore(resume_from, engine, scheduler, rt)
+        step = restore(resume_from, engine, scheduler, rt, say)
         if rt.is_main:
             truncate_after(out_dir, step)
         say(f"resumed from {resume_from} at step {step}")
@@ -154,11 +166,16 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     start = time.perf_counter()
     tokens_seen = 0
     mem = ""
+    warned_imbalance = False
 
+    watchdog = Watchdog(tr.watchdog_s, rt.rank)
+    batches: dict[int, list[list[int]]] = {}
     while step < total_steps:
+        watchdog.arm(step + 1)
         epoch, index = divmod(step, steps_per_epoch)
-        batch = data.global_batches(len(datasets.train), global_batch, tr.seed, epoch)[index]
-        examples = [datasets.train[i] for i in batch]
+        if epoch not in batches:
+            batches = {epoch: data.global_batches(len(datasets.train), global_batch, tr.seed, epoch)}
+        examples = [datasets.train[i] for i in batches[epoch][index]]
         # Every rank knows the whole global batch, so the token count that normalises the loss is
         # the same everywhere without communication: the mean over all loss tokens of the step.
         loss_tokens = sum(_loss_tokens(ex) for ex in examples)
@@ -172,25 +189,28 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
             with (engine.accumulating() if not last else _nullcontext()):
                 with precision.autocast():
                     micro_loss = token_loss_sum(model, data.collate(micro, pad_id), rt.device)
+                if faults.poisoned(step + 1, rt.rank):
+                    micro_loss = micro_loss * float("nan")
                 # Engines average gradients over ranks; multiplying by world_size undoes that, so the
                 # gradient is exactly d(global token-mean loss), whatever the number of ranks.
                 engine.backward(micro_loss * rt.world_size / loss_tokens)
             loss_sum += micro_loss.detach()
+        faults.point("step", step + 1, rt.rank)
+        # One collective, before the optimizer step, for the global loss, "is any rank's loss
+        # non-finite" and "did any rank get SIGTERM/SIGINT" (so that every rank stops together).
+        flags = torch.tensor([float(not torch.isfinite(loss_sum)), float(stop.requested is not None)],
+                             dtype=torch.float64, device=rt.device)
+        totals = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), flags]), rt)
+        loss, nonfinite_ranks, stopping = float(totals[0]) / loss_tokens, int(totals[1]), bool(totals[2] > 0)
+        if nonfinite_ranks:
+            raise nonfinite_error(step + 1, rt.rank, bool(flags[0]), engine.local_grads())
         if grad_flow is not None and step < grad_flow.steps:
             grad_flow.inspect(engine.local_grads(), step + 1)
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         grad_norm = engine.step(tr.max_grad_norm)
         scheduler.step()
         step += 1
 
-        # one collective for the global loss and for "did any rank get SIGTERM/SIGINT", so that
-        # every rank saves the last checkpoint together
-        totals = all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(float(stop.requested is not None),
-                                                                             dtype=torch.float64, device=rt.device)]), rt)
-        loss, stopping = float(totals[0]) / loss_tokens, bool(totals[1] > 0)
-        if not math.isfinite(loss):
-            raise QShardError(f"loss became {loss} at step {step}", where="train.learning_rate",
-                              fix="lower the learning rate or use precision: bf16/fp32 instead of fp16")
         tokens_seen += sum(len(ex.input_ids) for ex in examples)
         outcome.losses.append(loss)
         elapsed = time.perf_counter() - start
@@ -203,6 +223,10 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         if evaluating or step % tr.log_every == 0 or step == total_steps:
             ranks = memory_all_ranks(rt.device)
             metrics.log({**record, **ranks[0], "rank_memory": ranks})
+            imbalance = memory_imbalance(ranks, tr.imbalance_warn)
+            if imbalance and not warned_imbalance:
+                warnings_log.warn(step, "imbalance", imbalance)
+                warned_imbalance = True
             mem = f"{max(r.get('gpu_peak_mb', r['rss_mb']) for r in ranks):.0f}MB"
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=mem)
         bar.update(1)
@@ -214,6 +238,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
                 f"Resume with the same command plus --resume auto")
             outcome.stopped_by_signal = True
             break
+    watchdog.disarm()
     bar.close()
     metrics.close()
     stop.restore()
@@ -243,6 +268,16 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device) 
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=data.IGNORE, reduction="sum")
+
+
+def nonfinite_error(step: int, rank: int, mine: bool, grads: dict) -> QShardError:
+    """Name the step, whether this rank's loss was non-finite, and the first module whose gradient is."""
+    bad = next((name for name, g in grads.items() if g is not None and not bool(torch.isfinite(g).all())), None)
+    where = f"rank {rank}: " + ("its own loss is non-finite" if mine else "its loss is finite (another rank's is not)")
+    where += f"; first non-finite gradient: {bad}" if bad else "; its gradients are finite"
+    return QShardError(f"non-finite loss at step {step}", where=where,
+                       fix="lower train.learning_rate, set train.max_grad_norm, or use precision bf16/fp32 instead "
+                           "of fp16; check the data around this step")
 
 
 def _loss_tokens(example: data.Example) -> int:
@@ -305,6 +340,23 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
                               "or pass --overwrite to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise QShardError(f"{out_dir} exists and is not a folder", where="train.output_dir")
+
+
+def check_disk(out_dir: Path, lora_params: int, keep: int) -> None:
+    """Refuse a folder we cannot write to, or without room for the checkpoints the run keeps.
+
+    A checkpoint holds the fp32 adapter and AdamW's two fp32 moments (12 bytes per parameter); one
+    more than `keep` exists while the newest is being written, and the final adapter is extra."""
+    need = 12 * lora_params * (keep + 1) + 4 * lora_params + (1 << 20)
+    existing = next(p for p in [out_dir, *out_dir.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise QShardError(f"cannot write to {existing}", where="train.output_dir",
+                          fix="choose a folder you can write to")
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise QShardError(f"{existing} has {free / 2**20:.0f} MB free; the checkpoints need about "
+                          f"{need / 2**20:.0f} MB", where="train.output_dir",
+                          fix="free space, choose another disk, or lower train.keep_checkpoints")
 
 
 def reset_output_dir(out_dir: Path) -> None:
@@ -370,28 +422,86 @@ def _trainable_line(model) -> str:
 
 def save_checkpoint(out_dir: Path, step: int, epoch: int, offset: int, global_batch: int, engine, scheduler,
                     recipe: Recipe, rt: Runtime, protect: Path | None) -> Path:
+    """Write checkpoint-<step> atomically (see checkpoint.py), then prove it holds what the ranks hold."""
     adapter = engine.adapter_state_dict()
+    verify_adapter(adapter, recipe.lora.r, step, rt)
     optimizer_state = engine.optimizer_state_dict()
-    stage = checkpoint.staging_dir(out_dir, step) if rt.is_main else None
-    _barrier(rt)
     stage = out_dir / f".staging-{checkpoint.PREFIX}{step}"
-    checkpoint.save_state(stage, f"rng-rank{rt.rank}", rng_state())
-    if rt.is_main:
-        save_adapter(stage / "adapter", adapter, engine.peft_model)
-        checkpoint.save_state(stage, "optimizer", optimizer_state)
-        checkpoint.write_json(stage / "trainer_state.json", {
-            "step": step, "epoch": epoch, "offset_in_epoch": offset, "seed": recipe.train.seed,
-            "world_size": rt.world_size, "global_batch": global_batch, "scheduler": scheduler.state_dict(),
-            "grad_scaler": engine.scaler.state_dict() if getattr(engine, "scaler", None) else None,
-            "fingerprints": fingerprints(recipe)})
-        (stage / "recipe.yaml").write_text(dump_recipe(recipe))
+    try:
+        if rt.is_main:
+            checkpoint.staging_dir(out_dir, step)
+            faults.point("save:start", step, rt.rank)
+        _barrier(rt)
+        checkpoint.save_state(stage, f"rng-rank{rt.rank}", rng_state())
+        if rt.is_main:
+            save_adapter(stage / "adapter", adapter, engine.peft_model)
+            checkpoint.save_state(stage, "optimizer", optimizer_state)
+            _fault_mid_file(stage / "optimizer.safetensors", step, rt.rank)
+            checkpoint.write_json(stage / "trainer_state.json", {
+                "step": step, "epoch": epoch, "offset_in_epoch": offset, "seed": recipe.train.seed,
+                "world_size": rt.world_size, "global_batch": global_batch, "scheduler": scheduler.state_dict(),
+                "grad_scaler": engine.scaler.state_dict() if getattr(engine, "scaler", None) else None,
+                "fingerprints": fingerprints(recipe)})
+            (stage / "recipe.yaml").write_text(dump_recipe(recipe))
+        _barrier(rt)
+        if rt.is_main:
+            final = checkpoint.commit(stage, out_dir, step, fault=lambda name: faults.point(name, step, rt.rank))
+            on_disk = load_file_adapter(final)
+            if adapter_digest(on_disk) != adapter_digest(adapter):
+                raise QShardError(f"{final.name}: the adapter read back from disk differs from the one in memory",
+                                  where=str(final), fix="check the disk (full, failing, or a network mount)")
+            checkpoint.prune(out_dir, recipe.train.keep_checkpoints, protect=protect)
+    except OSError as e:
+        previous = checkpoint.find_resume(out_dir, warn=lambda *_: None)
+        raise QShardError(f"saving checkpoint-{step} failed: {e}", where=str(out_dir),
+                          fix=f"the previous checkpoint ({previous.name if previous else 'none'}) is intact; free "
+                              "space or fix permissions, then rerun with --resume auto") from None
     _barrier(rt)
-    final = out_dir / f"{checkpoint.PREFIX}{step}"
-    if rt.is_main:
-        checkpoint.commit(stage, out_dir, step)
-        checkpoint.prune(out_dir, recipe.train.keep_checkpoints, protect=protect)
-    _barrier(rt)
-    return final
+    return out_dir / f"{checkpoint.PREFIX}{step}"
+
+
+def verify_adapter(adapter: dict[str, torch.Tensor], r: int, step: int, rt: Runtime) -> None:
+    """Every LoRA tensor present with the configured rank, finite, and the same on every rank."""
+    problems = [f"{k}: shape {tuple(v.shape)}" for k, v in adapter.items()
+                if (".lora_A." in k and v.shape[0] != r) or (".lora_B." in k and v.shape[-1] != r) or v.numel() == 0]
+    problems += [f"{k}: non-finite values" for k, v in adapter.items() if not bool(torch.isfinite(v).all())]
+    if not adapter or problems:
+        raise QShardError(f"the adapter gathered at step {step} is unusable: {'; '.join(problems[:3]) or 'empty'}",
+                          where=f"rank {rt.rank}", fix="this is a bug in the engine's gather; please report it")
+    digests = [adapter_digest(adapter)]
+    if rt.distributed:
+        digests = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(digests, adapter_digest(adapter))
+    if len(set(digests)) > 1:
+        raise QShardError(f"ranks hold different adapters at step {step}: " +
+                          ", ".join(f"rank {i} {d[:12]}" for i, d in enumerate(digests)), where="checkpoint verify",
+                          fix="a rank diverged (non-deterministic op or a bad gather); the previous checkpoint is intact")
+
+
+def adapter_digest(adapter: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(adapter):
+        h.update(key.encode())
+        h.update(adapter[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_file_adapter(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from qshard.lora import ADAPTER_WEIGHTS
+
+    return load_file(str(ckpt / "adapter" / ADAPTER_WEIGHTS))
+
+
+def _fault_mid_file(path: Path, step: int, rank: int) -> None:
+    """Fault injection only: leave `path` half-written, as a process killed inside write() would."""
+    if faults.armed("save:mid_file", step, rank):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        faults.point("save:mid_file", step, rank)
 
 
 # Recipe keys a resume may change (logged); any other difference makes the checkpoint meaningless.
@@ -454,15 +564,11 @@ def _flatten(node: dict, prefix: str = "") -> dict:
     return out
 
 
-def restore(ckpt: Path, engine, scheduler, rt: Runtime) -> int:
+def restore(ckpt: Path, engine, scheduler, rt: Runtime, say=print) -> int:
     """Adapter, optimizer, scheduler and this rank's RNG from a verified checkpoint; returns the step."""
     import json
 
-    from safetensors.torch import load_file
-
-    from qshard.lora import ADAPTER_WEIGHTS
-
-    engine.load_adapter(load_file(str(ckpt / "adapter" / ADAPTER_WEIGHTS)))
+    engine.load_adapter(load_file_adapter(ckpt))
     engine.load_optimizer_state_dict(checkpoint.load_state(ckpt, "optimizer"))
     state = json.loads((ckpt / "trainer_state.json").read_text())
     scheduler.load_state_dict(state["scheduler"])
@@ -472,9 +578,14 @@ def restore(ckpt: Path, engine, scheduler, rt: Runtime) -> int:
         group["lr"] = base_lr * factor(scheduler.last_epoch)
     if state.get("grad_scaler") and getattr(engine, "scaler", None):
         engine.scaler.load_state_dict(state["grad_scaler"])
+    if state["world_size"] != rt.world_size:
+        say(f"resuming {state['world_size']} process(es) as {rt.world_size}: adapter, optimizer, schedule and data "
+            f"position are kept; per-rank RNG streams cannot be (dropout masks will differ from an unbroken run)")
     rng_file = ckpt / f"rng-rank{rt.rank}.json"
-    if rng_file.exists():
+    if rng_file.exists() and state["world_size"] == rt.world_size:
         set_rng_state(checkpoint.load_state(ckpt, f"rng-rank{rt.rank}"))
+    else:
+        set_seed(int(state["seed"]) + 7919 * (state["step"] + 1) + rt.rank)
     return int(state["step"])
 
 
@@ -535,6 +646,24 @@ def summary(o: Outcome) -> str:
     if o.sample is not None:
         lines.append(f"sample:\n{o.sample}")
     return "\n".join(lines)
+
+
+SHARDS_BASE = ("zero3", "zero3_offload", "fsdp2")
+
+
+class WarningsLog:
+    """Warnings go to the console and, one JSON object per line, to <run>/warnings.jsonl (qshard report)."""
+
+    def __init__(self, out_dir: Path, enabled: bool, say):
+        self.path, self.enabled, self.say = out_dir / "warnings.jsonl", enabled, say
+
+    def warn(self, step: int, kind: str, message: str) -> None:
+        import json
+
+        self.say(f"warning: {message}")
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "kind": kind, "message": message}) + "\n")
 
 
 class _StopFlag:

@@ -203,3 +203,12 @@ def test_fixed_keys_other_tools_read_exist_with_their_defaults():
     assert dumped["distributed"]["zero_stage"] == 2
     assert list(dumped) == list(Recipe.model_fields) == ["model", "quantization", "lora", "data", "train",
                                                          "distributed"]
+
+
+def test_readme_shows_the_compatibility_table_as_it_is():
+    from pathlib import Path
+
+    from qshard.compat import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme

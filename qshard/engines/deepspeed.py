@@ -92,6 +92,10 @@ class DeepSpeedEngine:
 
         self.peft_model = model
         params = [p for p in model.parameters() if p.requires_grad]
+        # DeepSpeed sizes its gradient-reduction buffers by reduce_bucket_size (default 5e8
+        # elements, ~1-2 GB per GPU); LoRA's gradients are a few MB, so a bucket of their size suffices.
+        zero = self.config.setdefault("zero_optimization", {})
+        zero.setdefault("reduce_bucket_size", int(min(5e8, max(sum(p.numel() for p in params), 1e6))))
         self.optimizer = make_optimizer(params)
         self.model, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=self.optimizer,
                                                    config=self.config)

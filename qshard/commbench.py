@@ -1,0 +1,266 @@
+"""`qshard bench-comm`: all-reduce, all-gather and reduce-scatter over this machine's backend (gloo on CPU,
+NCCL on GPU), and, given a recipe, whether communication or compute bounds its optimizer steps.
+
+Figures follow nccl-tests (github.com/NVIDIA/nccl-tests, doc/PERFORMANCE.md):
+- time: the mean over `iters` timed iterations, averaged over ranks (nccl-tests' default `-a 1`);
+- size S, the "bytes" of a row: for all-reduce the buffer every rank holds; for all-gather the whole
+  gathered output (each rank sends S/n); for reduce-scatter the whole input each rank reduces (each rank
+  receives S/n). That is nccl-tests' `count*sizeof(type)*n` with its per-rank count;
+- algorithm bandwidth algbw = S / time;
+- bus bandwidth busbw = algbw * 2(n-1)/n for all-reduce and algbw * (n-1)/n for all-gather and
+  reduce-scatter: the per-rank link speed the collective reached, comparable across rank counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from qshard.errors import QShardError
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+WARMUP = 2
+DDP_BUCKET = 25 * 2 ** 20  # torch DDP's default bucket_cap_mb
+FLOPS_PER_PARAM_TOKEN = 6  # forward 2 + backward 4 per parameter and token (Kaplan et al. 2020's 6ND)
+
+
+def bus_factor(op: str, n: int) -> float:
+    """nccl-tests' correction from algorithm to bus bandwidth (doc/PERFORMANCE.md, "Summary")."""
+    return 2 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
+
+
+@dataclass(frozen=True)
+class Row:
+    op: str
+    bytes: int        # S, in nccl-tests' convention (see the module docstring)
+    seconds: float    # per operation
+    algbw: float      # bytes / s
+    busbw: float      # bytes / s
+
+
+def make_row(op: str, nbytes: int, seconds: float, world: int) -> Row:
+    algbw = nbytes / seconds
+    return Row(op, nbytes, seconds, algbw, algbw * bus_factor(op, world))
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'1KB,1MB,64MiB' -> bytes (qshard.plan.parse_size: KB = 1000, KiB = 1024)."""
+    from qshard.plan import parse_size
+
+    try:
+        sizes = [parse_size(item) for item in text.split(",") if item.strip()]
+    except QShardError:
+        sizes = []
+    if not sizes or min(sizes) <= 0:
+        raise QShardError(f"cannot read the message sizes {text!r}", where="--sizes",
+                          fix="give positive sizes separated by commas, e.g. 1KB,64KB,1MB,16MB")
+    return sizes
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+def measure(op: str, nbytes: int, iters: int, device: torch.device) -> Row:
+    """Time one collective on float32 buffers of about `nbytes` (a whole number of elements per rank)."""
+    dist = torch.distributed
+    n = dist.get_world_size()
+    count = max(n, nbytes // 4 // n * n)
+    full = torch.zeros(count, device=device)  # zeros: repeated sums stay finite
+    part = torch.zeros(count // n, device=device)
+    run = {"all_reduce": lambda: dist.all_reduce(full),
+           "all_gather": lambda: dist.all_gather_into_tensor(full, part),
+           "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full)}[op]
+    for _ in range(WARMUP):
+        run()
+    _sync(device)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    _sync(device)
+    mean = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64, device=device)
+    dist.all_reduce(mean)
+    return make_row(op, count * 4, float(mean) / n, n)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(sizes: list[int], iters: int, device: torch.device) -> list[Row]:
+    return [measure(op, size, iters, device) for op in COLLECTIVES for size in sizes]
+
+
+def format_rows(rows: list[Row], world: int, backend: str) -> str:
+    head = f"{backend}, {world} process(es); time: mean per operation, averaged over ranks\n"
+    head += f"{'collective':<15}{'size':>12}{'time (us)':>13}{'algbw (GB/s)':>14}{'busbw (GB/s)':>14}"
+    return head + "".join(f"\n{r.op:<15}{human_bytes(r.bytes):>12}{r.seconds * 1e6:>13.1f}"
+                          f"{r.algbw / 1e9:>14.3f}{r.busbw / 1e9:>14.3f}" for r in rows)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return ""
+
+
+# -- a recipe's step -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Traffic:
+    """One kind of collective in an optimizer step, per rank."""
+
+    op: str
+    bytes_per_step: int   # sum of S over the step's operations
+    message_bytes: int    # S of one operation (a decoder layer's gather, a gradient bucket)
+    what: str
+
+
+def step_traffic(spec, s, engine: str, reshard_after_forward: bool = True) -> list[Traffic]:
+    """Collectives of one optimizer step under `engine` (none | ddp | zero1 | zero2 | zero3 | fsdp2), from
+    the model's shapes (qshard.plan.ModelSpec) and the recipe's settings (qshard.plan.Settings).
+
+    The quantized base counts at its packed size (qshard.plan.base_bytes): the engines move its uint8
+    storage. DeepSpeed keeps trainable params and their gradients in the half dtype; qshard's DDP and
+    FSDP2 reduce fp32 gradients (FSDP2's reduce_dtype), FSDP2 gathers LoRA params in the compute dtype."""
+    from qshard.plan import base_bytes, decoder_layer_bytes, lora_params
+
+    n_lora, base = lora_params(spec, s), sum(base_bytes(spec, s).values())
+    half = 4 if s.precision == "fp32" else 2
+    micro = s.accumulation
+    if engine == "ddp":  # no_sync on all but the last micro-batch: one all-reduce of the grads per step
+        return [Traffic("all_reduce", n_lora * 4, min(n_lora * 4, DDP_BUCKET), "LoRA gradients (fp32), once a step")]
+    if engine in ("zero1", "zero2"):  # stage 2 partitions gradients, so it reduces them every micro-batch
+        reductions = micro if engine == "zero2" else 1
+        return [Traffic("reduce_scatter", reductions * n_lora * half, n_lora * half,
+                        f"LoRA gradients, {reductions} time(s) a step"),
+                Traffic("all_gather", n_lora * half, n_lora * half, "updated LoRA params, once a step")]
+    layer = decoder_layer_bytes(spec, s) + n_lora // spec.layers * half
+    if engine == "zero3":
+        # forward, backward, and the forward recomputed in backward with activation checkpointing
+        gathers = micro * (3 if s.checkpointing else 2)
+        return [Traffic("all_gather", gathers * (base + n_lora * half), layer,
+                        f"packed base + LoRA params, {gathers} times a step, a layer at a time"),
+                Traffic("reduce_scatter", micro * n_lora * half, n_lora * half,
+                        f"LoRA gradients, {micro} time(s) a step")]
+    if engine == "fsdp2":
+        # the recomputed forward runs inside the layer's backward, while the layer is still gathered
+        gathers = micro * (2 if reshard_after_forward else 1)
+        return [Traffic("all_gather", gathers * (base + n_lora * half), layer,
+                        f"packed base + LoRA params, {gathers} times a step, a layer at a time"),
+                Traffic("reduce_scatter", n_lora * 4, n_lora * 4, "LoRA gradients (fp32), once a step")]
+    return []
+
+
+def traffic_seconds(t: Traffic, rows: list[Row], world: int) -> tuple[float, Row | None]:
+    """Time of `t` at the bus bandwidth measured for the same collective at the nearest message size."""
+    same = [r for r in rows if r.op == t.op and r.busbw > 0]
+    if not same or world < 2:
+        return 0.0, None
+    row = min(same, key=lambda r: abs(math.log(r.bytes) - math.log(max(t.message_bytes, 1))))
+    return t.bytes_per_step * bus_factor(t.op, world) / row.busbw, row
+
+
+def compute_seconds(params: int, tokens: int, flops: float) -> float:
+    return FLOPS_PER_PARAM_TOKEN * params * tokens / flops
+
+
+def estimate(recipe, spec, rows: list[Row], world: int, flops: float) -> dict:
+    """Per rank and optimizer step: bytes and seconds per collective, compute seconds, and the verdict."""
+    from dataclasses import replace
+
+    from qshard.plan import lora_params, settings_from_recipe
+
+    d = recipe.distributed
+    engine = d.engine if d.engine != "deepspeed" else f"zero{d.zero_stage}"
+    s = replace(settings_from_recipe(recipe, spec, gpus=world, nodes=1), engine=engine)
+    traffic = []
+    for t in step_traffic(spec, s, engine, d.reshard_after_forward):
+        seconds, row = traffic_seconds(t, rows, world)
+        traffic.append({**asdict(t), "seconds": seconds, "busbw_used": row.busbw if row else None,
+                        "at_size": row.bytes if row else None})
+    params = spec.params + lora_params(spec, s)
+    tokens = s.micro_batch * s.seq_len * s.accumulation  # per rank; data.max_length as the upper bound
+    comm, compute = sum(t["seconds"] for t in traffic), compute_seconds(params, tokens, flops)
+    return {"engine": engine, "world_size": world, "params": params, "tokens_per_rank": tokens, "flops": flops,
+            "traffic": traffic, "comm_s": comm, "compute_s": compute,
+            "bound": "communication" if comm > compute else "compute"}
+
+
+def format_estimate(e: dict) -> str:
+    lines = [f"\nrecipe: engine {e['engine']} at {e['world_size']} process(es), per rank and optimizer step"]
+    if not e["traffic"]:
+        lines.append("  no collectives in the step (one process, or engine none)")
+    for t in e["traffic"]:
+        bw = f"busbw {t['busbw_used'] / 1e9:.3f} GB/s measured at {human_bytes(t['at_size'])}" if t["at_size"] else ""
+        lines.append(f"  {t['op']:<15}{human_bytes(t['bytes_per_step']):>10} in messages of "
+                     f"{human_bytes(t['message_bytes'])} ({t['what']}): {t['seconds'] * 1e3:.2f} ms  {bw}")
+    lines.append(f"communication {e['comm_s'] * 1e3:.2f} ms (no overlap assumed) vs compute "
+                 f"{e['compute_s'] * 1e3:.2f} ms ({FLOPS_PER_PARAM_TOKEN} x {e['params'] / 1e6:.2f}M params x "
+                 f"{e['tokens_per_rank']} tokens at {e['flops'] / 1e12:.1f} TFLOP/s, --tflops)")
+    ratio = e["comm_s"] / e["compute_s"] if e["compute_s"] else math.inf
+    lines.append(f"-> {e['bound']}-bound (communication is {ratio:.0%} of compute)")
+    return "\n".join(lines)
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    sizes: list[int]
+    iters: int
+    recipe: object = None  # qshard.config.Recipe
+    spec: object = None    # qshard.plan.ModelSpec of its model
+
+
+def prepare(sizes: str, iters: int, recipe_path: str | None, overrides: list[str]) -> Job:
+    """Every input checked (sizes, recipe, the model's config.json) before any process starts."""
+    from qshard.config import load_recipe
+    from qshard.plan import read_model_spec
+
+    if iters < 1:
+        raise QShardError(f"--iters {iters}: nothing would be timed", where="--iters", fix="give 1 or more")
+    recipe = load_recipe(recipe_path, overrides) if recipe_path else None
+    return Job(parse_sizes(sizes), iters, recipe, read_model_spec(recipe.model.path) if recipe else None)
+
+
+def launch_command(args) -> list[str]:
+    """`qshard bench-comm` again under torchrun with --nproc processes (as cli._launch does for train)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "qshard.cli", "bench-comm", f"--sizes={args.sizes}", f"--iters={args.iters}"]
+    cmd += [f"--set={item}" for item in args.set]
+    cmd += ([f"--tflops={args.tflops}"] if args.tflops else []) + ([f"--json={args.json}"] if args.json else [])
+    return cmd + ([args.recipe] if args.recipe else [])
+
+
+def main(job: Job, tflops: float | None = None, json_out: str | None = None) -> int:
+    """Runs on every rank (under a launcher, or alone); rank 0 prints and writes."""
+    from qshard.plan import GPU_FLOPS
+    from qshard.runtime import init_runtime, shutdown
+
+    rt = init_runtime(need_group=True)
+    try:
+        rows = bench(job.sizes, job.iters, rt.device)
+    finally:
+        shutdown(rt)
+    if not rt.is_main:
+        return 0
+    backend = "nccl" if rt.device.type == "cuda" else "gloo"
+    print(format_rows(rows, rt.world_size, backend))
+    # the stated throughput: the planner's GPU figure (H100 bf16 at 40%), or 1 TFLOP/s on a CPU
+    flops = tflops * 1e12 if tflops else (GPU_FLOPS if rt.device.type == "cuda" else 1e12)
+    est = estimate(job.recipe, job.spec, rows, rt.world_size, flops) if job.recipe is not None else None
+    if est is not None:
+        print(format_estimate(est))
+    if json_out:
+        Path(json_out).write_text(json.dumps({"backend": backend, "world_size": rt.world_size,
+                                              "rows": [asdict(r) for r in rows], "estimate": est}, indent=1) + "\n")
+    return 0

@@ -1,0 +1,561 @@
+"""`qshard plan`: predicted memory per GPU for every configuration, from config.json alone.
+
+Everything here is a pure function of (model spec, hardware, settings): no device is touched and no
+weight is read, so a 70B run can be planned on a laptop. Every prediction carries its bytes per
+component, and every constant below says where it comes from.
+
+Activation memory follows the method of Korthikanti et al. 2022, "Reducing Activation Recomputation
+in Large Transformer Models" (arXiv:2205.05198, section 4.1): count the tensors each op saves for
+backward. Their GPT layer in fp16 saves sbh(34 + 5as/h) bytes. A LoRA layer on a frozen Llama-style
+base saves different tensors (no dropout masks; a fused attention kernel keeps no s^2 scores; SwiGLU
+instead of GeLU; frozen linears keep no inputs, LoRA's A matrices do), counted in `layer_activation_bytes`
+and checked against measured bytes (bench/plan_validation.py, BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from qshard.errors import QShardError
+
+GIB = 1024 ** 3
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes (qshard/quant/bnb4bit.py)
+DS_REDUCE_BUCKET = 500_000_000     # DeepSpeed's default reduce_bucket_size (elements)
+
+# Outside allocated tensor bytes: the CUDA context (kernels, cuBLAS workspace; 0.3-0.9 GiB by driver and
+# card), NCCL's communicator buffers, and the caching allocator's fragmentation on top of live tensors.
+CUDA_CONTEXT_BYTES = int(0.6 * GIB)
+NCCL_BYTES = int(0.25 * GIB)
+FRAGMENTATION = 0.05
+
+# Step-time assumptions (H100-class node): dense bf16 at 40% of 989 TFLOP/s; dequantizing costs extra
+# (bitsandbytes 4-bit ~1.2x, LLM.int8 with outliers ~1.6x); NVLink 150 GB/s and 200 Gb/s InfiniBand
+# (25 GB/s) per GPU as effective collective bandwidth; PCIe 20 GB/s for offload; CPU Adam 1e9 params/s.
+GPU_FLOPS = 0.4 * 989e12
+DEQUANT_SLOWDOWN = {"none": 1.0, "nf4": 1.2, "fp4": 1.2, "int8": 1.6}
+INTRA_NODE_BW, INTER_NODE_BW, PCIE_BW, CPU_ADAM_PARAMS_PER_S = 150e9, 25e9, 20e9, 1e9
+
+
+# -- the model, from config.json -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shapes of a Llama / Qwen2 / Mistral-style decoder (the fields of its config.json)."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+    qkv_bias: bool = False
+    dtype: str = "bfloat16"
+
+    def layer_linears(self) -> dict[str, tuple[int, int]]:
+        """Linear layers of one decoder layer: name -> (in_features, out_features)."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def components(self) -> dict[str, int]:
+        """Parameter count per component (biases counted with the layer's linears)."""
+        linears = self.layers * sum(i * o for i, o in self.layer_linears().values())
+        bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return {"embed_tokens": self.vocab * self.hidden, "layer_linears": linears + bias,
+                "norms": (2 * self.layers + 1) * self.hidden, "lm_head": 0 if self.tied else self.vocab * self.hidden}
+
+    @property
+    def params(self) -> int:
+        return sum(self.components().values())
+
+
+def model_spec(config: dict) -> ModelSpec:
+    """Read the fields the planner needs from a config.json dict; a missing one is a QShardError."""
+    need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in need if k not in config]
+    if missing:
+        raise QShardError(f"config.json lacks {', '.join(missing)}", where="model.path",
+                          fix="the planner understands Llama / Qwen2 / Mistral-style decoder configs")
+    heads = config["num_attention_heads"]
+    model_type = config.get("model_type", "llama")
+    return ModelSpec(model_type=model_type, hidden=config["hidden_size"], layers=config["num_hidden_layers"],
+                     heads=heads, kv_heads=config.get("num_key_value_heads") or heads,
+                     head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                     intermediate=config["intermediate_size"], vocab=config["vocab_size"],
+                     tied=bool(config.get("tie_word_embeddings", False)),
+                     qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+                     dtype=str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"))
+
+
+def read_model_spec(path: str) -> ModelSpec:
+    """config.json of a local model folder (or a hub id: only config.json is fetched)."""
+    local = Path(path).expanduser()
+    if local.exists():
+        file = local / "config.json"
+        if not file.is_file():
+            raise QShardError(f"{local} has no config.json", where="model.path",
+                              fix="point model.path at the folder that holds config.json")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(path, "config.json"))
+        except Exception as e:  # any hub failure means "cannot find the model"
+            raise QShardError(f"model {path!r} is not a local folder and its config.json could not be fetched "
+                              f"({type(e).__name__})", where="model.path", fix="give a local model folder") from None
+    return model_spec(json.loads(file.read_text()))
+
+
+# -- bytes of each component -------------------------------------------------------------------------
+
+def linear_storage_bytes(n_in: int, n_out: int, method: str, double_quant: bool, dense_bytes: int) -> int:
+    """Bytes of one frozen base linear's weight as qshard stores it (qshard/quant/): exact, not an estimate.
+
+    NF4/FP4: two 4-bit codes per byte, plus one absmax per 64 weights: an fp32 (4 B) without double
+    quant; with double quant (QLoRA's DQ) a uint8 code plus one fp32 per 256 absmax blocks and an fp32
+    offset, i.e. 0.5 + 4/64 B = 4.5 bits/param without DQ and 0.5 + 1/64 + 4/(64*256) B = 4.127 bits with.
+    int8: one byte per weight plus an fp32 scale per output row."""
+    n = n_in * n_out
+    if method in ("nf4", "fp4"):
+        blocks = -(-n // NF4_BLOCK)
+        scales = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 if double_quant else 4 * blocks
+        return (n + 1) // 2 + scales
+    if method == "int8":
+        return n + 4 * n_out
+    return n * dense_bytes
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One candidate configuration: what the recipe fixes plus what the search varies."""
+
+    quant: str = "nf4"
+    double_quant: bool = True
+    skip_modules: tuple[str, ...] = ("lm_head",)
+    dense_dtype: str = "bfloat16"    # embeddings, norms, skipped linears
+    precision: str = "bf16"          # bf16 | fp16 | fp32: the forward's activations
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] | str = "all-linear"
+    use_dora: bool = False
+    optimizer: str = "adamw"
+    engine: str = "none"             # none | ddp | zero1 | zero2 | zero3 | fsdp2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    micro_batch: int = 1
+    seq_len: int = 1024
+    checkpointing: bool = False
+    gpus: int = 1
+    nodes: int = 1
+    global_batch: int = 1            # sequences per optimizer step, over all GPUs
+
+    @property
+    def world(self) -> int:
+        return self.gpus * self.nodes
+
+    @property
+    def accumulation(self) -> int:
+        return max(1, math.ceil(self.global_batch / (self.micro_batch * self.world)))
+
+    @property
+    def label(self) -> str:
+        off = "+off_opt" if self.offload_optimizer else ""
+        off += "+off_params" if self.offload_params else ""
+        return f"{self.engine}{off}"
+
+
+def base_bytes(spec: ModelSpec, s: Settings) -> dict[str, int]:
+    """Frozen base weights by component, as stored (quantized linears, dense embeddings and norms)."""
+    dense = DTYPE_BYTES[s.dense_dtype]
+    quantized = lambda name: s.quant != "none" and name not in s.skip_modules  # noqa: E731
+    linears = sum(linear_storage_bytes(i, o, s.quant if quantized(name) else "none", s.double_quant, dense)
+                  for name, (i, o) in spec.layer_linears().items())
+    bias = (spec.heads + 2 * spec.kv_heads) * spec.head_dim * dense if spec.qkv_bias else 0
+    head = 0 if spec.tied else linear_storage_bytes(spec.hidden, spec.vocab, s.quant if quantized("lm_head")
+                                                    else "none", s.double_quant, dense)
+    return {"embed_tokens": spec.vocab * spec.hidden * dense, "layers": spec.layers * (linears + bias),
+            "norms": (2 * spec.layers + 1) * spec.hidden * dense, "lm_head": head}
+
+
+def decoder_layer_bytes(spec: ModelSpec, s: Settings) -> int:
+    """One decoder layer's frozen storage: the unit FSDP2 / ZeRO-3 all-gather at a time."""
+    return base_bytes(replace(spec, layers=1), s)["layers"] + 2 * spec.hidden * DTYPE_BYTES[s.dense_dtype]
+
+
+def lora_params(spec: ModelSpec, s: Settings) -> int:
+    """Trainable parameters: r * (in + out) per adapted linear (+ out for DoRA's magnitude)."""
+    linears = spec.layer_linears()
+    names = list(linears) if s.lora_targets == "all-linear" else [t for t in s.lora_targets if t in linears]
+    per_layer = sum(s.lora_r * (linears[n][0] + linears[n][1]) + (linears[n][1] if s.use_dora else 0)
+                    for n in names)
+    return spec.layers * per_layer
+
+
+def optimizer_bytes_per_param(optimizer: str) -> float:
+    """AdamW keeps two fp32 moments (8 B); bitsandbytes' 8-bit AdamW keeps two uint8 moments plus an
+    fp32 absmax per 256-value block (2 + 8/256 B). Paged variants are counted on the GPU (their worst case)."""
+    return 2 + 8 / 256 if optimizer.endswith("8bit") else 8.0
+
+
+def layer_activation_bytes(spec: ModelSpec, tokens: int, precision: str) -> int:
+    """Bytes one LoRA'd decoder layer saves for backward (all-linear targets, LoRA dropout 0, SDPA).
+
+    Counted op by op in transformers' Llama/Qwen2/Mistral layer (per token; p = activation bytes,
+    kv = kv_heads * head_dim, I = intermediate):
+      RMSNorm x2   its fp32 copy of the input and rsqrt                  2 (4h + 4)
+      attention    q, k, v after rotary, the output; SDPA's logsumexp    p (2h + 2kv) + 4 heads
+      SwiGLU       gate out, silu out, up out                            3 I p
+      LoRA A       inputs of the A matrices (frozen base linears keep none: bitsandbytes saves only
+                   the weight). fp32: the two norm outputs and the SwiGLU product, shared by the adapters
+                   on the same input: (2h + I) p. Under autocast PEFT casts each adapter's input to fp32
+                   and autocast back to p, so every adapter keeps its own copy: (q,k,v,o,gate,up) 6h + I.
+    fp32 total: 4 (6h + 2kv + 4I) + small; bf16: 8h + 2 (8h + 2kv + 4I) + small. Korthikanti et al.'s
+    GPT layer (34 sbh) counts dropout masks, s^2 attention scores and GeLU inputs that this layer lacks."""
+    h, kv, i = spec.hidden, spec.kv_heads * spec.head_dim, spec.intermediate
+    p = 4 if precision == "fp32" else 2
+    norms = 2 * (4 * h + 4)
+    attention = p * (2 * h + 2 * kv) + 4 * spec.heads
+    mlp = 3 * i * p
+    lora_inputs = (2 * h + i) * p if precision == "fp32" else (6 * h + i) * p
+    return tokens * (norms + attention + mlp + lora_inputs)
+
+
+def activation_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
+    """All layers' saved activations. With activation checkpointing each layer keeps only its input
+    (p h per token) and one layer at a time is recomputed in backward."""
+    tokens = s.micro_batch * s.seq_len
+    p = 4 if s.precision == "fp32" else 2
+    adapter_outputs = tokens * 7 * s.lora_r * p  # A's outputs, kept by B
+    layer = layer_activation_bytes(spec, tokens, s.precision) + adapter_outputs
+    if s.checkpointing:
+        return spec.layers * tokens * spec.hidden * p + layer
+    return spec.layers * layer
+
+
+def logits_bytes(spec: ModelSpec, s: Settings) -> int:
+    """Loss over the vocabulary in fp32 (qshard/train.py::token_loss_sum): at the start of backward the
+    fp32 logits, log-softmax's saved output and its gradient are alive together: 3 x 4 B x tokens x vocab."""
+    return 3 * 4 * s.micro_batch * s.seq_len * spec.vocab
+
+
+@dataclass
+class Estimate:
+    """Predicted bytes per GPU (and per node's CPU) by component, with the step-time estimate."""
+
+    settings: Settings
+    gpu: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, int] = field(default_factory=dict)
+    step_seconds: float = 0.0
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Allocated tensor bytes (what torch.cuda.max_memory_allocated would report)."""
+        return sum(v for k, v in self.gpu.items() if k not in ("cuda_context", "nccl", "fragmentation"))
+
+    @property
+    def peak(self) -> int:
+        return sum(self.gpu.values())
+
+
+def estimate(spec: ModelSpec, s: Settings) -> Estimate:
+    """Per-GPU memory of one configuration, each component divided where the engine shards it."""
+    n, e = s.world, s.engine
+    base = sum(base_bytes(spec, s).values())
+    lora = lora_params(spec, s)
+    opt_b = optimizer_bytes_per_param(s.optimizer)
+    deepspeed = e.startswith("zero")
+    stage = int(e[4]) if deepspeed else 0
+    half = 4 if s.precision == "fp32" else 2
+    shard = lambda on: n if on else 1  # noqa: E731
+    gpu, cpu = {}, {}
+    gpu["base_weights"] = base // shard(stage == 3 or e == "fsdp2")
+    if deepspeed:
+        # DeepSpeed casts trainable params to the half dtype and keeps fp32 master copies + fp32 grads
+        gpu["lora_params"] = lora * half // shard(stage == 3)
+        gpu["lora_grads"] = lora * 4 // n + (lora * half if stage == 1 else 0)
+        gpu["master_weights"] = lora * 4 // n
+        gpu["optimizer_states"] = int(lora * opt_b) // n
+        bucket = min(DS_REDUCE_BUCKET, lora)  # the plan writes reduce_bucket_size = min(default, trainable)
+        gpu["engine_buffers"] = bucket * (4 if stage == 1 else half)
+    else:
+        sharded = e == "fsdp2"
+        gpu["lora_params"] = lora * 4 // shard(sharded)   # qshard keeps adapters in fp32
+        gpu["lora_grads"] = lora * 4 // shard(sharded)
+        gpu["optimizer_states"] = int(lora * opt_b) // shard(sharded)
+        gpu["engine_buffers"] = lora * 4 if e == "ddp" else 0  # DDP's gradient buckets copy the grads
+    if stage == 3 or e == "fsdp2":
+        gpu["gathered_weights"] = 2 * decoder_layer_bytes(spec, s)  # current layer + prefetched next
+        if e == "fsdp2":  # the root (embeddings, head) is not resharded after forward
+            b = base_bytes(spec, s)
+            gpu["gathered_weights"] += b["embed_tokens"] + b["lm_head"]
+    if s.offload_optimizer:
+        for key in ("master_weights", "optimizer_states", "lora_grads"):
+            cpu[key] = gpu.pop(key, 0)
+    if s.offload_params:
+        cpu["base_weights"] = base
+        gpu["base_weights"] = 0
+    gpu["activations"] = activation_bytes(spec, s, lora)
+    gpu["logits_and_loss"] = logits_bytes(spec, s)
+    tensors = sum(gpu.values())
+    gpu["fragmentation"] = int(FRAGMENTATION * tensors)
+    gpu["cuda_context"] = CUDA_CONTEXT_BYTES
+    if n > 1:
+        gpu["nccl"] = NCCL_BYTES
+    result = Estimate(s, gpu, cpu)
+    result.step_seconds = step_seconds(spec, s, base, lora)
+    return result
+
+
+def step_seconds(spec: ModelSpec, s: Settings, base: int, lora: int) -> float:
+    """Seconds per optimizer step: compute, plus communication and offload traffic, assumed not to overlap.
+
+    Compute: 6 N tokens FLOPs for full training (forward 2N, backward 4N). With a frozen base the
+    weight-gradient half of backward is skipped: 4 N tokens, +2 N with recomputation, +6 per LoRA param."""
+    tokens = s.micro_batch * s.seq_len
+    n_base = spec.params
+    flops = tokens * ((6 if s.checkpointing else 4) * n_base + 6 * lora)
+    compute = flops / GPU_FLOPS * DEQUANT_SLOWDOWN[s.quant]
+    n = s.world
+    bw = INTER_NODE_BW if s.nodes > 1 else INTRA_NODE_BW
+    ring = 2 * (n - 1) / n if n > 1 else 0.0
+    grads = lora * (4 if s.engine in ("ddp", "fsdp2") else 2)
+    per_micro = compute
+    if s.engine in ("zero3", "fsdp2") and n > 1:
+        gathers = 3 if s.checkpointing else 2  # forward, backward (and the recomputed forward)
+        per_micro += gathers * base * (n - 1) / n / bw
+    if s.offload_params:
+        per_micro += 2 * base / n / PCIE_BW
+    step = s.accumulation * per_micro + ring * grads / bw
+    if s.offload_optimizer:
+        step += 2 * lora * 4 / n / PCIE_BW + lora / n / CPU_ADAM_PARAMS_PER_S
+    return step
+
+
+# -- the search ------------------------------------------------------------------------------------
+
+ENGINE_OPTIONS = {  # label -> (engine, offload_optimizer, offload_params)
+    "none": ("none", False, False), "ddp": ("ddp", False, False), "zero1": ("zero1", False, False),
+    "zero2": ("zero2", False, False), "zero3": ("zero3", False, False),
+    "zero3+off_opt": ("zero3", True, False), "zero3+off_opt+off_params": ("zero3", True, True),
+    "fsdp2": ("fsdp2", False, False),
+}
+
+
+def candidates(base: Settings, quants: tuple[str, ...], micro_batches: tuple[int, ...]) -> list[Settings]:
+    """Every engine x offload x quantization x micro-batch x checkpointing the compatibility table allows."""
+    from qshard import compat
+
+    out = []
+    for label in _engine_labels(base.world):
+        engine, off_opt, off_params = ENGINE_OPTIONS[label]
+        stage = int(engine[4]) if engine.startswith("zero") else 2
+        key = compat.engine_key("deepspeed" if engine.startswith("zero") else engine, stage,
+                                "cpu" if off_params else "none", "cpu" if off_opt else "none")
+        for quant in quants:
+            cell = compat.SUPPORT.get((key, compat.base_key(quant)))
+            if cell is None or not cell.supported or _option_refused(key, base):
+                continue
+            for mb in micro_batches:
+                for ckpt in (False, True):
+                    out.append(replace(base, engine=engine, offload_optimizer=off_opt, offload_params=off_params,
+                                       quant=quant, micro_batch=mb, checkpointing=ckpt))
+    return out
+
+
+def _engine_labels(world: int) -> list[str]:
+    """One GPU: no engine, or ZeRO-3 for its CPU offload; several: every distributed engine."""
+    if world == 1:
+        return ["none", "zero3+off_opt", "zero3+off_opt+off_params"]
+    return [label for label in ENGINE_OPTIONS if label != "none"]
+
+
+def _option_refused(engine_key: str, s: Settings) -> bool:
+    from qshard import compat
+
+    return any(engine_key in engines and option == "lora.use_dora" and s.use_dora
+               for engines, option, _why, _instead in compat.OPTION_RULES)
+
+
+def rank(estimates: list[Estimate], gpu_mem: int) -> list[Estimate]:
+    """Configurations that fit first, fastest first; then the rest, smallest first."""
+    fits = sorted((e for e in estimates if e.peak <= gpu_mem), key=lambda e: (e.step_seconds, e.peak))
+    rest = sorted((e for e in estimates if e.peak > gpu_mem), key=lambda e: e.peak)
+    return fits + rest
+
+
+def recommend(ranked: list[Estimate], gpu_mem: int, quant: str) -> Estimate | None:
+    """The fastest configuration that fits, keeping the recipe's quantization when any such one fits
+    (changing the base's format changes the model being tuned)."""
+    fitting = [e for e in ranked if e.peak <= gpu_mem]
+    same = [e for e in fitting if e.settings.quant == quant]
+    return (same or fitting or [None])[0]
+
+
+# -- from a recipe, to a recipe --------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    """'24GiB', '80GB', '512MiB' or a plain number of bytes."""
+    units = {"kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40,
+             "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12, "b": 1, "": 1}
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("kmgtib")
+    try:
+        return int(float(number) * units[raw[len(number):]])
+    except (ValueError, KeyError):
+        raise QShardError(f"cannot read the memory size {text!r}", where="--gpu-mem / --cpu-mem",
+                          fix="write it like 24GiB, 80GB or 512MiB") from None
+
+
+def settings_from_recipe(recipe, spec: ModelSpec, gpus: int, nodes: int) -> Settings:
+    """The recipe's fixed choices; precision auto is planned as bf16 (a GPU of compute capability >= 8)."""
+    q, lo, tr = recipe.quantization, recipe.lora, recipe.train
+    return Settings(quant=q.method, double_quant=q.double_quant, skip_modules=tuple(q.skip_modules),
+                    dense_dtype=spec.dtype if recipe.model.dtype == "auto" else recipe.model.dtype,
+                    precision="bf16" if tr.precision == "auto" else tr.precision, lora_r=lo.r,
+                    lora_targets=lo.target_modules if lo.target_modules == "all-linear" else tuple(lo.target_modules),
+                    use_dora=lo.use_dora, optimizer=tr.optimizer, micro_batch=tr.micro_batch_size,
+                    seq_len=recipe.data.max_length, checkpointing=recipe.model.gradient_checkpointing,
+                    gpus=gpus, nodes=nodes,
+                    global_batch=tr.micro_batch_size * tr.gradient_accumulation_steps * gpus * nodes)
+
+
+@dataclass
+class Plan:
+    spec: ModelSpec
+    ranked: list[Estimate]
+    best: Estimate | None
+    current: Estimate
+    gpu_mem: int
+    cpu_mem: int | None
+
+
+def make_plan(recipe, spec: ModelSpec, *, gpus: int, nodes: int = 1, gpu_mem: int, cpu_mem: int | None = None,
+              quants: tuple[str, ...] | None = None) -> Plan:
+    """Estimate the recipe as written, search the alternatives, rank them and pick one (pure)."""
+    base = settings_from_recipe(recipe, spec, gpus, nodes)
+    quants = quants or tuple(dict.fromkeys((base.quant, "nf4", "int8", "none")))
+    per_gpu = max(1, base.global_batch // base.world)
+    micro = tuple(m for m in (1, 2, 4, 8, 16, 32) if m <= per_gpu) or (1,)
+    estimates = [estimate(spec, s) for s in candidates(base, quants, micro)]
+    if cpu_mem is not None:  # offloaded bytes of all GPUs of a node share its CPU memory
+        estimates = [e for e in estimates if sum(e.cpu.values()) * gpus <= cpu_mem]
+    ranked = rank(estimates, gpu_mem)
+    engine = recipe.distributed.engine
+    label = engine if engine != "deepspeed" else f"zero{recipe.distributed.zero_stage}"
+    current = estimate(spec, replace(base, engine=label,
+                                     offload_optimizer=recipe.distributed.offload_optimizer == "cpu",
+                                     offload_params=recipe.distributed.offload_params == "cpu"))
+    return Plan(spec, ranked, recommend(ranked, gpu_mem, base.quant), current, gpu_mem, cpu_mem)
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def format_breakdown(est: Estimate) -> str:
+    rows = [f"  {k:<18} {gib(v):>9} GiB" for k, v in est.gpu.items() if v]
+    rows += [f"  {'(cpu) ' + k:<18} {gib(v):>9} GiB" for k, v in est.cpu.items() if v]
+    return "\n".join(rows + [f"  {'peak per GPU':<18} {gib(est.peak):>9} GiB"])
+
+
+def format_table(plan: Plan, limit: int = 20) -> str:
+    fastest = min((e.step_seconds for e in plan.ranked), default=1.0)
+    head = (f"{'#':>3}  {'engine':<26}{'quant':<6}{'mb':>3}{'acc':>5}  {'ckpt':<5}{'GiB/GPU':>9}  {'fits':<5}"
+            f"{'rel. step':>9}")
+    lines = [head, "-" * len(head)]
+    for i, e in enumerate(plan.ranked[:limit], 1):
+        s = e.settings
+        lines.append(f"{i:>3}  {s.label:<26}{s.quant:<6}{s.micro_batch:>3}{s.accumulation:>5}  "
+                     f"{'yes' if s.checkpointing else 'no':<5}{gib(e.peak):>9}  "
+                     f"{'yes' if e.peak <= plan.gpu_mem else 'NO':<5}{e.step_seconds / fastest:>9.2f}")
+    if len(plan.ranked) > limit:
+        lines.append(f"     ... {len(plan.ranked) - limit} more")
+    return "\n".join(lines)
+
+
+def recommended_recipe(recipe, est: Estimate, ds_config_path: str | None) -> dict:
+    """The recipe with the chosen configuration filled in (a plain dict, ready for YAML)."""
+    s = est.settings
+    raw = recipe.model_dump(mode="json")
+    raw["quantization"]["method"] = s.quant
+    raw["model"]["gradient_checkpointing"] = s.checkpointing
+    raw["train"]["micro_batch_size"] = s.micro_batch
+    raw["train"]["gradient_accumulation_steps"] = s.accumulation
+    d = raw["distributed"]
+    d["engine"] = "deepspeed" if s.engine.startswith("zero") else s.engine
+    if s.engine.startswith("zero"):
+        d["zero_stage"] = int(s.engine[4])
+        d["deepspeed_config"] = ds_config_path
+    d["offload_optimizer"] = "cpu" if s.offload_optimizer else "none"
+    d["offload_params"] = "cpu" if s.offload_params else "none"
+    return raw
+
+
+def recommended_deepspeed_config(est: Estimate, spec: ModelSpec, max_grad_norm: float | None) -> dict | None:
+    """qshard's own DeepSpeed config for the choice, with reduce_bucket_size fitted to the adapters
+    (DeepSpeed's default bucket, 5e8 elements, would take 1-2 GB per GPU for a few MB of LoRA gradients)
+    and the batch keys left "auto" so the recipe stays the one place they are set."""
+    from qshard.engines.deepspeed import deepspeed_config
+
+    s = est.settings
+    if not s.engine.startswith("zero"):
+        return None
+    config = deepspeed_config(zero_stage=int(s.engine[4]), offload_optimizer="cpu" if s.offload_optimizer else "none",
+                              offload_params="cpu" if s.offload_params else "none", micro_batch=s.micro_batch,
+                              accumulation=s.accumulation, world_size=s.world, precision=s.precision,
+                              max_grad_norm=max_grad_norm)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        config[key] = "auto"
+    config["bf16"]["enabled"] = config["fp16"]["enabled"] = "auto"
+    config["zero_optimization"]["reduce_bucket_size"] = min(DS_REDUCE_BUCKET, lora_params(spec, s))
+    return config
+
+
+def write_recommendation(plan: Plan, recipe, out_dir: Path) -> list[Path]:
+    """recipe.yaml (and deepspeed.json where relevant) for the recommended configuration."""
+    import yaml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    ds = recommended_deepspeed_config(plan.best, plan.spec, recipe.train.max_grad_norm)
+    ds_path = None
+    if ds is not None:
+        ds_path = out_dir / "deepspeed.json"
+        ds_path.write_text(json.dumps(ds, indent=2) + "\n")
+        written.append(ds_path)
+    raw = recommended_recipe(recipe, plan.best, str(ds_path) if ds_path else None)
+    path = out_dir / "recipe.yaml"
+    note = (f"# written by `qshard plan`: predicted peak {gib(plan.best.peak)} GiB per GPU of "
+            f"{gib(plan.gpu_mem)} GiB\n")
+    path.write_text(note + yaml.safe_dump(raw, sort_keys=False))
+    return [path] + written
+
+
+def report(plan: Plan) -> str:
+    """What `qshard plan` prints."""
+    s = plan.spec
+    lines = [f"model: {s.model_type}, {s.params / 1e9:.2f}B parameters ({s.layers} layers, hidden {s.hidden}, "
+             f"{s.heads} heads / {s.kv_heads} kv, vocab {s.vocab})",
+             f"hardware: {plan.current.settings.world} GPU(s) of {gib(plan.gpu_mem)} GiB"
+             + (f", {gib(plan.cpu_mem)} GiB CPU per node" if plan.cpu_mem else ""),
+             f"sequence length {plan.current.settings.seq_len} (data.max_length), global batch "
+             f"{plan.current.settings.global_batch}", "",
+             f"the recipe as written ({plan.current.settings.label}, {plan.current.settings.quant}, "
+             f"micro-batch {plan.current.settings.micro_batch}):", format_breakdown(plan.current),
+             f"  -> {'fits' if plan.current.peak <= plan.gpu_mem else 'does NOT fit'}", "",
+             format_table(plan), ""]
+    if plan.best is None:
+        lines.append("nothing fits: use more GPUs, a shorter data.max_length, or a GPU with more memory")
+    else:
+        b = plan.best.settings
+        lines += [f"recommended: {b.label}, {b.quant}, micro-batch {b.micro_batch} x {b.accumulation} accumulation, "
+                  f"activation checkpointing {'on' if b.checkpointing else 'off'}", format_breakdown(plan.best)]
+    lines.append("\nstep times are relative estimates (assumptions in qshard/plan.py); memory includes "
+                 f"{gib(CUDA_CONTEXT_BYTES)} GiB CUDA context and {FRAGMENTATION:.0%} allocator fragmentation")
+    return "\n".join(lines)

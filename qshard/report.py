@@ -1,0 +1,348 @@
+"""`qshard report RUN_DIR`: PNG plots and a Markdown summary of a run folder.
+
+Data first, pictures second: `read_run` parses the folder (every malformed file is a QShardError
+naming the file and line), `series`, `memory_breakdown`, `planned_vs_measured` and `summarize` are pure
+functions of what was read, and `figures` draws exactly those series. The series are also written
+next to the PNGs (report/series.json), so what a plot shows can be checked without looking at pixels.
+
+What a run folder holds: metrics.jsonl (qshard/metrics.py, one record per logged step, with
+`rank_memory`: one memory dict per rank), recipe.yaml, and when present sharding.json (a list of
+per-rank dicts, qshard/monitor.py::sharding_report), warnings.jsonl (`step`, `kind`, `message`) and
+plan.json (`per_gpu_bytes`: component -> bytes, from `qshard plan`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from qshard.errors import QShardError
+from qshard.metrics import METRICS_FILE
+
+REPORT_DIR = "report"
+MB = 2 ** 20
+KINDS = ("base_quantized", "base_dense", "lora", "buffers")  # monitor.sharding_report's kinds
+# a plan's component -> the sharding.json kinds that measure the same bytes
+PLAN_TO_SHARDING = {"base_weights": ("base_quantized", "base_dense"), "lora_params": ("lora",)}
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    metrics: list[dict]
+    recipe: dict | None
+    sharding: list[dict] | None
+    warnings: list[dict]
+    plan: dict | None
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    files: list[Path]
+    series: dict
+    summary: dict
+
+
+# -- reading the folder ----------------------------------------------------------------------------
+
+def read_run(run_dir: str | Path) -> RunData:
+    """Everything the report uses; only metrics.jsonl is required."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise QShardError(f"{run_dir} has no {METRICS_FILE}", where=str(path),
+                          fix="give the run's folder (its train.output_dir); a run writes metrics.jsonl at its "
+                              "first logged step (train.log_every)")
+    metrics = read_jsonl(path, required=("step", "loss"))
+    if not metrics:
+        raise QShardError(f"{path} holds no records", where=str(path),
+                          fix="wait until the run has logged a step (train.log_every), or give another run")
+    warnings_file = run_dir / "warnings.jsonl"
+    return RunData(run_dir=run_dir, metrics=metrics, recipe=_read_recipe(run_dir / "recipe.yaml"),
+                   sharding=_read_json(run_dir / "sharding.json", list),
+                   warnings=read_jsonl(warnings_file, required=("message",)) if warnings_file.is_file() else [],
+                   plan=_read_json(run_dir / "plan.json", dict))
+
+
+def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """One JSON object per non-empty line, each with the `required` keys."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QShardError(f"line {number} of {path.name} is not valid JSON ({e.msg})", where=f"{path}:{number}",
+                              fix="a run killed mid-write can leave a truncated last line: delete that line "
+                                  "and run the report again") from None
+        missing = [k for k in required if k not in record] if isinstance(record, dict) else list(required)
+        if missing:
+            raise QShardError(f"line {number} of {path.name} lacks {', '.join(missing)}", where=f"{path}:{number}",
+                              fix=f"each line must be a JSON object with {', '.join(required)}; delete the line "
+                                  "if it was not written by qshard")
+        records.append(record)
+    return records
+
+
+def _read_json(path: Path, kind: type):
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QShardError(f"{path.name} is not valid JSON ({e.msg})", where=f"{path}:{e.lineno}",
+                          fix=f"delete {path.name} (the report is made without it) or rewrite it") from None
+    if not isinstance(value, kind):
+        raise QShardError(f"{path.name} holds a {type(value).__name__}, not a {kind.__name__}", where=str(path),
+                          fix=f"delete {path.name} (the report is made without it) or rewrite it")
+    return value
+
+
+def _read_recipe(path: Path) -> dict | None:
+    import yaml
+
+    if not path.is_file():
+        return None
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise QShardError(f"recipe.yaml of the run cannot be read ({e})", where=str(path),
+                          fix="restore the file the run wrote, or delete it (engine and world size then "
+                              "come from the metrics only)") from None
+    return recipe if isinstance(recipe, dict) else None
+
+
+# -- the data, as plotted --------------------------------------------------------------------------
+
+def series(metrics: list[dict]) -> dict:
+    """Every line plotted over steps: {plot: {name: [values]}}; a key absent from a record is skipped."""
+    out = {key: _xy(metrics, key) for key in ("lr", "grad_norm", "tokens_per_s")}
+    out["loss"] = {**_xy(metrics, "loss"), **{f"eval_{k}": v for k, v in _xy(metrics, "eval_loss").items()}}
+    out["memory"] = memory_series(metrics)
+    return out
+
+
+def _xy(metrics: list[dict], key: str) -> dict[str, list]:
+    rows = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
+    return {"step": [s for s, _ in rows], key: [v for _, v in rows]}
+
+
+def memory_key(metrics: list[dict]) -> tuple[str, str]:
+    """(current, peak) memory keys: GPU allocated when the run was on a GPU, else resident set."""
+    sample = _rank_rows(metrics[0])[0]
+    return ("gpu_alloc_mb", "gpu_peak_mb") if "gpu_alloc_mb" in sample else ("rss_mb", "peak_rss_mb")
+
+
+def memory_series(metrics: list[dict]) -> dict:
+    """One line per rank: {"key": ..., "ranks": [{"step": [...], "mb": [...]}, ...]}."""
+    key, _ = memory_key(metrics)
+    world = max(len(_rank_rows(m)) for m in metrics)
+    ranks = []
+    for r in range(world):
+        rows = [(m["step"], _rank_rows(m)[r][key]) for m in metrics
+                if r < len(_rank_rows(m)) and _rank_rows(m)[r].get(key) is not None]
+        ranks.append({"step": [s for s, _ in rows], "mb": [v for _, v in rows]})
+    return {"key": key, "ranks": ranks}
+
+
+def _rank_rows(record: dict) -> list[dict]:
+    """Per-rank memory of one record; records without `rank_memory` carry rank 0's keys only."""
+    return record.get("rank_memory") or [record]
+
+
+def memory_breakdown(sharding: list[dict]) -> dict:
+    """MB held on each rank per kind of tensor (local), and the unsharded total of each kind."""
+    rows = sorted(sharding, key=lambda r: r.get("rank", 0))
+    return {"rank": [r.get("rank", i) for i, r in enumerate(rows)],
+            **{kind: [r.get(f"{kind}_local", 0) / MB for r in rows] for kind in KINDS},
+            "full": {kind: max(r.get(f"{kind}_full", 0) for r in rows) / MB for kind in KINDS}}
+
+
+def planned_vs_measured(plan: dict, sharding: list[dict] | None, peak_mb: list[float]) -> dict:
+    """The plan's MB per GPU by component, next to what the run measured where it measured the same thing:
+    base and LoRA bytes from sharding.json (the largest rank), and the sum against the largest rank's peak."""
+    planned = {k: v / MB for k, v in plan.get("per_gpu_bytes", {}).items()}
+    measured: dict[str, float | None] = {}
+    for component in planned:
+        kinds = PLAN_TO_SHARDING.get(component)
+        measured[component] = (max(sum(r.get(f"{k}_local", 0) for k in kinds) for r in sharding) / MB
+                               if kinds and sharding else None)
+    planned["total"] = sum(planned.values())
+    measured["total"] = max(peak_mb) if peak_mb else None
+    return {"component": list(planned), "planned_mb": list(planned.values()),
+            "measured_mb": [measured[c] for c in planned]}
+
+
+# -- the summary -----------------------------------------------------------------------------------
+
+def summarize(run: RunData) -> dict:
+    """The figures summary.md states, each computed from the folder's files."""
+    metrics = run.metrics
+    _, peak_key = memory_key(metrics)
+    world = max(len(_rank_rows(m)) for m in metrics)
+    peaks = [max((_rank_rows(m)[r].get(peak_key) or 0.0) for m in metrics if r < len(_rank_rows(m)))
+             for r in range(world)]
+    evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
+    return {"engine": engine_label(run.recipe), "base": _base_label(run.recipe), "world_size": world,
+            "steps": metrics[-1]["step"], "records": len(metrics),
+            "tokens": segment_total([m.get("tokens", 0) for m in metrics]),
+            "seconds": segment_total([m.get("elapsed_s", 0.0) for m in metrics]),
+            "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"],
+            "final_eval_loss": evals[-1] if evals else None, "peak_key": peak_key, "peak_mb": peaks,
+            "imbalance": imbalance(peaks), "warnings": len(run.warnings)}
+
+
+def segment_total(values: list[float]) -> float:
+    """Total of a running count that restarts at 0 when a run is resumed (tokens, elapsed_s are counted
+    from the resume): the sum of each segment's last value. Steps after a segment's last logged record
+    are not in the file, so a resumed run's total can be short by up to train.log_every steps."""
+    total = 0
+    for current, following in zip(values, values[1:] + [None]):
+        if following is None or following < current:
+            total += current
+    return total
+
+
+def imbalance(peaks: list[float]) -> float:
+    """(max - min) / max over ranks: 0 when every rank holds the same."""
+    return (max(peaks) - min(peaks)) / max(peaks) if peaks and max(peaks) > 0 else 0.0
+
+
+def engine_label(recipe: dict | None) -> str:
+    d = (recipe or {}).get("distributed") or {}
+    engine = d.get("engine", "unknown (no recipe.yaml)" if recipe is None else "none")
+    if engine != "deepspeed":
+        return engine
+    offload = [f"{what} offload" for what in ("optimizer", "params") if d.get(f"offload_{what}", "none") != "none"]
+    return f"deepspeed ZeRO-{d.get('zero_stage', '?')}" + (f" ({', '.join(offload)})" if offload else "")
+
+
+def _base_label(recipe: dict | None) -> str:
+    return ((recipe or {}).get("quantization") or {}).get("method", "unknown")
+
+
+def format_summary(summary: dict, warnings: list[dict], run_dir: Path, plots: list[str]) -> str:
+    """summary.md."""
+    s = summary
+    key = "GPU peak allocated" if s["peak_key"] == "gpu_peak_mb" else "peak resident set (CPU)"
+    lines = [f"# Run report: {run_dir}", "",
+             "| | |", "|---|---|",
+             f"| engine | {s['engine']} |", f"| base | {s['base']} |", f"| world size | {s['world_size']} |",
+             f"| steps | {s['steps']} ({s['records']} logged) |", f"| tokens | {s['tokens']} |",
+             f"| time | {s['seconds']:.1f} s |",
+             f"| loss | {s['first_loss']:.4f} (first logged) -> {s['final_loss']:.4f} (final) |"]
+    if s["final_eval_loss"] is not None:
+        lines.append(f"| eval loss (last) | {s['final_eval_loss']:.4f} |")
+    lines += [f"| memory imbalance | {s['imbalance']:.1%} ((max - min) / max of the ranks' peaks) |", "",
+              f"## Peak memory per rank ({key})", "", "| rank | MB |", "|---|---|"]
+    lines += [f"| {r} | {mb:.1f} |" for r, mb in enumerate(s["peak_mb"])]
+    lines += ["", f"## Warnings ({len(warnings)})", ""]
+    lines += [f"- step {w.get('step', '?')}, {w.get('kind', 'warning')}: {w['message']}" for w in warnings] or ["none"]
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+# -- the pictures ----------------------------------------------------------------------------------
+
+def figures(data: dict) -> dict:
+    """One matplotlib Figure per plot, drawn from `data` (what `write_report` saves as series.json).
+    Uses Figure directly, not pyplot: no global backend or state is touched."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise QShardError("qshard report draws its plots with matplotlib, which is not installed",
+                          where="qshard report", fix="pip install matplotlib") from None
+
+    out = {}
+    for name, ylabel in (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"),
+                         ("tokens_per_s", "tokens / s")):
+        fig = Figure(figsize=(7, 4))
+        ax = fig.add_subplot()
+        ax.plot(data[name]["step"], data[name][name], label=name)
+        if name == "loss" and data["loss"]["eval_step"]:
+            ax.plot(data["loss"]["eval_step"], data["loss"]["eval_eval_loss"], marker="o", label="eval_loss")
+            ax.legend()
+        _labels(ax, name, "step", ylabel)
+        out[name] = fig
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    for rank, line in enumerate(data["memory"]["ranks"]):
+        ax.plot(line["step"], line["mb"], label=f"rank {rank}")
+    ax.legend()
+    _labels(ax, f"memory per rank ({data['memory']['key']})", "step", "MB")
+    out["memory"] = fig
+    if "memory_breakdown" in data:
+        out["memory_breakdown"] = _breakdown_figure(data["memory_breakdown"])
+    if "planned_vs_measured" in data:
+        out["planned_vs_measured"] = _plan_figure(data["planned_vs_measured"])
+    return out
+
+
+def _breakdown_figure(b: dict):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    bottom = [0.0] * len(b["rank"])
+    labels = [f"rank {r}" for r in b["rank"]]
+    for kind in KINDS:
+        ax.bar(labels, b[kind], bottom=bottom, label=f"{kind} (unsharded {b['full'][kind]:.2f} MB)")
+        bottom = [x + y for x, y in zip(bottom, b[kind])]
+    ax.legend(fontsize="small")
+    _labels(ax, "held on each rank (local bytes)", "", "MB")
+    return fig
+
+
+def _plan_figure(p: dict):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4))
+    ax = fig.add_subplot()
+    x = range(len(p["component"]))
+    ax.bar([i - 0.2 for i in x], p["planned_mb"], width=0.4, label="planned")
+    ax.bar([i + 0.2 for i in x], [math.nan if v is None else v for v in p["measured_mb"]], width=0.4,
+           label="measured")
+    ax.set_xticks(list(x), p["component"], rotation=30, ha="right", fontsize="small")
+    ax.legend()
+    _labels(ax, "planned vs measured per GPU (measured: largest rank)", "", "MB")
+    fig.tight_layout()
+    return fig
+
+
+def _labels(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+def report_data(run: RunData, summary: dict) -> dict:
+    """All plotted series: metrics over steps, plus the breakdown and the plan comparison when present."""
+    data = series(run.metrics)
+    if run.sharding:
+        data["memory_breakdown"] = memory_breakdown(run.sharding)
+    if run.plan is not None:
+        data["planned_vs_measured"] = planned_vs_measured(run.plan, run.sharding, summary["peak_mb"])
+    return data
+
+
+def write_report(run_dir: str | Path) -> Report:
+    """RUN_DIR/report/: one PNG per plot, series.json (the plotted data) and summary.md."""
+    run = read_run(run_dir)
+    summary = summarize(run)
+    data = report_data(run, summary)
+    out_dir = run.run_dir / REPORT_DIR
+    out_dir.mkdir(exist_ok=True)
+    files = []
+    for name, fig in figures(data).items():
+        files.append(out_dir / f"{name}.png")
+        fig.savefig(files[-1], dpi=100)
+    (out_dir / "series.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out_dir / "summary.md").write_text(format_summary(summary, run.warnings, run.run_dir, [f.name for f in files]))
+    return Report(out_dir, files + [out_dir / "series.json", out_dir / "summary.md"], data, summary)

@@ -1,0 +1,252 @@
+"""The planner: exact bytes for what qshard stores, published figures, DeepSpeed's own estimator, and the
+`qshard plan` command end to end (config.json only, no weights)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from qshard import plan
+from qshard.cli import main
+from qshard.config import load_recipe
+from qshard.plan import GIB, Settings, estimate, model_spec
+
+LLAMA3_70B = {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+              "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256, "torch_dtype": "bfloat16",
+              "tie_word_embeddings": False}
+# LLaMA-65B (the QLoRA paper's largest model): multi-head attention, 32k vocabulary, fp16 checkpoint
+LLAMA_65B = {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+             "intermediate_size": 22016, "vocab_size": 32000, "torch_dtype": "float16"}
+
+
+def write_model_dir(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def write_recipe(folder: Path, model: Path, **sections) -> Path:
+    raw = {"model": {"path": str(model)}, "data": {"path": str(folder / "train.jsonl"), "max_length": 2048},
+           "train": {"micro_batch_size": 1, "gradient_accumulation_steps": 8}}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# -- the model spec ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", False), ("mistral", False), ("llama", True)])
+def test_parameter_count_from_config_equals_transformers_model(arch, tied):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
+                                  num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    real = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    assert model_spec(config.to_dict()).params == real
+
+
+def test_llama3_70b_has_70_6b_parameters_and_its_nf4_base_is_39_5_gb():
+    spec = model_spec(LLAMA3_70B)
+    assert spec.params == 70_553_706_496
+    base = plan.base_bytes(spec, Settings(quant="nf4", double_quant=True, dense_dtype="bfloat16"))
+    # linears at 4.127 bits, embeddings and the (skipped) head in bf16
+    assert base["layers"] == pytest.approx(35.31e9, rel=1e-3)
+    assert 35e9 < sum(base.values()) < 40e9
+    assert sum(base.values()) == pytest.approx(39.52e9, rel=1e-3)
+
+
+# -- exact storage of quantized layers ----------------------------------------------------------------
+
+@pytest.mark.parametrize("method,dq", [("nf4", True), ("nf4", False), ("fp4", True), ("int8", False)])
+def test_linear_storage_bytes_equal_qshard_layer_parameters(method, dq):
+    from qshard.quant.bnb4bit import Linear4bit
+    from qshard.quant.bnb8bit import Linear8bit
+
+    n_in, n_out = 4096, 14336  # Llama-3-8B's gate_proj
+    layer = (Linear8bit(n_in, n_out) if method == "int8"
+             else Linear4bit(n_in, n_out, quant_type=method, double_quant=dq))
+    stored = sum(p.numel() * p.element_size() for p in layer.parameters())
+    assert plan.linear_storage_bytes(n_in, n_out, method, dq, 2) == stored
+
+
+def test_nf4_costs_4_127_bits_with_double_quant_and_4_5_without():
+    n = 8192 * 8192
+    assert plan.linear_storage_bytes(8192, 8192, "nf4", True, 2) * 8 / n == pytest.approx(4.127, abs=1e-3)
+    assert plan.linear_storage_bytes(8192, 8192, "nf4", False, 2) * 8 / n == pytest.approx(4.5, abs=1e-9)
+
+
+# -- sharding ------------------------------------------------------------------------------------------
+
+def test_zero3_and_fsdp2_divide_the_base_by_the_gpu_count_ddp_does_not():
+    spec = model_spec(LLAMA3_70B)
+    s = Settings(quant="nf4", gpus=8, global_batch=8)
+    full = sum(plan.base_bytes(spec, s).values())
+    assert estimate(spec, replace(s, engine="zero3")).gpu["base_weights"] == full // 8
+    assert estimate(spec, replace(s, engine="fsdp2")).gpu["base_weights"] == full // 8
+    assert estimate(spec, replace(s, engine="ddp")).gpu["base_weights"] == full
+    assert estimate(spec, replace(s, engine="zero2")).gpu["base_weights"] == full
+
+
+def test_zero_stages_shard_optimizer_then_grads_then_params():
+    spec = model_spec(LLAMA3_70B)
+    s = Settings(quant="nf4", gpus=4, global_batch=4, precision="bf16")
+    lora = plan.lora_params(spec, s)
+    z1, z2, z3 = (estimate(spec, replace(s, engine=e)).gpu for e in ("zero1", "zero2", "zero3"))
+    assert z1["optimizer_states"] == z2["optimizer_states"] == z3["optimizer_states"] == lora * 8 // 4
+    assert z1["lora_grads"] == lora * 4 // 4 + lora * 2       # bf16 grads whole, fp32 partition
+    assert z2["lora_grads"] == z3["lora_grads"] == lora * 4 // 4
+    assert z2["lora_params"] == lora * 2 and z3["lora_params"] == lora * 2 // 4
+
+
+def test_offload_moves_optimizer_and_params_to_cpu():
+    spec = model_spec(LLAMA3_70B)
+    s = Settings(quant="nf4", gpus=2, global_batch=2, engine="zero3", offload_optimizer=True, offload_params=True)
+    e = estimate(spec, s)
+    assert e.gpu["base_weights"] == 0 and "optimizer_states" not in e.gpu
+    assert e.cpu["base_weights"] == sum(plan.base_bytes(spec, s).values())
+    assert e.cpu["optimizer_states"] == plan.lora_params(spec, s) * 8 // 2
+
+
+def test_zero3_per_parameter_bytes_equal_deepspeeds_estimator():
+    """DeepSpeed's estimate_zero3_model_states_mem_needs (what ..._all_live calls) assumes every
+    parameter trains with fp16 weights + fp32 master, grads and Adam: 18 bytes per parameter split N ways,
+    plus 4 bytes x the largest layer (gathered fp16 weights + grads). Our DeepSpeed accounting of trainable
+    parameters (half weight, fp32 master, fp32 grad, two fp32 moments) must give the same 18 B / N."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    spec = model_spec(LLAMA3_70B)
+    for n, offload in ((8, False), (8, True), (2, False)):
+        s = Settings(quant="nf4", gpus=n, global_batch=n, engine="zero3", precision="fp16", offload_optimizer=offload)
+        e = estimate(spec, s)
+        trainable = plan.lora_params(spec, s)
+        ours_gpu = sum(e.gpu.get(k, 0) for k in ("lora_params", "lora_grads", "master_weights", "optimizer_states"))
+        cpu_ds, gpu_ds, largest = estimate_zero3_model_states_mem_needs(
+            total_params=trainable, largest_layer_params=0, num_gpus_per_node=n, cpu_offload=offload,
+            cpu_offload_params=False, zero_init=True, additional_buffer_factor=1.0)
+        assert ours_gpu == pytest.approx(gpu_ds, rel=1e-6)
+        if offload:  # DeepSpeed's CPU figure is per node: 16 B per parameter (our per-GPU share x GPUs)
+            assert sum(e.cpu.values()) * n == pytest.approx(cpu_ds, rel=1e-6)
+
+
+def test_parameter_count_equals_deepspeeds_count_on_a_dense_fp16_model():
+    """estimate_zero3_model_states_mem_needs_all_live reads total and largest-layer parameters from the
+    module (model_to_params); the spec from config.json alone must agree with both."""
+    from deepspeed.runtime.zero.stage3 import model_to_params
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=3000, hidden_size=128, intermediate_size=344,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    total, largest = model_to_params(model)
+    spec = model_spec(config.to_dict())
+    assert spec.params == total
+    assert largest == spec.vocab * spec.hidden  # the embedding (and head) are the largest single modules
+    gpu_ds = 4 * largest + 18 * total  # DeepSpeed's ZeRO-3 formula, 1 GPU, no offload
+    assert 4 * spec.vocab * spec.hidden + 18 * spec.params == gpu_ds
+
+
+# -- activations, published figures ----------------------------------------------------------------
+
+def test_activation_checkpointing_keeps_one_input_per_layer():
+    spec = model_spec(LLAMA3_70B)
+    s = Settings(quant="nf4", micro_batch=1, seq_len=4096, precision="bf16")
+    full, ckpt = plan.activation_bytes(spec, s, 0), plan.activation_bytes(spec, replace(s, checkpointing=True), 0)
+    per_layer = full // spec.layers
+    assert ckpt == spec.layers * 4096 * spec.hidden * 2 + per_layer
+    assert full / ckpt == pytest.approx(19.8, abs=0.1)  # 1.76 GB per layer at 4k tokens vs 64 MB inputs
+
+
+def test_qlora_65b_fits_one_48gb_gpu_only_with_checkpointing():
+    """QLoRA (Dettmers et al. 2023) fine-tuned LLaMA-65B on one 48 GB GPU: NF4 + double quant, LoRA r=64 on
+    all linears, paged optimizer, batch 1, sequence 512, gradient checkpointing. qshard keeps adapters in
+    fp32 (the paper used bf16), so the 8-bit paged AdamW is what fits here."""
+    spec = model_spec(LLAMA_65B)
+    s = Settings(quant="nf4", dense_dtype="float16", lora_r=64, optimizer="paged_adamw_8bit", micro_batch=1,
+                 seq_len=512, checkpointing=True)
+    gpu_48 = 48 * GIB
+    assert estimate(spec, s).peak < gpu_48
+    assert estimate(spec, replace(s, checkpointing=False)).peak > gpu_48
+    # fp32 AdamW moments for 0.8B adapter parameters cost 4.5 GiB more: 47.9 GiB, at the limit
+    assert estimate(spec, replace(s, optimizer="adamw")).peak - estimate(spec, s).peak > 4 * GIB
+    assert 31 * GIB < estimate(spec, s).gpu["base_weights"] < 33 * GIB
+
+
+def test_logits_buffer_is_three_fp32_copies_of_tokens_by_vocab():
+    spec = model_spec(LLAMA3_70B)
+    assert plan.logits_bytes(spec, Settings(micro_batch=2, seq_len=4096)) == 3 * 4 * 2 * 4096 * 128256
+
+
+# -- search and recommendation ---------------------------------------------------------------------
+
+def test_70b_on_eight_24gb_gpus_recommends_a_sharded_engine(tmp_path):
+    model = write_model_dir(tmp_path / "llama3-70b", LLAMA3_70B)
+    recipe = load_recipe(write_recipe(tmp_path, model))
+    result = plan.make_plan(recipe, plan.read_model_spec(str(model)), gpus=8, gpu_mem=24 * GIB)
+    assert result.current.peak > 24 * GIB  # engine none: the whole 39.5 GB base on every GPU
+    assert result.best is not None and result.best.peak <= 24 * GIB
+    assert result.best.settings.engine in ("zero3", "fsdp2") and result.best.settings.quant == "nf4"
+    fits = [e.peak <= 24 * GIB for e in result.ranked]
+    assert fits == sorted(fits, reverse=True)  # everything that fits comes first
+
+
+def test_recommendation_is_a_loadable_recipe_and_deepspeed_config(tmp_path):
+    from qshard.engines.deepspeed import deepspeed_config
+
+    model = write_model_dir(tmp_path / "llama3-70b", LLAMA3_70B)
+    recipe = load_recipe(write_recipe(tmp_path, model))
+    result = plan.make_plan(recipe, plan.read_model_spec(str(model)), gpus=8, gpu_mem=24 * GIB, quants=("nf4",))
+    zero3 = next(e for e in result.ranked if e.settings.engine == "zero3" and e.peak <= 24 * GIB)
+    result.best = zero3
+    written = plan.write_recommendation(result, recipe, tmp_path / "plan")
+    again = load_recipe(written[0])
+    assert again.distributed.engine == "deepspeed" and again.distributed.zero_stage == 3
+    s = zero3.settings
+    assert again.train.micro_batch_size * again.train.gradient_accumulation_steps * 8 >= 8
+    filled = deepspeed_config(zero_stage=3, offload_optimizer="none", offload_params="none", micro_batch=s.micro_batch,
+                              accumulation=s.accumulation, world_size=8, precision="bf16", max_grad_norm=1.0,
+                              user_config=again.distributed.deepspeed_config)
+    assert filled["train_batch_size"] == s.micro_batch * s.accumulation * 8
+    assert filled["zero_optimization"]["reduce_bucket_size"] == plan.lora_params(result.spec, s)
+
+
+def test_parse_size_reads_binary_and_decimal_units():
+    assert plan.parse_size("24GiB") == 24 * 2 ** 30
+    assert plan.parse_size("80GB") == 80 * 10 ** 9
+    assert plan.parse_size("1.5 MiB") == int(1.5 * 2 ** 20)
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+def test_plan_command_prints_the_table_and_writes_the_recipe(tmp_path, capsys):
+    model = write_model_dir(tmp_path / "llama3-70b", LLAMA3_70B)
+    recipe = write_recipe(tmp_path, model)
+    code = main(["plan", str(recipe), "--gpus", "4", "--nodes", "2", "--gpu-mem", "40GiB",
+                 "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "70.55B parameters" in out and "rel. step" in out and "recommended:" in out
+    assert (tmp_path / "out" / "recipe.yaml").is_file()
+
+
+def test_plan_command_exits_1_when_nothing_fits(tmp_path, capsys):
+    model = write_model_dir(tmp_path / "llama3-70b", LLAMA3_70B)
+    recipe = write_recipe(tmp_path, model, data={"max_length": 32768})
+    code = main(["plan", str(recipe), "--gpus", "1", "--gpu-mem", "8GiB", "--cpu-mem", "16GiB"])
+    assert code == 1
+    assert "nothing fits" in capsys.readouterr().out
+
+
+def test_plan_command_names_a_model_folder_without_config(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    recipe = write_recipe(tmp_path, tmp_path / "empty")
+    assert main(["plan", str(recipe)]) == 2
+    assert "has no config.json" in capsys.readouterr().err

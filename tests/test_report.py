@@ -1,0 +1,170 @@
+"""`qshard report`: the plotted series equal metrics.jsonl, the PNGs are valid images, the summary's
+figures match the files, and a broken folder is a QShardError naming the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from qshard import cli  # noqa: E402
+from qshard.config import parse_recipe  # noqa: E402
+from qshard.errors import QShardError  # noqa: E402
+from qshard.report import MB, figures, imbalance, segment_total, write_report  # noqa: E402
+from tests.helpers import recipe_dict  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _rank(rss: float, peak: float) -> dict:
+    return {"rss_mb": rss, "peak_rss_mb": peak}
+
+
+def write_synthetic_run(run: Path) -> list[dict]:
+    """A 2-rank ZeRO-3 run folder as the trainer writes it, with rank 1 holding more memory."""
+    run.mkdir()
+    records = []
+    for step in range(1, 6):
+        ranks = [_rank(100.0 + step, 110.0 + step), _rank(150.0 + 2 * step, 160.0 + 3 * step)]
+        record = {"step": step, "epoch": 0, "loss": 3.0 - 0.4 * step, "lr": 1e-3 * step, "grad_norm": 1.0 / step,
+                  "tokens": 64 * step, "tokens_per_s": 100.0 + step, "elapsed_s": 0.5 * step,
+                  **ranks[0], "rank_memory": ranks}
+        if step in (2, 4):
+            record["eval_loss"] = 2.9 - 0.3 * step
+        records.append(record)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "recipe.yaml").write_text("distributed:\n  engine: deepspeed\n  zero_stage: 3\nquantization:\n  method: nf4\n")
+    (run / "sharding.json").write_text(json.dumps([
+        {"rank": r, "base_quantized_local": 4 * MB, "base_quantized_full": 8 * MB, "base_dense_local": MB // 2,
+         "base_dense_full": MB, "lora_local": MB // 4, "lora_full": MB // 2, "buffers_local": MB * r,
+         "buffers_full": MB * r} for r in (0, 1)]))
+    (run / "warnings.jsonl").write_text(json.dumps({"step": 1, "kind": "memory_imbalance",
+                                                    "message": "rank 1 holds 40% more than rank 0"}) + "\n")
+    (run / "plan.json").write_text(json.dumps({"per_gpu_bytes": {"base_weights": 5 * MB, "lora_params": MB,
+                                                                 "activations": 20 * MB}}))
+    return records
+
+
+def assert_valid_pngs(files: list[Path]) -> None:
+    from PIL import Image
+
+    for path in files:
+        assert path.stat().st_size > 0
+        assert path.read_bytes()[:8] == PNG_MAGIC, path
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.size[0] > 100 and image.size[1] > 100
+
+
+def test_synthetic_two_rank_run_plots_exactly_its_metrics(tmp_path):
+    records = write_synthetic_run(tmp_path / "run")
+    report = write_report(tmp_path / "run")
+
+    pngs = sorted(p.name for p in report.files if p.suffix == ".png")
+    assert pngs == ["grad_norm.png", "loss.png", "lr.png", "memory.png", "memory_breakdown.png",
+                    "planned_vs_measured.png", "tokens_per_s.png"]
+    assert_valid_pngs([p for p in report.files if p.suffix == ".png"])
+
+    s = json.loads((report.out_dir / "series.json").read_text())
+    assert s == report.series
+    steps = [r["step"] for r in records]
+    assert s["loss"] == {"step": steps, "loss": [r["loss"] for r in records], "eval_step": [2, 4],
+                         "eval_eval_loss": [records[1]["eval_loss"], records[3]["eval_loss"]]}
+    for key in ("lr", "grad_norm", "tokens_per_s"):
+        assert s[key] == {"step": steps, key: [r[key] for r in records]}
+    assert s["memory"]["key"] == "rss_mb"
+    assert [line["mb"] for line in s["memory"]["ranks"]] == [[r["rank_memory"][k]["rss_mb"] for r in records]
+                                                             for k in (0, 1)]
+    assert s["memory_breakdown"]["base_quantized"] == [4.0, 4.0]
+    assert s["memory_breakdown"]["buffers"] == [0.0, 1.0]
+    pvm = s["planned_vs_measured"]
+    assert pvm["component"] == ["base_weights", "lora_params", "activations", "total"]
+    assert pvm["planned_mb"] == [5.0, 1.0, 20.0, 26.0]
+    assert pvm["measured_mb"] == [4.5, 0.25, None, 160.0 + 3 * 5]
+
+
+def test_figures_draw_the_series_they_are_given(tmp_path):
+    write_synthetic_run(tmp_path / "run")
+    data = write_report(tmp_path / "run").series
+    figs = figures(data)
+    train, evals = figs["loss"].axes[0].lines
+    assert list(train.get_xdata()) == data["loss"]["step"] and list(train.get_ydata()) == data["loss"]["loss"]
+    assert list(evals.get_ydata()) == data["loss"]["eval_eval_loss"]
+    for key in ("lr", "grad_norm", "tokens_per_s"):
+        assert list(figs[key].axes[0].lines[0].get_ydata()) == data[key][key]
+    mem_lines = figs["memory"].axes[0].lines
+    assert [list(line.get_ydata()) for line in mem_lines] == [r["mb"] for r in data["memory"]["ranks"]]
+    heights = [patch.get_height() for patch in figs["memory_breakdown"].axes[0].patches]
+    assert heights[:2] == data["memory_breakdown"]["base_quantized"]  # one bar per rank, stacked by kind
+    planned = [patch.get_height() for patch in figs["planned_vs_measured"].axes[0].patches][:4]
+    assert planned == data["planned_vs_measured"]["planned_mb"]
+
+
+def test_summary_figures_match_the_metrics_file(tmp_path):
+    records = write_synthetic_run(tmp_path / "run")
+    report = write_report(tmp_path / "run")
+    summary = report.summary
+    peaks = [max(r["rank_memory"][k]["peak_rss_mb"] for r in records) for k in (0, 1)]
+    assert summary["engine"] == "deepspeed ZeRO-3" and summary["base"] == "nf4"
+    assert summary["world_size"] == 2 and summary["steps"] == 5
+    assert summary["tokens"] == records[-1]["tokens"] and summary["seconds"] == records[-1]["elapsed_s"]
+    assert (summary["first_loss"], summary["final_loss"]) == (records[0]["loss"], records[-1]["loss"])
+    assert summary["peak_mb"] == peaks == [115.0, 175.0]
+    assert summary["imbalance"] == pytest.approx((175 - 115) / 175)
+    md = (report.out_dir / "summary.md").read_text()
+    assert "deepspeed ZeRO-3" in md and "| world size | 2 |" in md and "| tokens | 320 |" in md
+    assert "| 1 | 175.0 |" in md and "34.3%" in md
+    assert "step 1, memory_imbalance: rank 1 holds 40% more than rank 0" in md
+    assert "![loss](loss.png)" in md
+
+
+def test_resumed_run_counts_tokens_of_every_segment():
+    # tokens restart at 0 after a resume: 30 before it, 15 after
+    assert segment_total([10, 20, 30, 5, 15]) == 45
+    assert imbalance([100.0, 100.0]) == 0.0 and imbalance([50.0, 100.0]) == 0.5
+
+
+def test_folder_without_metrics_names_the_file(tmp_path, capsys):
+    with pytest.raises(QShardError) as e:
+        write_report(tmp_path)
+    assert str(tmp_path / "metrics.jsonl") in str(e.value) and "train.output_dir" in str(e.value)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_unparsable_line_names_file_and_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo\n')
+    with pytest.raises(QShardError) as e:
+        write_report(tmp_path)
+    assert "line 4 of metrics.jsonl" in str(e.value) and f"{tmp_path / 'metrics.jsonl'}:4" in str(e.value)
+    assert "delete that line" in str(e.value)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(QShardError, match="line 1 of metrics.jsonl lacks loss"):
+        write_report(tmp_path)
+
+
+def test_report_of_a_real_tiny_run(micro_model, alpaca_file, tmp_path, capsys):
+    from qshard.train import run
+
+    out = tmp_path / "run"
+    recipe = recipe_dict(micro_model, alpaca_file, out, log_every=1, sample_tokens=0)
+    outcome = run(parse_recipe(recipe), log=lambda *_: None)
+    assert cli.main(["report", str(out)]) == 0
+    assert "summary.md" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    pngs = sorted((out / "report").glob("*.png"))
+    with_sharding = (out / "sharding.json").is_file()  # written by the trainer (the report also works without)
+    assert [p.name for p in pngs] == ["grad_norm.png", "loss.png", "lr.png", "memory.png"] + \
+        ["memory_breakdown.png"] * with_sharding + ["tokens_per_s.png"]
+    assert_valid_pngs(pngs)
+    series = json.loads((out / "report" / "series.json").read_text())
+    if with_sharding:
+        assert series["memory_breakdown"]["lora"] == [outcome.sharding[0]["lora_local"] / MB]
+    assert series["loss"]["loss"] == [r["loss"] for r in records] == [round(x, 6) for x in outcome.losses]
+    md = (out / "report" / "summary.md").read_text()
+    assert "| engine | none |" in md and "| world size | 1 |" in md and "| steps | 4 (4 logged) |" in md
+    assert f"| tokens | {outcome.tokens} |" in md and "## Warnings (0)" in md

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from qshard.errors import QShardError
 
 ENGINES = ("none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2")
-BASES = ("bf16", "nf4", "fp4", "int8")
+BASES = ("bf16", "nf4", "fp4", "int8", "gptq", "awq", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,11 @@ def stage_offloads(zero_stage: int, offload_params: str, offload_optimizer: str)
     return zero_stage == 3 and "cpu" in (offload_params, offload_optimizer)
 
 
-def base_key(quant_method: str) -> str:
+def base_key(quant_method: str, checkpoint_format: str | None = None) -> str:
+    """The table's name for the base: a dense checkpoint's recipe method, or with method `checkpoint`
+    the PTQ checkpoint's own format (gptq / awq / compressed-tensors)."""
+    if quant_method == "checkpoint":
+        return checkpoint_format or "none"
     return "bf16" if quant_method == "none" else quant_method
 
 

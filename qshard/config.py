@@ -32,8 +32,10 @@ class ModelSection(Section):
 
 
 class QuantizationSection(Section):
-    method: Literal["none", "nf4", "fp4", "int8"] = Field("nf4", description="How the frozen base linears are "
-                                                                              "stored (bitsandbytes).")
+    method: Literal["none", "nf4", "fp4", "int8", "checkpoint"] = Field(
+        "nf4", description="How the frozen base linears are stored: bitsandbytes nf4/fp4/int8 (a GPTQ/AWQ/"
+                           "compressed-tensors checkpoint is converted), none (dense), or checkpoint (keep a "
+                           "GPTQ/AWQ/compressed-tensors checkpoint's own quantization).")
     double_quant: bool = Field(True, description="4-bit only: quantize the per-block scales too (QLoRA's DQ).")
     compute_dtype: DType = Field("auto", description="dtype the 4-bit matmul computes in; auto = the training "
                                                      "precision's dtype.")

@@ -18,6 +18,7 @@ from torch import nn
 from qshard.errors import QShardError
 from qshard.quant.bnb4bit import Linear4bit
 from qshard.quant.bnb8bit import Linear8bit
+from qshard.quant import ptq
 from qshard.quant.base import QuantLinear
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -85,7 +86,7 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype) -> nn.Module:
 
 def quantized_linear_names(model: nn.Module, spec: QuantSpec) -> list[str]:
     """Every nn.Linear that the spec quantizes (all but skip_modules), in module order."""
-    if spec.method == "none":
+    if spec.method in ("none", "checkpoint"):
         return []
     return [name for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in spec.skip_modules)]
@@ -129,9 +130,20 @@ def open_base(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec())
 
 
 def load_base_model(skeleton: nn.Module, model_dir: Path, *, quant: QuantSpec = QuantSpec(),
-                    device: torch.device = torch.device("cpu")) -> nn.Module:
-    """Stream the weights into the skeleton, quantizing on the fly. Frozen, in eval mode."""
-    _stream_tensors(skeleton, checkpoint_files(model_dir), quant, skeleton.dtype, device)
+                    device: torch.device = torch.device("cpu"), log=print) -> nn.Module:
+    """Stream the weights into the skeleton, quantizing on the fly. Frozen, in eval mode.
+
+    A post-training-quantized checkpoint (GPTQ, AWQ, compressed-tensors) keeps its own layers with
+    quantization.method `checkpoint`, is converted (dequantized, then quantized by bitsandbytes) with
+    nf4/fp4/int8, or dequantized to dense with none."""
+    fmt = ptq.detect(model_dir)
+    if fmt is None:
+        if quant.method == "checkpoint":
+            raise QShardError(f"{model_dir} is not a GPTQ/AWQ/compressed-tensors checkpoint", where="quantization.method",
+                              fix="use nf4 (or fp4 / int8 / none) for a dense checkpoint")
+        _stream_tensors(skeleton, checkpoint_files(model_dir), quant, skeleton.dtype, device)
+    else:
+        _load_ptq(skeleton, model_dir, fmt, quant, skeleton.dtype, device, log)
     skeleton.tie_weights()
     _check_materialised(skeleton, model_dir)
     skeleton.requires_grad_(False)
@@ -140,10 +152,10 @@ def load_base_model(skeleton: nn.Module, model_dir: Path, *, quant: QuantSpec = 
 
 
 def load_model(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec(),
-               device: torch.device = torch.device("cpu")) -> nn.Module:
+               device: torch.device = torch.device("cpu"), log=print) -> nn.Module:
     """open_base + load_base_model in one call (for scripts and tests)."""
     model_dir, skeleton = open_base(path, dtype=dtype, quant=quant)
-    return load_base_model(skeleton, model_dir, quant=quant, device=device)
+    return load_base_model(skeleton, model_dir, quant=quant, device=device, log=log)
 
 
 def _stream_tensors(model: nn.Module, files: list[Path], quant: QuantSpec, dtype: torch.dtype,
@@ -153,18 +165,57 @@ def _stream_tensors(model: nn.Module, files: list[Path], quant: QuantSpec, dtype
     for file in files:
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for key in f.keys():
-                module_name, _, pname = key.rpartition(".")
-                try:
-                    module = model.get_submodule(module_name)
-                except AttributeError:
-                    continue  # tensors the architecture does not use (e.g. stale rotary tables)
-                tensor = f.get_tensor(key)
-                if isinstance(module, QUANT_LAYERS) and pname == "weight":
-                    quantize_into(module, tensor.to(dtype), quant)
-                elif pname in module._parameters:
-                    module._parameters[pname] = nn.Parameter(tensor.to(dtype), requires_grad=False)
-                elif pname in module._buffers:
-                    module._buffers[pname] = tensor
+                _place_dense(model, {key: f.get_tensor(key)}, quant, dtype)  # one tensor in memory at a time
+
+
+def _load_ptq(model: nn.Module, model_dir: Path, fmt, quant: QuantSpec, dtype: torch.dtype, device: torch.device,
+              log) -> None:
+    """PTQ tensors are compact (the packed model): read them all, then build layer by layer."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in checkpoint_files(model_dir):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    modules, rest = ptq.group_tensors(tensors, fmt.marker)
+    _place_dense(model, rest, quant, dtype)
+    error = [0.0, 0.0]  # squared error of a conversion, squared norm of the PTQ weights
+    for name, layer_tensors in modules.items():
+        layer = fmt.build(layer_tensors, fmt.config, name)
+        parent_name, _, leaf = name.rpartition(".")
+        target = model.get_submodule(name)
+        if quant.method == "checkpoint":
+            layer.compute_dtype = dtype
+            setattr(model.get_submodule(parent_name), leaf, layer)
+            continue
+        dense = layer.dequantize(dtype)
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        if isinstance(target, QUANT_LAYERS):
+            quantize_into(target, dense, quant)
+            error[0] += float((target.dequantize().float() - dense.float()).square().sum())
+            error[1] += float(dense.float().square().sum())
+        else:
+            target.weight = nn.Parameter(dense, requires_grad=False)
+        if bias is not None:
+            target.bias = nn.Parameter(bias, requires_grad=False)
+    if error[1]:
+        log(f"converting the {fmt.name} base to {quant.method} added a relative weight error of "
+            f"{(error[0] / error[1]) ** 0.5:.4f} (RMS over all quantized layers)")
+
+
+def _place_dense(model: nn.Module, tensors: dict[str, torch.Tensor], quant: QuantSpec, dtype: torch.dtype) -> None:
+    for key, tensor in tensors.items():
+        module_name, _, pname = key.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            continue
+        if isinstance(module, QUANT_LAYERS) and pname == "weight":
+            quantize_into(module, tensor.to(dtype), quant)
+        elif pname in module._parameters:
+            module._parameters[pname] = nn.Parameter(tensor.to(dtype), requires_grad=False)
+        elif pname in module._buffers:
+            module._buffers[pname] = tensor
 
 
 def _check_materialised(model: nn.Module, model_dir: Path) -> None:

@@ -73,7 +73,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
             raise QShardError(f"{rt.world_size} processes were launched but distributed.engine is none, so each "
                               "would train alone", where="distributed.engine", fix="choose ddp, deepspeed or fsdp2")
         precision = resolve_precision(recipe.train.precision, rt.device)
-        compat.check(_engine_key(recipe), compat.base_key(recipe.quantization.method))
+        compat.check(_engine_key(recipe), compat.base_key(recipe.quantization.method, _checkpoint_format(recipe)))
         compat.check_options(_engine_key(recipe), use_dora=recipe.lora.use_dora, device=rt.device.type,
                              fsdp_cpu_offload=recipe.distributed.fsdp_cpu_offload)
         out_dir = Path(recipe.train.output_dir)
@@ -101,7 +101,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
             (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
         _barrier(rt)
 
-        model = load_base_model(skeleton, model_dir, quant=quant, device=rt.device)
+        model = load_base_model(skeleton, model_dir, quant=quant, device=rt.device, log=say)
         if recipe.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = attach_lora(model, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
@@ -406,6 +406,20 @@ def _quant_spec(recipe: Recipe, precision: Precision) -> QuantSpec:
     compute = precision.dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
     return QuantSpec(method=q.method, double_quant=q.double_quant, compute_dtype=compute,
                      int8_threshold=q.int8_threshold, skip_modules=tuple(q.skip_modules))
+
+
+def _checkpoint_format(recipe: Recipe) -> str | None:
+    """gptq / awq / compressed-tensors when the recipe keeps a PTQ checkpoint's own layers (config.json only)."""
+    if recipe.quantization.method != "checkpoint":
+        return None
+    from qshard.load import resolve_model_dir
+    from qshard.quant import ptq
+
+    fmt = ptq.detect(resolve_model_dir(recipe.model.path))
+    if fmt is None:
+        raise QShardError(f"{recipe.model.path} is not a GPTQ/AWQ/compressed-tensors checkpoint",
+                          where="quantization.method", fix="use nf4 (or fp4 / int8 / none) for a dense checkpoint")
+    return fmt.name
 
 
 def _engine_key(recipe: Recipe) -> str:

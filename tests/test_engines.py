@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,9 @@ SHARDED_CELLS = [(engine, base) for engine, base in compat.supported_cells() if 
 SHARDED_CELLS += [(engine, "nf4+dora") for engine in ("fsdp2", "zero2")
                   if not any(engine in engines for engines, option, *_ in compat.OPTION_RULES if option == "lora.use_dora")]
 SPLITS_BASE = {"zero3", "zero3_offload", "fsdp2"}
+FIXTURES = Path(__file__).parent / "fixtures" / "ptq"
+PTQ_MODELS = {"gptq": FIXTURES / "gptq_llama_w4_g32_sym", "awq": FIXTURES / "autoawq_llama_w4_g64_zp",
+              "compressed-tensors": FIXTURES / "ct_llama_w4a16_g32_sym"}  # made by the real tools
 LR, STEPS, GLOBAL_BATCH = 1e-2, 5, 4
 PROBE = [[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10, 12, 14, 16]]
 
@@ -48,7 +52,10 @@ def _recipe(model_dir, data, out, engine: str, base: str, micro_batch: int) -> d
                     sample_tokens=0)
     base, _, variant = base.partition("+")
     r["lora"]["use_dora"] = variant == "dora"
-    r["quantization"]["method"] = "none" if base == "bf16" else base
+    if base in PTQ_MODELS:
+        r["model"]["path"] = str(PTQ_MODELS[base])
+        base = "checkpoint"
+    r["quantization"]["method"] = {"bf16": "none"}.get(base, base)
     r["model"]["dtype"] = "bfloat16" if base == "bf16" else "float32"
     if engine.startswith("zero"):
         r["distributed"] = {"engine": "deepspeed", "zero_stage": int(engine[4])}
@@ -146,8 +153,9 @@ def test_saved_adapter_reproduces_the_sharded_models_logits(matrix, engine, base
     sharded_logits = torch.tensor(cell["ranks"][0]["logits"])
     assert torch.equal(sharded_logits, torch.tensor(cell["ranks"][1]["logits"]))
     method, _, variant = base.partition("+")
-    spec = QuantSpec("none" if method == "bf16" else method, double_quant=True)
-    model = load_model(str(matrix["model"]), dtype="bfloat16" if base == "bf16" else "float32", quant=spec)
+    spec = QuantSpec({"bf16": "none"}.get(method, "checkpoint" if method in PTQ_MODELS else method))
+    path = PTQ_MODELS.get(method, matrix["model"])
+    model = load_model(str(path), dtype="bfloat16" if base == "bf16" else "float32", quant=spec, log=lambda *_: None)
     model = attach_lora(model, r=8, alpha=16, dropout=0.0, targets=resolve_targets(model, "all-linear"),
                         use_dora=variant == "dora", seed=0)
     from qshard.engines.single import SingleEngine

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +78,41 @@ def test_lora_targets_resolve_on_the_empty_skeleton(micro_model):
     with pytest.raises(QShardError, match="match no linear layer") as e:
         resolve_targets(skeleton, ["q_proj", "qkv_proj"])
     assert e.value.where == "lora.target_modules" and "q_proj" in e.value.fix
+
+
+PTQ = Path(__file__).parent / "fixtures" / "ptq"
+
+
+@pytest.mark.parametrize("fixture", sorted(p.name for p in PTQ.iterdir() if (p / "config.json").exists()))
+def test_ptq_checkpoint_loads_its_own_layers_with_the_librarys_logits(fixture):
+    ref = load_file(str(PTQ / fixture / "reference_logits.safetensors"))
+    model = load_model(str(PTQ / fixture), dtype="float32", quant=QuantSpec("checkpoint"), log=lambda *_: None)
+    linears = [m for n, m in model.named_modules() if n.endswith("proj")]
+    assert linears and all(type(m).__name__ in ("GPTQLinear", "AWQLinear", "PackQuantizedLinear") for m in linears)
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"]).logits
+    # the libraries ran in float16 (gptqmodel, autoawq) or float32 (compressed-tensors)
+    assert (logits - ref["logits"].float()).abs().max().item() < 2e-2
+
+
+def test_ptq_to_nf4_conversion_reports_the_added_error():
+    said = []
+    model = load_model(str(PTQ / "gptq_llama_w4_g32_sym"), dtype="float32", quant=QuantSpec("nf4"), log=said.append)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    error = float(said[0].split("relative weight error of ")[1].split()[0])
+    assert 0.01 < error < 0.2  # NF4 on top of 4-bit GPTQ: ~9% RMS here
+
+
+def test_unsupported_checkpoint_quantization_is_named_before_loading(micro_model, tmp_path):
+    shutil.copytree(micro_model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "exl2", "bits": 4}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QShardError, match="'exl2' is not supported") as e:
+        load_model(str(tmp_path / "m"), quant=QuantSpec("checkpoint"))
+    assert "quant_method" in e.value.where
+
+
+def test_method_checkpoint_on_a_dense_model_is_refused(micro_model):
+    with pytest.raises(QShardError, match="not a GPTQ/AWQ/compressed-tensors checkpoint"):
+        load_model(str(micro_model), quant=QuantSpec("checkpoint"))

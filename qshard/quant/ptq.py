@@ -1,0 +1,78 @@
+"""Which post-training-quantized format a checkpoint is in, and how to build its layers.
+
+One dispatch list, first match wins: each entry names config.json's `quant_method`, the tensor
+that marks a quantized module, and how to turn that module's checkpoint tensors into a layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qshard.errors import QShardError
+from qshard.quant import awq, compressed_tensors, gptq
+from qshard.quant.base import QuantLinear
+
+
+@dataclass(frozen=True)
+class PTQFormat:
+    name: str  # the compatibility table's base name
+    marker: str  # tensor name that marks a quantized module (`<module>.<marker>`)
+    config: object  # the format's parsed quantization_config
+    build: Callable[[dict, object, str], QuantLinear]  # (module tensors, config, module name) -> layer
+
+
+def _build_gptq(tensors: dict, config, name: str) -> QuantLinear:
+    return gptq.GPTQLinear.from_checkpoint(tensors, config, where=name)
+
+
+def _build_awq(tensors: dict, config, name: str) -> QuantLinear:
+    return awq.AWQLinear.from_checkpoint(tensors, config, where=name)
+
+
+def _build_ct(tensors: dict, config, name: str) -> QuantLinear:
+    scheme = config.scheme_for(name)
+    if scheme is None:
+        raise QShardError(f"{name} has packed weights but no compressed-tensors scheme targets it", where=name)
+    return compressed_tensors.PackQuantizedLinear.from_checkpoint(tensors, scheme, where=name)
+
+
+FORMATS = {  # quant_method -> (table name, marker, read_config, build)
+    "gptq": ("gptq", "qweight", gptq.read_config, _build_gptq),
+    "awq": ("awq", "qweight", awq.read_config, _build_awq),
+    "compressed-tensors": ("compressed-tensors", "weight_packed", compressed_tensors.read_config, _build_ct),
+}
+
+
+def detect(model_dir: Path) -> PTQFormat | None:
+    """The checkpoint's PTQ format from config.json (None for a dense checkpoint). Unsupported
+    formats and variants are refused here, before anything is loaded."""
+    config_file = model_dir / "config.json"
+    qc = json.loads(config_file.read_text()).get("quantization_config")
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method not in FORMATS:
+        raise QShardError(f"checkpoint quantization {method!r} is not supported", where=f"{config_file}: "
+                          "quantization_config.quant_method", fix="use a GPTQ, AWQ (gemm) or compressed-tensors "
+                          "(pack-quantized) checkpoint, or the original model with quantization.method nf4")
+    name, marker, read_config, build = FORMATS[method]
+    return PTQFormat(name, marker, read_config(qc, where=str(config_file)), build)
+
+
+def group_tensors(tensors: dict[str, torch.Tensor], marker: str) -> tuple[dict[str, dict], dict]:
+    """Split a checkpoint into {quantized module: {tensor leaf name: tensor}} and everything else."""
+    quantized = {key.rpartition(".")[0] for key in tensors if key.rpartition(".")[2] == marker}
+    modules: dict[str, dict[str, torch.Tensor]] = {name: {} for name in quantized}
+    rest: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        if module in modules:
+            modules[module][leaf] = tensor
+        else:
+            rest[key] = tensor
+    return modules, rest

@@ -59,3 +59,28 @@ def skip_deepspeed_shm_build() -> None:
     ops = deepspeed.ops.__compatible_ops__
     if "deepspeed_shm_comm" in ops:
         ops["deepspeed_shm_comm"] = False
+
+
+def deepspeed_prepare_optimizer_state(zero_optimizer, torch_optimizer) -> None:
+    """Make DeepSpeed's ZeRO optimizer accept `safe_set_full_optimizer_state` before its first step.
+
+    DeepSpeed (seen in 0.19.8) lets the wrapped torch AdamW create its state lazily at the first
+    step, and ZeRO-1/2 link each parameter's view of that state (`_hp_mapping.optim_fragment`) only
+    inside that step; a resumed run writes the state before any step and fails with KeyError
+    'exp_avg' (ZeRO-3) or "argument of type 'NoneType' is not iterable" (ZeRO-1/2). We create the
+    AdamW state for the flat fp32 partitions DeepSpeed steps (ZeRO-3 keeps them in
+    `fp32_partitioned_groups_flat`, ZeRO-1/2 in the param groups) and call DeepSpeed's own private
+    linking. Remove when DeepSpeed initialises optimizer state eagerly."""
+    import torch
+
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or \
+        [p for group in torch_optimizer.param_groups for p in group["params"]]
+    for flat in flats:
+        state = torch_optimizer.state[flat]
+        state.setdefault("step", torch.tensor(0.0))
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(flat)
+    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()

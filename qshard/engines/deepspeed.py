@@ -132,13 +132,20 @@ class DeepSpeedEngine:
             return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}
 
     def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
         from qshard.lora import adapter_params_by_file_key
 
-        # The optimizer's fp32 master copy is the source of truth; DeepSpeed updates the module's
-        # (possibly partitioned, possibly bf16) parameter from it.
-        for key, param in adapter_params_by_file_key(self.peft_model).items():
+        params = adapter_params_by_file_key(self.peft_model)
+        # Two copies to set: the module's parameter (what forward uses; under ZeRO-3 partitioned, so
+        # gathered, written and re-partitioned) and the optimizer's fp32 master (what the next step
+        # updates and copies back into the module).
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            with torch.no_grad():
+                for key, param in params.items():
+                    param.data.copy_(state[key].to(param.device, param.dtype))
+        for key, param in params.items():
             safe_set_full_fp32_param(param, state[key].to(self.device, torch.float32))
 
     def optimizer_state_dict(self) -> dict:
@@ -158,8 +165,10 @@ class DeepSpeedEngine:
     def load_optimizer_state_dict(self, state: dict) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
+        from qshard import _compat
+
         names = [n for n, p in self.peft_model.named_parameters() if p.requires_grad]
-        _ensure_adam_state(self.optimizer)
+        _compat.deepspeed_prepare_optimizer_state(self.model.optimizer, self.optimizer)
         for n, p in zip(names, self.params):
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(p, state["state"][n][key].to(self.device, torch.float32), key)
@@ -171,15 +180,6 @@ def _adam_step(optimizer: torch.optim.Optimizer) -> int:
         if "step" in s:
             return int(s["step"])
     return 0
-
-
-def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """AdamW creates its state at the first step; a resumed run writes into it before that."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not optimizer.state[p]:
-                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
 
 
 def _set_adam_step(optimizer: torch.optim.Optimizer, step: int) -> None:

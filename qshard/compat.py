@@ -64,12 +64,16 @@ OPTION_RULES = [
      "DoRA reads the dense base weight in the adapter's forward, outside the base layer's own forward, where "
      "ZeRO-3 may hold only this rank's partition of it (seen: empty tensors mid-step)",
      "distributed.engine: fsdp2 (or ddp / zero_stage 1-2), or lora.use_dora: false"),
+    (("zero1", "zero2", "zero3", "zero3_offload"), "train.on_nonfinite: skip",
+     "DeepSpeed's step() must run every step to keep its accumulation counters",
+     "train.on_nonfinite: stop, or distributed.engine ddp / fsdp2"),
 ]
 
 
-def check_options(engine: str, *, use_dora: bool, device: str, fsdp_cpu_offload: bool) -> None:
+def check_options(engine: str, *, use_dora: bool, device: str, fsdp_cpu_offload: bool,
+                  on_nonfinite: str = "stop") -> None:
     """Refuse option combinations that cannot work, before any loading."""
-    chosen = {"lora.use_dora": use_dora}
+    chosen = {"lora.use_dora": use_dora, "train.on_nonfinite: skip": on_nonfinite == "skip"}
     for engines, option, why, instead in OPTION_RULES:
         if engine in engines and chosen.get(option):
             raise QShardError(f"{option} cannot be used with {engine}: {why}", where=option, fix=f"use {instead}")

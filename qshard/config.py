@@ -90,6 +90,8 @@ class TrainSection(Section):
     eval_every: int | None = Field(None, ge=1, description="Steps between evaluations (and at the end).")
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="A non-finite loss stops the run (naming "
+                                                                      "step, rank and module) or skips that step.")
     imbalance_warn: float = Field(0.15, gt=0.0, le=1.0, description="Warn when ranks' memory differs by more "
                                                                   "than this share of the largest.")
     watchdog_s: float | None = Field(600.0, gt=0, description="A step that takes longer than this (a hung rank "

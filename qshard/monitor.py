@@ -23,6 +23,11 @@ class GradFlowCheck:
 
     def inspect(self, grads: dict[str, torch.Tensor | None], step: int) -> None:
         names = sorted(grads)
+        base = [n for n in names if "lora_" not in n]
+        if base:  # only adapter tensors may train; a trainable base weight is a wiring bug
+            raise QShardError(f"{len(base)} base tensor(s) are trainable: {', '.join(base[:4])}",
+                              where="gradient flow check", fix="the frozen base must have requires_grad=False; "
+                                                               "something unfroze it after loading")
         flags = torch.zeros(2, len(names), dtype=torch.float64, device=self.rt.device)
         for i, name in enumerate(names):
             g = grads[name]
@@ -36,7 +41,12 @@ class GradFlowCheck:
             _fail(nonfinite, f"a non-finite gradient at step {step}",
                   "lower train.learning_rate, or use precision bf16/fp32 instead of fp16")
         silent = [n for n, seen in zip(names, self.seen.tolist()) if not seen]
-        if step >= self.steps and silent:
+        # lora_A (and only lora_A) may legitimately have a zero gradient on step 1; everything else is
+        # checked at once, before an engine trips over the unused parameter in its own way (DDP's
+        # "Expected to have finished reduction" at the next forward)
+        if step < self.steps:
+            silent = [n for n in silent if ".lora_A." not in n]
+        if silent:
             _fail(silent, f"no gradient in the first {self.steps} steps",
                   "the layer is detached from the loss (e.g. frozen, or wrapped after LoRA was attached)")
 

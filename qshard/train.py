@@ -75,6 +75,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
         precision = resolve_precision(recipe.train.precision, rt.device)
         compat.check(_engine_key(recipe), compat.base_key(recipe.quantization.method, _checkpoint_format(recipe)))
         compat.check_options(_engine_key(recipe), use_dora=recipe.lora.use_dora, device=rt.device.type,
+                             on_nonfinite=recipe.train.on_nonfinite,
                              fsdp_cpu_offload=recipe.distributed.fsdp_cpu_offload)
         out_dir = Path(recipe.train.output_dir)
         resume_from = checkpoint.resolve_resume(resume, out_dir, warn=say) if resume else None
@@ -202,8 +203,14 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
                              dtype=torch.float64, device=rt.device)
         totals = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), flags]), rt)
         loss, nonfinite_ranks, stopping = float(totals[0]) / loss_tokens, int(totals[1]), bool(totals[2] > 0)
-        if nonfinite_ranks:
+        if nonfinite_ranks and tr.on_nonfinite == "stop":
             raise nonfinite_error(step + 1, rt.rank, bool(flags[0]), engine.local_grads())
+        if nonfinite_ranks:  # on_nonfinite: skip -- drop this step's gradients, keep the data moving
+            engine.skip_step()
+            scheduler.step()
+            step += 1
+            warnings_log.warn(step, "skipped", f"step {step} skipped: non-finite loss on {nonfinite_ranks} rank(s)")
+            continue
         if grad_flow is not None and step < grad_flow.steps:
             grad_flow.inspect(engine.local_grads(), step + 1)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses

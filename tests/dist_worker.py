@@ -4,11 +4,15 @@
 
 SPEC: {"cells": [{"name": ..., "recipe": {...}}], "probe": [[token ids]]}. For every cell each rank
 writes <output_dir>/result-rank<k>.json: per-step losses, the sharding report, and the logits of
-the trained (still sharded) model on the probe batch.
+the trained (still sharded) model on the probe batch; or, when the run stopped with a QShardError,
+the error text. Optional per-cell sabotage, for the monitoring tests:
+  "detach": "<module name suffix>"  that LoRA layer's output is detached from the graph
+  "ballast_mb": {"rank": k, "mb": n}  rank k holds an extra n MB tensor during the run
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -16,8 +20,39 @@ from pathlib import Path
 import torch
 
 from qshard.config import parse_recipe
+from qshard.errors import QShardError
 from qshard.runtime import init_runtime
 from qshard.train import run
+
+
+def _ballast(spec: dict | None, rank: int):
+    if spec and spec["rank"] == rank:
+        return torch.ones(spec["mb"] * 2**18)  # float32: 4 bytes each, touched so it is resident
+    return None
+
+
+@contextlib.contextmanager
+def _detached(suffix: str | None):
+    """Make LoRA attachment detach one adapted layer's LoRA output (a wiring bug the loop must catch)."""
+    if not suffix:
+        yield
+        return
+    import qshard.train as train
+
+    original = train.attach_lora
+
+    def sabotaged(*args, **kwargs):
+        model = original(*args, **kwargs)
+        layer = next(m for n, m in model.named_modules() if n.endswith(suffix))
+        forward = layer.lora_B["default"].forward
+        layer.lora_B["default"].forward = lambda x: forward(x).detach()
+        return model
+
+    train.attach_lora = sabotaged
+    try:
+        yield
+    finally:
+        train.attach_lora = original
 
 
 def main(spec_file: str) -> None:
@@ -26,7 +61,16 @@ def main(spec_file: str) -> None:
     probe = torch.tensor(spec["probe"])
     for cell in spec["cells"]:
         recipe = parse_recipe(cell["recipe"])
-        outcome = run(recipe, log=lambda *_: None)
+        ballast = _ballast(cell.get("ballast_mb"), rt.rank)
+        try:
+            with _detached(cell.get("detach")):
+                outcome = run(recipe, log=lambda *_: None)
+        except QShardError as e:
+            out = Path(recipe.train.output_dir) / f"result-rank{rt.rank}.json"
+            out.write_text(json.dumps({"name": cell["name"], "rank": rt.rank, "error": str(e)}))
+            torch.distributed.barrier()
+            continue
+        del ballast
         model = outcome.model.eval()
         with torch.no_grad():
             logits = model(input_ids=probe.to(rt.device), use_cache=False).logits.float().cpu()

@@ -206,3 +206,28 @@ def test_two_nodes_simulated_on_one_machine_train_and_resume(micro_model, tmp_pa
         assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
     assert [json.loads(line)["step"] for line in (tmp_path / "nodes" / "metrics.jsonl").read_text().splitlines()] \
         == list(range(1, STEPS + 1))
+
+
+def test_non_finite_step_can_be_skipped_instead(micro_model, tmp_path, monkeypatch):
+    from qshard.config import parse_recipe
+    from qshard.train import run
+
+    monkeypatch.setenv("QSHARD_FAULT", "nan-step@3")
+    recipe = yaml.safe_load(_write_recipe(tmp_path, micro_model, tmp_path / "skip", None, nproc=1,
+                                          on_nonfinite="skip").read_text())
+    outcome = run(parse_recipe(recipe), log=lambda *_: None)
+    assert outcome.steps == STEPS and len(outcome.losses) == STEPS - 1  # step 3 left no loss behind
+    warned = [json.loads(line) for line in (tmp_path / "skip" / "warnings.jsonl").read_text().splitlines()]
+    assert [(w["kind"], w["step"]) for w in warned] == [("skipped", 3)]
+    assert all(torch.isfinite(t).all() for t in _adapter(tmp_path / "skip").values())
+
+
+def test_skip_is_refused_with_deepspeed_before_loading(micro_model, tmp_path):
+    from qshard.config import parse_recipe
+    from qshard.errors import QShardError
+    from qshard.train import run
+
+    recipe = yaml.safe_load(_write_recipe(tmp_path, micro_model, tmp_path / "ds", ENGINES["zero2"], nproc=1,
+                                          on_nonfinite="skip").read_text())
+    with pytest.raises(QShardError, match="on_nonfinite: skip cannot be used with zero2"):
+        run(parse_recipe(recipe), log=lambda *_: None)

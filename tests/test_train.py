@@ -87,3 +87,43 @@ def test_run_folder_holds_recipe_metrics_and_checkpoints(qlora_run):
     assert [r["loss"] for r in lines] == [round(x, 6) for x in outcome.losses]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]  # keep 2
     assert (out / "latest").read_text() == "checkpoint-30"
+
+
+PTQ = __import__("pathlib").Path(__file__).parent / "fixtures" / "ptq"
+
+
+@pytest.mark.parametrize("fixture", ["gptq_qwen2_w4_g32_asym_actorder", "autoawq_llama_w4_g64_zp",
+                                     "ct_qwen2_w4a16_g32_asym"])
+def test_lora_on_a_ptq_base_lowers_the_loss_and_leaves_the_base_bit_identical(fixture, tmp_path):
+    data = tmp_path / "train.jsonl"
+    from tests.helpers import ROWS
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    r = recipe_dict(PTQ / fixture, data, tmp_path / "out", max_steps=15, learning_rate=1e-2, sample_tokens=0)
+    r["quantization"]["method"] = "checkpoint"
+    outcome = run(parse_recipe(r), log=lambda *_: None)
+    assert sum(outcome.losses[-3:]) / 3 < 0.7 * outcome.losses[0]
+    fresh = load_model(str(PTQ / fixture), dtype="float32", quant=QuantSpec("checkpoint"), log=lambda *_: None)
+    trained = {n.replace(".base_layer", ""): p for n, p in outcome.model.get_base_model().named_parameters()
+               if "lora_" not in n}
+    assert all(torch.equal(trained[n], p) for n, p in fresh.named_parameters())
+
+
+def test_resume_refuses_a_recipe_change_that_alters_the_run(micro_model, tmp_path):
+    from qshard.errors import QShardError
+
+    data = tmp_path / "train.jsonl"
+    from tests.helpers import ROWS
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    r = recipe_dict(micro_model, data, tmp_path / "out", max_steps=2, save_every=2, sample_tokens=0)
+    run(parse_recipe(r), log=lambda *_: None)
+    changed = json.loads(json.dumps(r))
+    changed["lora"]["r"], changed["data"]["max_length"], changed["train"]["max_steps"] = 4, 32, 3
+    with pytest.raises(QShardError, match="recipe changed in data.max_length, lora.r") as e:
+        run(parse_recipe(changed), resume="auto", log=lambda *_: None)
+    assert e.value.where == "--resume"
+    said = []
+    r["train"]["max_steps"] = 3  # harmless: allowed and logged
+    assert run(parse_recipe(r), resume="auto", log=said.append).steps == 3
+    assert any("resuming with changed settings: train.max_steps" in line for line in said)

@@ -35,6 +35,9 @@ class Engine(Protocol):
     def step(self, max_grad_norm: float | None) -> float:
         """Sync and clip gradients, step the optimizer, zero gradients; return the pre-clip global norm."""
 
+    def skip_step(self) -> None:
+        """Drop this step's gradients without updating anything (train.on_nonfinite: skip)."""
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (gathered) adapter tensors under PEFT file naming, on CPU, on every rank."""
 

@@ -112,6 +112,10 @@ class DeepSpeedEngine:
         if not self.model.is_gradient_accumulation_boundary():
             self.model.step()  # only advances DeepSpeed's micro-step counter
 
+    def skip_step(self) -> None:
+        raise QShardError("train.on_nonfinite: skip is not available with DeepSpeed, whose step() must run to "
+                          "keep its accumulation counters", where="train.on_nonfinite", fix="use stop")
+
     def local_grads(self):
         from deepspeed.utils import safe_get_full_grad
 

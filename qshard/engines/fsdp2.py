@@ -88,3 +88,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     if not layers:
         raise RuntimeError(f"no decoder layers ({names or 'no _no_split_modules'}) found in {type(base).__name__}")
     return layers
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)

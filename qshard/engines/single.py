@@ -45,3 +45,6 @@ class SingleEngine:
 
     def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
         load_adapter_into(self.peft_model, state, lambda param, full: full)
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,74 @@
+"""Health checks of a sharded run, on 2 gloo ranks: a LoRA layer cut off from the loss is named under
+every engine, and a rank holding an extra large tensor raises the imbalance warning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROWS, recipe_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = {"ddp": {"engine": "ddp"}, "zero1": {"engine": "deepspeed", "zero_stage": 1},
+           "zero2": {"engine": "deepspeed", "zero_stage": 2}, "zero3": {"engine": "deepspeed", "zero_stage": 3},
+           "fsdp2": {"engine": "fsdp2"}}
+DETACHED = "layers.1.self_attn.v_proj"
+
+
+@pytest.fixture(scope="module")
+def runs(micro_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("monitor")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+
+    def cell(name: str, dist: dict, **extra) -> dict:
+        r = recipe_dict(micro_model, data, root / name, max_steps=3, micro_batch_size=2, sample_tokens=0)
+        r["distributed"] = dist
+        return {"name": name, "recipe": r, **extra}
+
+    cells = [cell(f"detach-{e}", d, detach=DETACHED) for e, d in ENGINES.items()]
+    cells += [cell("ballast", ENGINES["ddp"], ballast_mb={"rank": 1, "mb": 400}),
+              cell("balanced-zero3", ENGINES["zero3"])]
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"cells": cells, "probe": [[1, 2, 3]]}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "tests/dist_worker.py", str(spec)], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_detached_lora_layer_is_named_under_every_engine(runs, engine):
+    for rank in (0, 1):
+        result = json.loads((runs / f"detach-{engine}" / f"result-rank{rank}.json").read_text())
+        assert "error" in result, "the run should have stopped"
+        # lora_B's gradient is non-zero from step 1 on, so the cut is caught there, before any update
+        assert "1 LoRA tensor(s) got no gradient in the first 2 steps" in result["error"]
+        assert f"{DETACHED}.lora_B" in result["error"]
+        assert "detached from the loss" in result["error"]
+    assert (runs / f"detach-{engine}" / "metrics.jsonl").read_text() == ""  # stopped inside step 1
+
+
+def _warnings(run: Path) -> list[dict]:
+    path = run / "warnings.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_rank_holding_an_extra_tensor_raises_the_imbalance_warning(runs):
+    imbalance = [w for w in _warnings(runs / "ballast") if w["kind"] == "imbalance"]
+    assert len(imbalance) == 1 and imbalance[0]["step"] == 1
+    assert "rank 1 holds the most" in imbalance[0]["message"]
+    ranks = json.loads((runs / "ballast" / "metrics.jsonl").read_text().splitlines()[0])["rank_memory"]
+    assert ranks[1]["rss_mb"] - ranks[0]["rss_mb"] > 300  # the 400 MB tensor, seen in the per-rank memory
+
+
+def test_balanced_zero3_nf4_run_raises_no_warning(runs):
+    assert _warnings(runs / "balanced-zero3") == []
+    sharding = json.loads((runs / "balanced-zero3" / "sharding.json").read_text())
+    assert [r["base_quantized_local"] for r in sharding][0] <= 0.6 * sharding[0]["base_quantized_full"]

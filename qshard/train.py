@@ -79,6 +79,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
                              fsdp_cpu_offload=recipe.distributed.fsdp_cpu_offload)
         out_dir = Path(recipe.train.output_dir)
         resume_from = checkpoint.resolve_resume(resume, out_dir, warn=say) if resume else None
+        if resume == "auto" and resume_from is None and _same_run(out_dir, recipe):
+            say(f"no checkpoint in {out_dir} yet: the run that wrote it died before its first save; starting afresh")
+            overwrite = True
         if resume_from is None:
             check_output_dir(out_dir, overwrite)
         else:
@@ -530,6 +533,18 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.log_every", "trai
                      "train.keep_checkpoints", "train.sample_prompt", "train.sample_tokens", "train.output_dir",
                      "train.micro_batch_size", "train.gradient_accumulation_steps", "model.gradient_checkpointing",
                      "distributed.")
+
+
+def _same_run(out_dir: Path, recipe: Recipe) -> bool:
+    """Whether out_dir was started by this same recipe (up to resumable changes)."""
+    from qshard.config import load_recipe
+
+    try:
+        saved = load_recipe(out_dir / "recipe.yaml")
+    except QShardError:
+        return False
+    before, now = _flatten(saved.model_dump(mode="json")), _flatten(recipe.model_dump(mode="json"))
+    return all(k.startswith(RESUMABLE_CHANGES) for k in before.keys() | now.keys() if before.get(k) != now.get(k))
 
 
 def check_resume_compatible(ckpt: Path, recipe: Recipe, world_size: int, say) -> None:

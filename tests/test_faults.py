@@ -231,3 +231,12 @@ def test_skip_is_refused_with_deepspeed_before_loading(micro_model, tmp_path):
                                           on_nonfinite="skip").read_text())
     with pytest.raises(QShardError, match="on_nonfinite: skip cannot be used with zero2"):
         run(parse_recipe(recipe), log=lambda *_: None)
+
+
+def test_resume_auto_after_a_death_before_the_first_checkpoint_starts_afresh(micro_model, references, tmp_path):
+    run = _write_recipe(tmp_path, micro_model, tmp_path / "early", None, nproc=1)
+    assert _qshard(str(run), fault="step@1").returncode == -9  # killed before checkpoint-2
+    proc = _qshard(str(run), "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "died before its first save; starting afresh" in proc.stdout
+    _assert_same_run(references["none"], tmp_path / "early")

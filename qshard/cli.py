@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     from qshard.tiny import ARCHS, SIZES
 
     p = argparse.ArgumentParser(prog="qshard", description="LoRA fine-tuning on quantized base models.")
+    # the `deepspeed` launcher passes --local_rank before the command; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune from a YAML recipe")

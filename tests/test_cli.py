@@ -227,3 +227,11 @@ def test_init_tiny_then_train_writes_a_complete_run_folder(tmp_path, alpaca_file
     saved = load_recipe(out / "recipe.yaml")
     assert saved.train.max_steps == 2 and saved.model.path == str(tmp_path / "m")
     assert saved == load_recipe(recipe)
+
+
+def test_deepspeed_launchers_local_rank_flag_is_accepted(tmp_path, capsys):
+    """`deepspeed --module qshard.cli train ...` inserts --local_rank=N before the command."""
+    from qshard.cli import main
+
+    assert main(["--local_rank=1", "train", str(tmp_path / "missing.yaml")]) == 2
+    assert "recipe not found" in capsys.readouterr().err

@@ -30,7 +30,12 @@ def _train(args) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _launch(args)
     outcome = run(recipe, overwrite=args.overwrite, resume=args.resume)
-    return 3 if outcome.stopped_by_signal else 0
+    code = 3 if outcome.stopped_by_signal else 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from qshard import _compat
+
+        _compat.exit_without_teardown(code)
+    return code
 
 
 def _launch(args) -> int:

@@ -7,6 +7,7 @@ the seed and takes its own slice of every one).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -190,7 +191,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         loss_sum = torch.zeros((), device=rt.device)
         for k, micro in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
-            with (engine.accumulating() if not last else _nullcontext()):
+            with (engine.accumulating() if not last else contextlib.nullcontext()):
                 with precision.autocast():
                     micro_loss = token_loss_sum(model, data.collate(micro, pad_id), rt.device)
                 if faults.poisoned(step + 1, rt.rank):
@@ -720,9 +721,3 @@ class _StopFlag:
 def _barrier(rt: Runtime) -> None:
     if rt.distributed:
         torch.distributed.barrier()
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()

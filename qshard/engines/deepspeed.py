@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qshard.engines.base import nullcontext
 from qshard.errors import QShardError
 
 
@@ -103,9 +104,7 @@ class DeepSpeedEngine:
         return self.model, self.optimizer
 
     def accumulating(self):
-        import contextlib
-
-        return contextlib.nullcontext()  # DeepSpeed tracks accumulation boundaries itself
+        return nullcontext()  # DeepSpeed tracks accumulation boundaries itself
 
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss, scale_wrt_gas=False)

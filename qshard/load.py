@@ -9,6 +9,7 @@ tensor, never the dense model.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def load_base_model(skeleton: nn.Module, model_dir: Path, *, quant: QuantSpec = 
     else:
         _load_ptq(skeleton, model_dir, fmt, quant, skeleton.dtype, device, log)
     skeleton.tie_weights()
-    _check_materialised(skeleton, model_dir)
+    check_materialised(skeleton, model_dir)
     skeleton.requires_grad_(False)
     skeleton.config.name_or_path = str(model_dir)
     return skeleton.to(device).eval()
@@ -160,12 +161,88 @@ def load_model(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec()
 
 def _stream_tensors(model: nn.Module, files: list[Path], quant: QuantSpec, dtype: torch.dtype,
                     device: torch.device) -> None:
-    from safetensors import safe_open
+    reader = CheckpointReader(files)
+    for key in reader.keys():
+        place_tensors(model, {key: reader.rows(key, dtype=dtype).to(device)}, quant, dtype)  # one tensor at a time
+        release_freed_memory()
 
-    for file in files:
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                _place_dense(model, {key: f.get_tensor(key)}, quant, dtype)  # one tensor in memory at a time
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    A loader frees one transient tensor after another; glibc keeps most of those blocks in its heap
+    (its mmap threshold rises to the largest block freed, up to 32 MiB), so resident memory grows
+    with what was *read*, not with what is *held*. Called once per tensor or layer while loading."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = lambda _pad: 0  # noqa: E731  (not glibc)
+    _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+class CheckpointReader:
+    """Reads whole tensors or row ranges of safetensors files with plain file reads.
+
+    safetensors' `safe_open` maps the file: every page it reads stays in the process's resident set
+    until the file is closed, so a loader's memory looks like the checkpoint's size. Reading into
+    our own tensors keeps resident memory to what is held, and lets a rank read only its rows."""
+
+    CHUNK_BYTES = 16 * 2**20  # rows converted to another dtype are read this much at a time
+    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool}
+
+    def __init__(self, files: list[Path]):
+        self.entries: dict[str, tuple[Path, int, torch.dtype, list[int]]] = {}
+        for file in files:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if info["dtype"] not in self._DTYPES:
+                    raise QShardError(f"{file.name}: tensor {key} has dtype {info['dtype']}, which qshard cannot read",
+                                      where=str(file), fix="save the checkpoint in bf16, fp16 or fp32")
+                self.entries[key] = (file, 8 + size + info["data_offsets"][0], self._DTYPES[info["dtype"]],
+                                     info["shape"])
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> list[int]:
+        return self.entries[key][3]
+
+    def rows(self, key: str, start: int = 0, stop: int | None = None, *, dtype: torch.dtype | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (all of it by default; a 0-d tensor has one row), floating
+        values converted to `dtype` (or into `out`) at most CHUNK_BYTES of stored rows at a time."""
+        file, offset, stored, shape = self.entries[key]
+        stop = (shape[0] if shape else 1) if stop is None else min(stop, shape[0] if shape else 1)
+        row_shape, row_bytes = shape[1:], stored.itemsize * math.prod(shape[1:])
+        target = out.dtype if out is not None else (dtype if dtype is not None and stored.is_floating_point
+                                                    else stored)
+        if out is None:
+            out = torch.empty([stop - start, *row_shape] if shape else [], dtype=target)
+        with open(file, "rb") as f:
+            f.seek(offset + start * row_bytes)
+            if target == stored:
+                f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+                return out
+            step = max(1, self.CHUNK_BYTES // max(row_bytes, 1))
+            for r in range(start, stop, step):
+                raw = torch.empty([min(step, stop - r), *row_shape] if shape else [], dtype=stored)
+                f.readinto(raw.reshape(-1).view(torch.uint8).numpy())
+                (out[r - start:r - start + raw.shape[0]] if shape else out).copy_(raw)
+        return out
 
 
 def _load_ptq(model: nn.Module, model_dir: Path, fmt, quant: QuantSpec, dtype: torch.dtype, device: torch.device,
@@ -178,7 +255,7 @@ def _load_ptq(model: nn.Module, model_dir: Path, fmt, quant: QuantSpec, dtype: t
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             tensors.update({key: f.get_tensor(key) for key in f.keys()})
     modules, rest = ptq.group_tensors(tensors, fmt.marker)
-    _place_dense(model, rest, quant, dtype)
+    place_tensors(model, rest, quant, dtype)
     error = [0.0, 0.0]  # squared error of a conversion, squared norm of the PTQ weights
     for name, layer_tensors in modules.items():
         layer = fmt.build(layer_tensors, fmt.config, name)
@@ -203,7 +280,7 @@ def _load_ptq(model: nn.Module, model_dir: Path, fmt, quant: QuantSpec, dtype: t
             f"{(error[0] / error[1]) ** 0.5:.4f} (RMS over all quantized layers)")
 
 
-def _place_dense(model: nn.Module, tensors: dict[str, torch.Tensor], quant: QuantSpec, dtype: torch.dtype) -> None:
+def place_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quant: QuantSpec, dtype: torch.dtype) -> None:
     for key, tensor in tensors.items():
         module_name, _, pname = key.rpartition(".")
         try:
@@ -218,13 +295,17 @@ def _place_dense(model: nn.Module, tensors: dict[str, torch.Tensor], quant: Quan
             module._buffers[pname] = tensor
 
 
-def _check_materialised(model: nn.Module, model_dir: Path) -> None:
+def check_materialised(model: nn.Module, model_dir: Path) -> None:
     missing = []
     for name, module in model.named_modules():
         unread = [p for p, t in module.named_parameters(recurse=False) if t.device.type == "meta"]
         # a quantized layer's packed tensors all come from one checkpoint tensor: `<name>.weight`
         keys = ["weight"] if unread and isinstance(module, QUANT_LAYERS) and unread != ["bias"] else unread
         missing += [f"{name}.{k}" for k in keys]
+    raise_if_missing(missing, model_dir)
+
+
+def raise_if_missing(missing: list[str], model_dir: Path) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise QShardError(f"the checkpoint lacks {len(missing)} tensor(s) the architecture needs: {shown}",

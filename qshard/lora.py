@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -52,7 +54,6 @@ def attach_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, targe
     # PEFT's custom-module hook: our quantized layers get PEFT's standard LoRA Linear wrapper,
     # which calls them as `base_layer` and reads `.weight` (dequantized) only for DoRA.
     config._register_custom_module({cls: lora.Linear for cls in QUANT_LAYERS})
-    torch.manual_seed(seed)  # the initial adapter depends only on the seed, on every process
     quant_layers = [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
     for layer in quant_layers:
         layer.weight_is_placeholder = not use_dora  # only DoRA needs the dense values
@@ -65,7 +66,33 @@ def attach_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, targe
     for p in peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if not any(p.device.type == "meta" for p in peft_model.parameters()):
+        init_adapter(peft_model, seed)
     return peft_model
+
+
+def initial_adapter_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor | None:
+    """The starting value of one adapter tensor, a function of its name and the seed alone, so that it
+    is the same on every rank, under every engine and however the model was loaded: lora_A as PEFT
+    draws it (Kaiming-uniform, a=sqrt(5)) from a generator seeded per tensor, lora_B zero. None for
+    tensors PEFT derives from the base (DoRA's magnitude)."""
+    if ".lora_B." in name:
+        return torch.zeros(shape)
+    if ".lora_A." not in name:
+        return None
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5), generator=generator)
+
+
+def init_adapter(peft_model: nn.Module, seed: int, local=lambda param, full: full) -> None:
+    """Set lora_A / lora_B to their seeded starting values; `local(param, full)` cuts out this rank's
+    piece when the parameter is sharded."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            full = initial_adapter_tensor(name, p.shape, seed) if p.requires_grad else None
+            if full is not None:
+                target = p.to_local() if hasattr(p, "to_local") else p
+                target.copy_(local(p, full))
 
 
 def adapter_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:

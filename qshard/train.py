@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qshard import checkpoint, compat, data, faults
+from qshard import checkpoint, compat, data, faults, shardload
 from qshard.config import Recipe, dump_recipe
 from qshard.engines import create_engine
 from qshard.errors import QShardError
@@ -106,12 +106,6 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
             (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
         _barrier(rt)
 
-        model = load_base_model(skeleton, model_dir, quant=quant, device=rt.device, log=say)
-        if recipe.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = attach_lora(model, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
-                            targets=targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
-        say(_trainable_line(model))
         d = recipe.distributed
         engine = create_engine(d.engine, device=rt.device, precision=precision.name, world_size=rt.world_size,
                                micro_batch=recipe.train.micro_batch_size,
@@ -120,12 +114,36 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
                                offload_optimizer=d.offload_optimizer, offload_params=d.offload_params,
                                deepspeed_config=d.deepspeed_config, reshard_after_forward=d.reshard_after_forward,
                                fsdp_cpu_offload=d.fsdp_cpu_offload)
+        model = build_model(skeleton, model_dir, quant, targets, engine, recipe, rt, say)
+        say(_trainable_line(model))
         model, optimizer = engine.wrap(model, lambda params: make_optimizer(params, recipe))
         outcome = fit(model, engine, optimizer, datasets, tokenizer, recipe, rt, precision, resume_from, say)
         say(summary(outcome))
         return outcome
     finally:
         shutdown(rt)
+
+
+def build_model(skeleton, model_dir: Path, quant: QuantSpec, targets: list[str], engine, recipe: Recipe,
+                rt: Runtime, say):
+    """The base, loaded sharded where the engine shards parameters (qshard/shardload.py), with LoRA."""
+    def attach(base):
+        if recipe.model.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return attach_lora(base, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+                           targets=targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
+
+    whole = shardload.why_not(_engine_key(recipe), rt.world_size, model_dir, recipe.lora.use_dora,
+                              recipe.distributed.shard_on_load)
+    if whole is None:
+        say(f"loading the base sharded: each of the {rt.world_size} ranks reads and keeps only its part")
+        if recipe.distributed.engine == "fsdp2":
+            return shardload.load_fsdp2(skeleton, model_dir, quant, engine, attach, recipe.train.seed, rt.rank,
+                                        rt.world_size, rt.device)
+        return shardload.load_zero3(skeleton, model_dir, quant, engine, attach, rt.device)
+    if _engine_key(recipe) in ("zero3", "zero3_offload", "fsdp2"):
+        say(f"loading the whole base on every rank before sharding it: {whole}")
+    return attach(load_base_model(skeleton, model_dir, quant=quant, device=rt.device, log=say))
 
 
 def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe, rt: Runtime,

@@ -83,7 +83,7 @@ class DeepSpeedEngine:
     def __init__(self, device: torch.device, config: dict):
         self.device, self.config = device, config
 
-    def wrap(self, model: nn.Module, make_optimizer):
+    def _deepspeed(self):
         from qshard import _compat
 
         if self.device.type == "cpu":
@@ -91,6 +91,18 @@ class DeepSpeedEngine:
         _compat.skip_deepspeed_shm_build()
         import deepspeed
 
+        return deepspeed
+
+    def partition(self, module: nn.Module) -> None:
+        """ZeRO-3 load-time sharding: split a just-loaded module's parameters across the ranks now,
+        before the next one is loaded (already partitioned ones are left alone); deepspeed.initialize
+        accepts the pre-partitioned model and partitions what is left (the adapters)."""
+        deepspeed = self._deepspeed()
+        deepspeed.init_distributed()  # adopts torch's process group (else the config sees a world of 1)
+        deepspeed.zero.Init(module=module, config_dict_or_path=self.config)
+
+    def wrap(self, model: nn.Module, make_optimizer):
+        deepspeed = self._deepspeed()
         self.peft_model = model
         params = [p for p in model.parameters() if p.requires_grad]
         # DeepSpeed sizes its gradient-reduction buffers by reduce_bucket_size (default 5e8

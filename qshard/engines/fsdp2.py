@@ -25,21 +25,28 @@ class FSDP2Engine:
         self.device, self.reshard, self.cpu_offload, self.param_dtype = (device, reshard_after_forward,
                                                                           cpu_offload, param_dtype)
 
-    def wrap(self, model: nn.Module, make_optimizer):
-        from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
-                                            register_fsdp_forward_method)
+    def shard(self, model: nn.Module) -> nn.Module:
+        """`fully_shard` each decoder layer, then the root (embeddings, final norm, head). Works on a
+        model whose parameters are still on the meta device (load-time sharding, qshard/shardload.py)."""
+        from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy,
+                                            fully_shard, register_fsdp_forward_method)
 
-        model = model.to(self.device)
+        if isinstance(model, FSDPModule):
+            return model
         options = {"reshard_after_forward": self.reshard,
                    "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()}
         if self.param_dtype is not None:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
             fully_shard(layer, **options)
-        fully_shard(model, **options)  # the rest: embeddings, final norm, head
+        fully_shard(model, **options)
         # PeftModel.generate reaches the inner model without calling the root's forward, so the
         # root's parameters (embeddings, head) would stay sharded: hook generate like forward.
         register_fsdp_forward_method(model, "generate")
+        return model
+
+    def wrap(self, model: nn.Module, make_optimizer):
+        model = self.shard(model.to(self.device))
         self.model = self.peft_model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params)
@@ -61,6 +68,9 @@ class FSDP2Engine:
 
     def step(self, max_grad_norm: float | None) -> float:
         return clip_and_step(self.params, self.optimizer, max_grad_norm)
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
@@ -88,6 +98,3 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     if not layers:
         raise RuntimeError(f"no decoder layers ({names or 'no _no_split_modules'}) found in {type(base).__name__}")
     return layers
-
-    def skip_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)

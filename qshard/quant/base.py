@@ -6,12 +6,30 @@ them), and implements `dequantize()` and `forward()`. PEFT wraps it with its sta
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 from torch import nn
+
+RowReader = Callable[[int, int], torch.Tensor]
 
 
 def frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
+
+
+def rows_per_slice(out_features: int, in_features: int, slices: int, align_values: int = 1) -> int:
+    """About out_features / slices rows, rounded up so that every slice starts on a multiple of
+    `align_values` flat elements (a quantization block)."""
+    align = align_values // math.gcd(in_features, align_values)
+    per_slice = -(-out_features // slices)
+    return -(-per_slice // align) * align
+
+
+def cut(full: torch.Tensor, span: tuple[int, int], start: int = 0) -> torch.Tensor:
+    """Elements [span) of a tensor that holds elements [start, start + len(full)) along dim 0."""
+    return full[max(span[0] - start, 0):max(min(span[1] - start, full.shape[0]), 0)]
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -29,6 +47,13 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def quantize_pieces(self, read_rows: RowReader, owned: dict[str, tuple[int, int]],
+                        slices: int) -> dict[str, torch.Tensor]:
+        """Load-time sharding: elements [start, stop) along dim 0 of each storage parameter named in
+        `owned`, equal to the same elements of the whole weight's quantization, computed from the
+        weight read `slices` row ranges at a time (`read_rows(start, stop)`), never all at once."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be quantized piecewise")
 
     @property
     def weight(self) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from qshard.quant.base import QuantLinear, as_bytes, frozen
+from qshard.quant.base import QuantLinear, as_bytes, cut, frozen, rows_per_slice
 
 BLOCKSIZE = 64  # bitsandbytes' default, the one transformers' BitsAndBytesConfig uses
 NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed block size for double quant
@@ -66,6 +66,32 @@ class Linear4bit(QuantLinear):
         if bias is not None:
             layer.bias.data = bias.detach().clone()
         return layer
+
+    def quantize_pieces(self, read_rows, owned, slices):
+        """Blocks of 64 values are quantized independently, so the packed codes of a row range are the
+        codes of those rows; the double-quant offset, however, is the mean of *all* block scales. Each
+        rank therefore reads every row range once (one range in memory at a time), keeps the codes it
+        owns and the float32 block scales of all (1/32 of the bf16 weight), then double-quantizes the
+        scales exactly as `bitsandbytes.functional.quantize_4bit` does and keeps its own part."""
+        import bitsandbytes.functional as bnbF
+
+        rows = rows_per_slice(self.out_features, self.in_features, slices, BLOCKSIZE)
+        codes, scales = [], []
+        for r0 in range(0, self.out_features, rows):
+            weight = read_rows(r0, min(r0 + rows, self.out_features)).to(self.weight_dtype)
+            packed, state = bnbF.quantize_4bit(weight.reshape(-1), blocksize=BLOCKSIZE, compress_statistics=False,
+                                               quant_type=self.quant_type)
+            codes.append(cut(packed.reshape(-1), owned["packed"], start=r0 * self.in_features // 2))
+            scales.append(state.absmax)
+        absmax = torch.cat(scales)
+        pieces = {"packed": torch.cat(codes)}
+        if not self.double_quant:
+            return pieces | {"absmax": cut(as_bytes(absmax), owned["absmax"])}
+        offset = absmax.mean()  # bitsandbytes' own double quant, on the same full vector
+        qabsmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        return pieces | {"absmax": cut(qabsmax, owned["absmax"]),
+                         "nested_absmax": cut(as_bytes(state2.absmax.float()), owned["nested_absmax"]),
+                         "offset": cut(as_bytes(offset.float().reshape(1)), owned["offset"])}
 
     def quant_state(self):
         """Rebuild bitsandbytes' QuantState from our parameters (views, no copies)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qshard.quant.base import QuantLinear, as_bytes, frozen
+from qshard.quant.base import QuantLinear, as_bytes, cut, frozen
 
 
 class Linear8bit(QuantLinear):
@@ -40,6 +40,22 @@ class Linear8bit(QuantLinear):
         if bias is not None:
             layer.bias.data = bias.detach().clone()
         return layer
+
+    def quantize_pieces(self, read_rows, owned, slices):
+        """Row-wise quantization: the codes and the scale of a row depend on that row alone, so only the
+        rows this rank owns are read (the scale bytes it owns may belong to slightly other rows)."""
+        import bitsandbytes.functional as bnbF
+
+        def quantize(span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            if span[0] >= span[1]:
+                return (torch.empty(0, self.in_features, dtype=torch.int8), torch.empty(0, dtype=torch.float32))
+            cb, scb, _ = bnbF.int8_vectorwise_quant(read_rows(*span).to(self.weight_dtype).to(torch.float16))
+            return cb, scb.float()
+
+        codes, _ = quantize(owned["weight_int8"])
+        scale_rows = (owned["row_scale"][0] // 4, -(-owned["row_scale"][1] // 4))
+        _, scales = quantize(scale_rows)
+        return {"weight_int8": codes, "row_scale": cut(as_bytes(scales), owned["row_scale"], start=4 * scale_rows[0])}
 
     def dequantize(self) -> torch.Tensor:
         import bitsandbytes.functional as bnbF

@@ -1,0 +1,111 @@
+"""Load-time sharding checks, inside ONE torchrun launch (see tests/test_shardload.py).
+
+    torchrun --nproc-per-node=2 tests/shardload_worker.py SPEC.json
+
+SPEC: {"model": DIR, "out": DIR, "cases": [[engine, method, dtype], ...]}. For every case each rank
+loads the base twice: sharded while loading (qshard/shardload.py), watched by a TorchDispatchMode
+that records the largest tensor any op touches, and whole (qshard.load.load_base_model + LoRA, the
+reference). It gathers the sharded model's parameters and writes <out>/<case>-rank<k>.json: the
+names whose gathered value differs from the reference (bit for bit), the largest tensor seen during
+the sharded and the whole load, the largest full parameter, and, for ZeRO-3, every time a unit was
+partitioned while a parameter outside it was held whole.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from qshard import shardload
+from qshard.engines import create_engine
+from qshard.load import QuantSpec, load_base_model, open_base
+from qshard.lora import attach_lora, resolve_targets
+from qshard.runtime import init_runtime
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most bytes of any real (non-meta) tensor an op takes or returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and not hasattr(t, "device_mesh"):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def attach(base):
+    return attach_lora(base, r=4, alpha=8, dropout=0.0, targets=resolve_targets(base, "all-linear"),
+                       use_dora=False, seed=0)
+
+
+def watch_partitions(engine, model, log: list) -> None:
+    """Wrap engine.partition: record any base parameter held whole outside the unit being partitioned."""
+    partition = engine.partition
+
+    def checked(unit):
+        inside = {id(p) for p in unit.parameters()}
+        whole = [n for n, p in model.named_parameters() if id(p) not in inside and p.device.type != "meta"
+                 and not hasattr(p, "ds_tensor")]
+        if whole:
+            log.append(whole[:3])
+        partition(unit)
+
+    engine.partition = checked
+
+
+def gathered(engine_name: str, model) -> dict[str, torch.Tensor]:
+    if engine_name == "fsdp2":
+        return {n: p.full_tensor() for n, p in model.named_parameters()}
+    import deepspeed
+
+    params = list(model.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+        return {n: p.detach().clone() for n, p in params}
+
+
+def main(spec_file: str) -> None:
+    spec = json.loads(Path(spec_file).read_text())
+    rt = init_runtime()
+    for engine_name, method, dtype in spec["cases"]:
+        quant = QuantSpec(method=method)
+        engine = create_engine("fsdp2" if engine_name == "fsdp2" else "deepspeed", device=rt.device,
+                               precision="fp32", world_size=rt.world_size, micro_batch=1, accumulation=1,
+                               max_grad_norm=None, zero_stage=3)
+        model_dir, skeleton = open_base(spec["model"], dtype=dtype, quant=quant)
+        partitioned_while_whole: list = []
+        with LargestTensor() as sharded_watch:
+            if engine_name == "fsdp2":
+                sharded = shardload.load_fsdp2(skeleton, model_dir, quant, engine, attach, 0, rt.rank,
+                                               rt.world_size, rt.device)
+            else:
+                watch_partitions(engine, skeleton, partitioned_while_whole)
+                sharded = shardload.load_zero3(skeleton, model_dir, quant, engine, attach, rt.device)
+        actual = gathered(engine_name, sharded)
+        model_dir, skeleton = open_base(spec["model"], dtype=dtype, quant=quant)
+        with LargestTensor() as whole_watch:
+            reference = attach(load_base_model(skeleton, model_dir, quant=quant, log=lambda *_: None))
+        expected = dict(reference.named_parameters())
+        result = {"rank": rt.rank,
+                  "names": sorted(expected), "missing": sorted(expected.keys() - actual.keys()),
+                  "differ": [n for n in expected if n in actual and not (
+                      actual[n].dtype == expected[n].dtype and torch.equal(actual[n], expected[n].detach()))],
+                  "largest_sharded_load": sharded_watch.largest, "largest_whole_load": whole_watch.largest,
+                  "largest_param": max(p.untyped_storage().nbytes() for p in expected.values()),
+                  "partitioned_while_whole": partitioned_while_whole}
+        Path(spec["out"], f"{engine_name}-{method}-{dtype}-rank{rt.rank}.json").write_text(json.dumps(result))
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,159 @@
+"""Load-time sharding (qshard/shardload.py): exact pieces, bit-identical models, no rank holds the whole.
+
+The distributed checks run in two 2-rank torchrun launches: tests/shardload_worker.py (gathered
+parameters vs the whole load, largest tensor touched while loading, ZeRO-3's one-unit-at-a-time
+order) and tests/dist_worker.py (training with shard_on_load on and off: same losses and logits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qshard.load import CheckpointReader
+from qshard.quant.bnb4bit import Linear4bit
+from qshard.quant.bnb8bit import Linear8bit
+from qshard.shardload import shard_span, why_not
+from tests.helpers import ROWS, recipe_dict
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = {"nf4-dq": (Linear4bit, {"quant_type": "nf4", "double_quant": True}),
+          "nf4": (Linear4bit, {"quant_type": "nf4", "double_quant": False}),
+          "fp4-dq": (Linear4bit, {"quant_type": "fp4", "double_quant": True}),
+          "int8": (Linear8bit, {})}
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("shape", [(200, 96), (37, 64), (64, 100), (688, 256), (5, 24)])
+def test_pieces_equal_the_whole_tensors_quantization(kind, shape):
+    cls, options = LAYERS[kind]
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(torch.bfloat16)
+    whole = cls.from_float(weight, **options)
+    storage = {n: p for n, p in whole.named_parameters() if n != "bias"}
+    for world in (1, 2, 3, 4):
+        for rank in range(world):
+            owned = {n: shard_span(p.shape[0], rank, world) for n, p in storage.items()}
+            read = []
+            pieces = whole.quantize_pieces(lambda a, b: read.append(b - a) or weight[a:b], owned, world)
+            for name, (start, stop) in owned.items():
+                assert torch.equal(pieces[name], storage[name][start:stop]), (kind, shape, world, rank, name)
+            assert max(read) <= -(-shape[0] // world) + 64, read  # never the whole weight at once (world > 1)
+
+
+def test_shard_span_is_torch_chunk():
+    for rows in (0, 1, 5, 8, 9):
+        for world in (1, 2, 3, 4):
+            chunks = list(torch.arange(rows).chunk(world)) if rows else []
+            for rank in range(world):
+                start, stop = shard_span(rows, rank, world)
+                expected = chunks[rank].tolist() if rank < len(chunks) else []
+                assert list(range(start, stop)) == expected
+
+
+def test_checkpoint_reader_reads_rows_and_whole_tensors(tmp_path):
+    tensors = {"a": torch.randn(7, 3).to(torch.bfloat16), "b": torch.tensor(2.5), "c": torch.arange(9, dtype=torch.int32),
+               "d": torch.randn(4, 2, 3)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader([tmp_path / "model.safetensors"])
+    assert sorted(reader.keys()) == sorted(tensors)
+    for key, t in tensors.items():
+        assert torch.equal(reader.rows(key), t)
+    assert torch.equal(reader.rows("a", 2, 5), tensors["a"][2:5])
+    assert torch.equal(reader.rows("d", 3), tensors["d"][3:])
+    assert torch.equal(reader.rows("c", 8, 100), tensors["c"][8:])
+
+
+def test_why_not_names_each_reason(micro_model, tmp_path):
+    assert why_not("fsdp2", 2, micro_model, use_dora=False, enabled=True) is None
+    assert why_not("zero3_offload", 4, micro_model, use_dora=False, enabled=True) is None
+    assert "one process" in why_not("fsdp2", 1, micro_model, use_dora=False, enabled=True)
+    assert "does not shard" in why_not("zero2", 2, micro_model, use_dora=False, enabled=True)
+    assert "shard_on_load" in why_not("fsdp2", 2, micro_model, use_dora=False, enabled=False)
+    assert "DoRA" in why_not("zero3", 2, micro_model, use_dora=True, enabled=True)
+    ptq = REPO / "tests" / "fixtures" / "ptq" / "gptq_llama_w4_g32_sym"
+    assert "post-training" in why_not("fsdp2", 2, ptq, use_dora=False, enabled=True)
+
+
+def _torchrun(script: str, spec: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           script, str(spec)], capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+CASES = [("fsdp2", "nf4", "float32"), ("fsdp2", "none", "bfloat16"), ("fsdp2", "int8", "float32"),
+         ("zero3", "nf4", "float32"), ("zero3", "none", "bfloat16")]
+
+
+@pytest.fixture(scope="module")
+def loads(micro_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shardload")
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"model": str(micro_model), "out": str(out), "cases": CASES}))
+    _torchrun("tests/shardload_worker.py", spec)
+    return {case: [json.loads((out / f"{'-'.join(case)}-rank{k}.json").read_text()) for k in range(2)]
+            for case in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_gathered_parameters_are_bit_identical_to_the_whole_load(loads, case):
+    for rank in loads[case]:
+        assert rank["names"] and not rank["missing"], rank["missing"]
+        assert rank["differ"] == [], rank["differ"]  # base (packed codes, scales, dense) and the initial LoRA
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == "fsdp2"], ids=lambda c: "-".join(c))
+def test_fsdp2_load_never_touches_a_whole_parameter(loads, case):
+    for rank in loads[case]:
+        # the tracker does see whole parameters when the model is loaded whole...
+        assert rank["largest_whole_load"] >= rank["largest_param"]
+        # ...and under sharded loading no tensor is bigger than about half of the largest parameter
+        assert rank["largest_sharded_load"] <= 0.55 * rank["largest_param"], rank
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == "zero3"], ids=lambda c: "-".join(c))
+def test_zero3_load_holds_one_unit_at_a_time(loads, case):
+    for rank in loads[case]:
+        assert rank["partitioned_while_whole"] == []  # nothing outside the unit being partitioned was whole
+        assert rank["largest_sharded_load"] <= rank["largest_param"]
+
+
+TRAIN_CASES = [("fsdp2", "nf4"), ("zero3", "nf4"), ("fsdp2", "none"), ("zero3", "none")]
+
+
+@pytest.fixture(scope="module")
+def trained(micro_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shardload-train")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cells = []
+    for engine, method in TRAIN_CASES:
+        for on in (True, False):
+            name = f"{engine}-{method}-{'sharded' if on else 'whole'}"
+            recipe = recipe_dict(micro_model, data, root / name, max_steps=3, micro_batch_size=2)
+            recipe["model"]["dtype"] = "bfloat16" if method == "none" else "float32"
+            recipe["quantization"]["method"] = method
+            recipe["distributed"] = ({"engine": "fsdp2"} if engine == "fsdp2" else
+                                     {"engine": "deepspeed", "zero_stage": 3}) | {"shard_on_load": on}
+            cells.append({"name": name, "recipe": recipe})
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"cells": cells, "probe": [[1, 5, 7, 9, 11, 13]]}))
+    _torchrun("tests/dist_worker.py", spec)
+    return {c["name"]: [json.loads((root / c["name"] / f"result-rank{k}.json").read_text()) for k in range(2)]
+            for c in cells}
+
+
+@pytest.mark.parametrize("engine,method", TRAIN_CASES, ids=[f"{e}-{m}" for e, m in TRAIN_CASES])
+def test_training_after_a_sharded_load_is_identical(trained, engine, method):
+    for sharded, whole in zip(trained[f"{engine}-{method}-sharded"], trained[f"{engine}-{method}-whole"]):
+        assert "error" not in sharded and "error" not in whole
+        assert sharded["losses"] == whole["losses"]  # every step, bit for bit (the first included)
+        assert sharded["logits"] == whole["logits"]  # the trained model, on a probe batch
+        assert sharded["sharding"] == whole["sharding"]  # the same bytes per rank once training runs

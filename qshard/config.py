@@ -94,6 +94,8 @@ class TrainSection(Section):
                                                                       "step, rank and module) or skips that step.")
     imbalance_warn: float = Field(0.15, gt=0.0, le=1.0, description="Warn when ranks' memory differs by more "
                                                                   "than this share of the largest.")
+    grad_flow_every: int = Field(0, ge=0, description="Besides steps 1-2, check every N steps that each LoRA "
+                                                      "tensor gets a finite, non-zero gradient; 0 = steps 1-2 only.")
     watchdog_s: float | None = Field(600.0, gt=0, description="A step that takes longer than this (a hung rank "
                                                               "or collective) dumps every thread's stack and exits; "
                                                               "null = off.")

@@ -52,6 +52,10 @@ class MetricsLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, record["step"])
+                elif isinstance(value, dict):  # comm_bytes and the like: one scalar per kind
+                    for sub, v in value.items():
+                        if isinstance(v, (int, float)):
+                            self.tb.add_scalar(f"{key}/{sub}", v, record["step"])
 
     def close(self) -> None:
         if self.file:

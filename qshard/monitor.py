@@ -9,17 +9,22 @@ from qshard.runtime import Runtime, all_reduce_sum
 
 
 class GradFlowCheck:
-    """Every trainable tensor must get a finite, non-zero gradient within the first `steps` steps.
+    """Every trainable tensor must get a finite, non-zero gradient: within the first `steps` steps of a
+    fresh run, and, when `every` > 0, at each step that is a multiple of `every` (resumed runs too).
 
     LoRA's B starts at zero, so A's gradient is exactly zero on step 1 by construction: the check
-    for "no gradient" runs after step 2. The engine hands over each rank's (shard of the) gradient
-    between backward and the optimizer step; flags are summed over ranks, so a tensor counts as
-    trained if any rank's shard of its gradient is non-zero.
+    for "no gradient" over the first steps runs after step 2; a periodic check looks at its own step
+    only. The engine hands over each rank's (shard of the) gradient between backward and the
+    optimizer step; flags are summed over ranks, so a tensor counts as trained if any rank's shard of
+    its gradient is non-zero.
     """
 
-    def __init__(self, rt: Runtime, steps: int = 2):
-        self.rt, self.steps = rt, steps
+    def __init__(self, rt: Runtime, steps: int = 2, every: int = 0, fresh: bool = True):
+        self.rt, self.steps, self.every = rt, steps if fresh else 0, every
         self.seen: torch.Tensor | None = None
+
+    def due(self, step: int) -> bool:
+        return step <= self.steps or bool(self.every and step % self.every == 0)
 
     def inspect(self, grads: dict[str, torch.Tensor | None], step: int) -> None:
         names = sorted(grads)
@@ -35,7 +40,8 @@ class GradFlowCheck:
                 flags[0, i] = float(bool(g.any()))
                 flags[1, i] = float(not bool(torch.isfinite(g).all()))
         flags = all_reduce_sum(flags, self.rt)
-        self.seen = flags[0] if self.seen is None else self.seen + flags[0]
+        first = step <= self.steps
+        self.seen = flags[0] if self.seen is None or not first else self.seen + flags[0]
         nonfinite = [n for n, bad in zip(names, flags[1].tolist()) if bad]
         if nonfinite:
             _fail(nonfinite, f"a non-finite gradient at step {step}",
@@ -46,9 +52,12 @@ class GradFlowCheck:
         # "Expected to have finished reduction" at the next forward)
         if step < self.steps:
             silent = [n for n in silent if ".lora_A." not in n]
-        if silent:
+        if silent and first:
             _fail(silent, f"no gradient in the first {self.steps} steps",
                   "the layer is detached from the loss (e.g. frozen, or wrapped after LoRA was attached)")
+        if silent:
+            _fail(silent, f"no gradient at step {step}", "the layer stopped receiving gradient during the run "
+                                                         "(frozen or detached by a callback, or fp16 underflow)")
 
 
 def _fail(names: list[str], what: str, cause: str) -> None:

@@ -6,9 +6,11 @@ functions of what was read, and `figures` draws exactly those series. The series
 next to the PNGs (report/series.json), so what a plot shows can be checked without looking at pixels.
 
 What a run folder holds: metrics.jsonl (qshard/metrics.py, one record per logged step, with
-`rank_memory`: one memory dict per rank), recipe.yaml, and when present sharding.json (a list of
-per-rank dicts, qshard/monitor.py::sharding_report), warnings.jsonl (`step`, `kind`, `message`) and
-plan.json (`per_gpu_bytes`: component -> bytes, from `qshard plan`).
+`rank_memory`: one memory dict per rank and, on several ranks, `comm_bytes` / `comm_planned_bytes`:
+bytes per collective kind measured in the step and estimated by the planner, qshard/commcount.py),
+recipe.yaml, and when present sharding.json (a list of per-rank dicts, qshard/monitor.py::sharding_report),
+warnings.jsonl (`step`, `kind`, `message`) and plan.json (`per_gpu_bytes`: component -> bytes, from
+`qshard plan`).
 """
 
 from __future__ import annotations
@@ -123,7 +125,38 @@ def series(metrics: list[dict]) -> dict:
     out = {key: _xy(metrics, key) for key in ("lr", "grad_norm", "tokens_per_s")}
     out["loss"] = {**_xy(metrics, "loss"), **{f"eval_{k}": v for k, v in _xy(metrics, "eval_loss").items()}}
     out["memory"] = memory_series(metrics)
+    if any("comm_bytes" in m for m in metrics):
+        out["comm"] = comm_series(metrics)
     return out
+
+
+def comm_series(metrics: list[dict]) -> dict:
+    """Bytes per step and collective kind, measured and planned (0 where a record lacks a kind), and
+    the seconds collectives were in flight against the step's (None on GPUs): {"step", "measured":
+    {kind: [...]}, "planned": {kind: [...]}, "comm_s", "step_s", "untimed": kinds left out of comm_s}."""
+    rows = [m for m in metrics if "comm_bytes" in m]
+    kinds = sorted({k for m in rows for k in (*m["comm_bytes"], *(m.get("comm_planned_bytes") or {}))})
+    return {"step": [m["step"] for m in rows],
+            "measured": {k: [m["comm_bytes"].get(k, 0) for m in rows] for k in kinds},
+            "planned": {k: [(m.get("comm_planned_bytes") or {}).get(k, 0) for m in rows] for k in kinds},
+            "comm_s": [m.get("comm_s") for m in rows], "step_s": [m.get("step_s") for m in rows],
+            "untimed": sorted({k for m in rows for k in m.get("comm_untimed", [])})}
+
+
+def comm_summary(comm: dict) -> dict:
+    """Per kind the median over the logged steps (robust to ZeRO-3's tracing first step), measured and
+    planned, and the median seconds in flight and per step."""
+    timed = [(c, s) for c, s in zip(comm["comm_s"], comm["step_s"]) if c is not None and s]
+    return {"kinds": {k: {"measured": _median(comm["measured"][k]), "planned": _median(comm["planned"][k])}
+                      for k in comm["measured"]},
+            "comm_s": _median([c for c, _ in timed]) if timed else None,
+            "step_s": _median([s for _, s in timed]) if timed else None, "untimed": comm["untimed"]}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _xy(metrics: list[dict], key: str) -> dict[str, list]:
@@ -193,7 +226,8 @@ def summarize(run: RunData) -> dict:
             "seconds": segment_total([m.get("elapsed_s", 0.0) for m in metrics]),
             "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"],
             "final_eval_loss": evals[-1] if evals else None, "peak_key": peak_key, "peak_mb": peaks,
-            "imbalance": imbalance(peaks), "warnings": len(run.warnings)}
+            "imbalance": imbalance(peaks), "warnings": len(run.warnings),
+            "comm": comm_summary(comm_series(metrics)) if any("comm_bytes" in m for m in metrics) else None}
 
 
 def segment_total(values: list[float]) -> float:
@@ -240,10 +274,25 @@ def format_summary(summary: dict, warnings: list[dict], run_dir: Path, plots: li
     lines += [f"| memory imbalance | {s['imbalance']:.1%} ((max - min) / max of the ranks' peaks) |", "",
               f"## Peak memory per rank ({key})", "", "| rank | MB |", "|---|---|"]
     lines += [f"| {r} | {mb:.1f} |" for r, mb in enumerate(s["peak_mb"])]
+    if s.get("comm"):
+        lines += ["", *format_comm_table(s["comm"])]
     lines += ["", f"## Warnings ({len(warnings)})", ""]
     lines += [f"- step {w.get('step', '?')}, {w.get('kind', 'warning')}: {w['message']}" for w in warnings] or ["none"]
     lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def format_comm_table(comm: dict) -> list[str]:
+    lines = ["## Communication per step (rank 0; median of the logged steps)", "",
+             "| collective | measured MB | planned MB | measured / planned |", "|---|---|---|---|"]
+    for kind, v in comm["kinds"].items():
+        ratio = f"{v['measured'] / v['planned']:.2f}" if v["planned"] else "-"
+        lines.append(f"| {kind} | {v['measured'] / 1e6:.3f} | {v['planned'] / 1e6:.3f} | {ratio} |")
+    if comm["comm_s"] is not None:
+        lines += ["", f"Collectives in flight {comm['comm_s'] * 1e3:.1f} ms of a {comm['step_s'] * 1e3:.1f} ms step "
+                      f"({comm['comm_s'] / comm['step_s']:.0%})" +
+                  (f"; not timed: {', '.join(comm['untimed'])}." if comm["untimed"] else ".")]
+    return lines
 
 
 # -- the pictures ----------------------------------------------------------------------------------
@@ -275,11 +324,29 @@ def figures(data: dict) -> dict:
     ax.legend()
     _labels(ax, f"memory per rank ({data['memory']['key']})", "step", "MB")
     out["memory"] = fig
+    if "comm" in data:
+        out["communication"] = _comm_figure(data["comm"])
     if "memory_breakdown" in data:
         out["memory_breakdown"] = _breakdown_figure(data["memory_breakdown"])
     if "planned_vs_measured" in data:
         out["planned_vs_measured"] = _plan_figure(data["planned_vs_measured"])
     return out
+
+
+def _comm_figure(c: dict):
+    """Measured bytes per step and kind (solid), the planner's (dashed, same colour)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    for kind in c["measured"]:
+        line, = ax.plot(c["step"], [b / 1e6 for b in c["measured"][kind]], marker=".", label=f"{kind} measured")
+        if any(c["planned"][kind]):
+            ax.plot(c["step"], [b / 1e6 for b in c["planned"][kind]], linestyle="--", color=line.get_color(),
+                    label=f"{kind} planned")
+    ax.legend(fontsize="small")
+    _labels(ax, "communication per step (rank 0)", "step", "MB")
+    return fig
 
 
 def _breakdown_figure(b: dict):

@@ -59,6 +59,7 @@ class Outcome:
     sample: str | None = None
     sharding: list[dict] = field(default_factory=list)  # per rank, see monitor.sharding_report
     stopped_by_signal: bool = False
+    comm: dict = field(default_factory=dict)  # collectives per step, measured and planned (CommCounter.close)
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, log=print) -> Outcome:
@@ -151,6 +152,8 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     """The training loop: global batches -> this rank's micro-batches -> token-mean loss -> step."""
     from tqdm import tqdm
 
+    from qshard.commcount import CommCounter, comm_record
+
     tr = recipe.train
     out_dir = Path(tr.output_dir)
     global_batch = tr.micro_batch_size * tr.gradient_accumulation_steps * rt.world_size
@@ -184,7 +187,9 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         outcome.eval_before = evaluate(model, datasets.eval, pad_id, tr.micro_batch_size, precision, rt)
     metrics = MetricsLog(out_dir, enabled=rt.is_main)
     stop = _StopFlag()
-    grad_flow = GradFlowCheck(rt) if step == 0 else None
+    grad_flow = GradFlowCheck(rt, every=tr.grad_flow_every, fresh=step == 0)
+    comm = CommCounter(enabled=rt.distributed)  # the engine's collectives per step (qshard/commcount.py)
+    planned_comm = _planned_comm(recipe, rt, precision) if rt.distributed else None
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_main, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     tokens_seen = 0
@@ -205,6 +210,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         mine = examples[rt.rank * len(examples) // rt.world_size:(rt.rank + 1) * len(examples) // rt.world_size]
         micro_batches = [mine[i:i + tr.micro_batch_size] for i in range(0, len(mine), tr.micro_batch_size)]
 
+        comm.start()
         model.train()
         loss_sum = torch.zeros((), device=rt.device)
         for k, micro in enumerate(micro_batches):
@@ -223,7 +229,8 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         # non-finite" and "did any rank get SIGTERM/SIGINT" (so that every rank stops together).
         flags = torch.tensor([float(not torch.isfinite(loss_sum)), float(stop.requested is not None)],
                              dtype=torch.float64, device=rt.device)
-        totals = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), flags]), rt)
+        with comm.paused():  # the loop's own collective, not the engine's: left out of comm_bytes
+            totals = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), flags]), rt)
         loss, nonfinite_ranks, stopping = float(totals[0]) / loss_tokens, int(totals[1]), bool(totals[2] > 0)
         if nonfinite_ranks and tr.on_nonfinite == "stop":
             raise nonfinite_error(step + 1, rt.rank, bool(flags[0]), engine.local_grads())
@@ -233,10 +240,12 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
             step += 1
             warnings_log.warn(step, "skipped", f"step {step} skipped: non-finite loss on {nonfinite_ranks} rank(s)")
             continue
-        if grad_flow is not None and step < grad_flow.steps:
-            grad_flow.inspect(engine.local_grads(), step + 1)
+        if grad_flow.due(step + 1):
+            with comm.paused():  # gathering full gradients (ZeRO) is the check's traffic, not the step's
+                grad_flow.inspect(engine.local_grads(), step + 1)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         grad_norm = engine.step(tr.max_grad_norm)
+        traffic = comm.stop()
         scheduler.step()
         step += 1
 
@@ -245,7 +254,8 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         elapsed = time.perf_counter() - start
         record = {"step": step, "epoch": epoch, "loss": round(loss, 6), "lr": lr,
                   "grad_norm": round(grad_norm, 6), "tokens": tokens_seen,
-                  "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 3)}
+                  "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 3),
+                  **comm_record(traffic, planned_comm)}
         evaluating = bool(tr.eval_every and step % tr.eval_every == 0 and datasets.eval and step < total_steps)
         if evaluating:
             record["eval_loss"] = evaluate(model, datasets.eval, pad_id, tr.micro_batch_size, precision, rt)
@@ -257,7 +267,8 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
                 warnings_log.warn(step, "imbalance", imbalance)
                 warned_imbalance = True
             mem = f"{max(r.get('gpu_peak_mb', r['rss_mb']) for r in ranks):.0f}MB"
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=mem)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=mem,
+                        **({"comm": f"{traffic.total / 1e6:.2f}MB"} if traffic else {}))
         bar.update(1)
         if (tr.save_every and step % tr.save_every == 0) or stopping or step == total_steps:
             save_checkpoint(out_dir, step, epoch, index + 1, global_batch, engine, scheduler, recipe, rt,
@@ -271,6 +282,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     bar.close()
     metrics.close()
     stop.restore()
+    outcome.comm = comm.close(planned_comm)
 
     outcome.steps, outcome.tokens = step, tokens_seen
     outcome.seconds = time.perf_counter() - start
@@ -288,6 +300,16 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
 
 
 # -- pieces of the loop ----------------------------------------------------------------------------
+
+def _planned_comm(recipe: Recipe, rt: Runtime, precision: Precision) -> dict[str, int] | None:
+    """The planner's bytes per step and kind for this run, or None where it cannot read the model's shapes."""
+    from qshard.commcount import planned_step_bytes
+
+    try:
+        return planned_step_bytes(recipe, rt.world_size, precision.name)
+    except QShardError:  # a config.json the planner does not understand: measure without a plan
+        return None
+
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over labelled tokens, computed in fp32."""
@@ -550,6 +572,7 @@ def _fault_mid_file(path: Path, step: int, rank: int) -> None:
 # Recipe keys a resume may change (logged); any other difference makes the checkpoint meaningless.
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
                      "train.keep_checkpoints", "train.sample_prompt", "train.sample_tokens", "train.output_dir",
+                     "train.grad_flow_every",
                      "train.micro_batch_size", "train.gradient_accumulation_steps", "model.gradient_checkpointing",
                      "distributed.")
 
@@ -697,6 +720,10 @@ def summary(o: Outcome) -> str:
         lines.append(f"eval loss:  {o.eval_before:.4f} (before) -> {o.eval_after:.4f} (after)")
     peak = o.memory.get("gpu_peak_mb") or o.memory.get("peak_rss_mb")
     lines.append(f"peak memory: {peak:,.0f} MB ({'GPU allocated' if 'gpu_peak_mb' in o.memory else 'CPU resident'})")
+    if o.comm:
+        from qshard.commcount import format_comm
+
+        lines.append(format_comm(o.comm))
     lines.append(f"adapter: {o.adapter_dir}  (PEFT format; PeftModel.from_pretrained(base, path))")
     if o.sample is not None:
         lines.append(f"sample:\n{o.sample}")

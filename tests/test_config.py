@@ -54,6 +54,7 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys():
     ("distributed.zero_stage", 4, "1, 2 or 3"),
     ("train.learning_rate", 0, "greater than 0"),
     ("train.max_steps", 7.5, "valid integer"),
+    ("train.grad_flow_every", -1, "greater than or equal to 0"),
 ])
 def test_out_of_range_value_names_the_dotted_option_and_the_bad_value(dotted, value, complaint):
     with pytest.raises(QShardError) as err:
@@ -201,6 +202,7 @@ def test_fixed_keys_other_tools_read_exist_with_their_defaults():
     assert dumped["train"]["keep_checkpoints"] == 2
     assert dumped["distributed"]["engine"] == "none"
     assert dumped["distributed"]["zero_stage"] == 2
+    assert dumped["train"]["grad_flow_every"] == 0  # gradient flow checked at steps 1-2 only
     assert list(dumped) == list(Recipe.model_fields) == ["model", "quantization", "lora", "data", "train",
                                                          "distributed"]
 

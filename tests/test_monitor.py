@@ -72,3 +72,50 @@ def test_balanced_zero3_nf4_run_raises_no_warning(runs):
     assert _warnings(runs / "balanced-zero3") == []
     sharding = json.loads((runs / "balanced-zero3" / "sharding.json").read_text())
     assert [r["base_quantized_local"] for r in sharding][0] <= 0.6 * sharding[0]["base_quantized_full"]
+
+
+# -- gradient flow every N steps (train.grad_flow_every), one process ------------------------------
+
+def _detach_from_step(monkeypatch, suffix: str, first_bad_step: int) -> None:
+    """From the `first_bad_step`-th forward on, the layer's LoRA output is cut from the graph (a layer
+    that stops training mid-run: steps 1-2 pass, only a later check can see it)."""
+    import qshard.train as train
+
+    original = train.attach_lora
+
+    def sabotaged(*args, **kwargs):
+        model = original(*args, **kwargs)
+        lora_b = next(m for n, m in model.named_modules() if n.endswith(suffix)).lora_B["default"]
+        forward, calls = lora_b.forward, []
+
+        def late_detach(x):
+            calls.append(1)
+            return forward(x).detach() if len(calls) >= first_bad_step else forward(x)
+
+        lora_b.forward = late_detach
+        return model
+
+    monkeypatch.setattr(train, "attach_lora", sabotaged)
+
+
+@pytest.mark.parametrize("every", [0, 2])
+def test_grad_flow_every_n_steps_names_a_layer_that_stopped_training(micro_model, alpaca_file, tmp_path,
+                                                                     monkeypatch, every):
+    from qshard.config import parse_recipe
+    from qshard.errors import QShardError
+    from qshard.train import run
+
+    _detach_from_step(monkeypatch, DETACHED, first_bad_step=3)  # one forward per step (micro batch 4 of 4)
+    recipe = parse_recipe(recipe_dict(micro_model, alpaca_file, tmp_path / "out", max_steps=5, sample_tokens=0,
+                                      grad_flow_every=every))
+    if every == 0:  # steps 1-2 only: the run ends without noticing
+        assert run(recipe, log=lambda *_: None).steps == 5
+        return
+    with pytest.raises(QShardError) as e:
+        run(recipe, log=lambda *_: None)
+    # detaching B's output also starves A: both are named, at the first multiple of 2 after the cut
+    assert "2 LoRA tensor(s) got no gradient at step 4" in str(e.value)
+    assert f"{DETACHED}.lora_A" in str(e.value) and f"{DETACHED}.lora_B" in str(e.value)
+    assert "stopped receiving gradient" in e.value.fix
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # stopped inside step 4, before its update

@@ -168,3 +168,33 @@ def test_report_of_a_real_tiny_run(micro_model, alpaca_file, tmp_path, capsys):
     md = (out / "report" / "summary.md").read_text()
     assert "| engine | none |" in md and "| world size | 1 |" in md and "| steps | 4 (4 logged) |" in md
     assert f"| tokens | {outcome.tokens} |" in md and "## Warnings (0)" in md
+
+
+def test_communication_plot_and_table_show_measured_against_planned(tmp_path):
+    records = write_synthetic_run(tmp_path / "run")
+    planned = {"all_gather": 4_000_000, "reduce_scatter": 500_000}
+    for r in records:  # a ZeRO-3-like run: the first step traces (more gathers), then half the plan
+        r.update(comm_bytes={"all_gather": 3_000_000 if r["step"] == 1 else 2_000_000, "reduce_scatter": 500_000,
+                             "all_reduce": 8},
+                 comm_calls={"all_gather": 4, "reduce_scatter": 2, "all_reduce": 1}, comm_planned_bytes=planned,
+                 comm_s=0.01 * r["step"], step_s=0.1, comm_untimed=["reduce_scatter"])
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = write_report(tmp_path / "run")
+
+    comm = report.series["comm"]
+    assert comm["step"] == [1, 2, 3, 4, 5]
+    assert comm["measured"]["all_gather"] == [3e6, 2e6, 2e6, 2e6, 2e6]
+    assert comm["measured"]["all_reduce"] == [8] * 5 and comm["planned"]["all_reduce"] == [0] * 5
+    assert comm["planned"]["all_gather"] == [4e6] * 5 and comm["untimed"] == ["reduce_scatter"]
+    fig = figures(report.series)["communication"]
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].lines}
+    assert lines["all_gather measured"] == [3.0, 2.0, 2.0, 2.0, 2.0] and lines["all_gather planned"] == [4.0] * 5
+    assert_valid_pngs([report.out_dir / "communication.png"])
+
+    summary = report.summary["comm"]
+    assert summary["kinds"]["all_gather"] == {"measured": 2e6, "planned": 4e6}  # medians: step 1 does not move it
+    assert summary["comm_s"] == pytest.approx(0.03) and summary["step_s"] == pytest.approx(0.1)
+    md = (report.out_dir / "summary.md").read_text()
+    assert "| all_gather | 2.000 | 4.000 | 0.50 |" in md and "| reduce_scatter | 0.500 | 0.500 | 1.00 |" in md
+    assert "| all_reduce | 0.000 | 0.000 | - |" in md
+    assert "in flight 30.0 ms of a 100.0 ms step (30%); not timed: reduce_scatter." in md

@@ -1,0 +1,138 @@
+"""Collectives counted per step (qshard/commcount.py) on 2 gloo ranks, against what each engine must move.
+
+One torchrun launch runs ddp, zero2, zero3 and fsdp2 on the NF4 micro model, 2 micro-batches of 1 per
+rank and step (accumulation shows which traffic is per micro-batch and which per step). With
+L = the LoRA tensors' bytes (fp32) and M = every parameter's bytes (packed NF4 + dense + LoRA), both
+read from the run's sharding.json, the analytic figures per optimizer step are:
+- ddp: one all-reduce of the LoRA gradients, L (no_sync skips the first micro-batch); DDP also
+  broadcasts the model's buffers (rotary inv_freq, 64 B) before a forward.
+- zero2: the gradients reduced at every micro-batch, 2 L in all (DeepSpeed 0.19 all-reduces its
+  bucket on gloo), and the updated fp32 LoRA partitions all-gathered once, L.
+- zero3: each parameter all-gathered once per micro-batch, 2 M: the micro model is far below
+  stage3_max_live_parameters (1e9), so nothing is released between forward and backward; LoRA
+  gradients reduce-scattered per micro-batch, 2 L.
+- fsdp2: every group all-gathered for forward and again for backward (reshard_after_forward), 4 M
+  (no padding: every dim 0 is even); LoRA gradients reduce-scattered once, L; clipping all-reduces
+  the norm (a few bytes).
+The loop's own all-reduce (loss, flags) and the gradient-flow check's gathers are left out: DDP's
+count equals L to the byte. Step 2 is compared (ZeRO-3 traces the module order in step 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qshard.commcount import StepTraffic, _union_seconds, comm_record, format_comm
+from tests.helpers import ROWS, recipe_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = {"ddp": {"engine": "ddp"}, "zero2": {"engine": "deepspeed", "zero_stage": 2},
+           "zero3": {"engine": "deepspeed", "zero_stage": 3}, "fsdp2": {"engine": "fsdp2"}}
+MICRO = 2  # micro-batches per rank and step
+
+
+@pytest.fixture(scope="module")
+def runs(micro_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("comm")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cells = []
+    for name, dist in ENGINES.items():
+        r = recipe_dict(micro_model, data, root / name, max_steps=2, micro_batch_size=1,
+                        gradient_accumulation_steps=MICRO, sample_tokens=0)
+        r["distributed"] = dist
+        cells.append({"name": name, "recipe": r})
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"cells": cells, "probe": [[1, 2, 3]]}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "tests/dist_worker.py", str(spec)], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
+def _step(runs: Path, engine: str, step: int = 2) -> dict:
+    records = [json.loads(line) for line in (runs / engine / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in records if r["step"] == step)
+
+
+def _sizes(runs: Path, engine: str) -> tuple[int, int]:
+    """(L, M): LoRA bytes and all parameters' bytes, unsharded, from the run's own sharding.json."""
+    row = json.loads((runs / engine / "sharding.json").read_text())[0]
+    lora = row["lora_full"]
+    return lora, row["base_quantized_full"] + row["base_dense_full"] + lora
+
+
+def test_ddp_all_reduces_exactly_the_lora_gradients_once_a_step(runs):
+    record, (lora, _) = _step(runs, "ddp"), _sizes(runs, "ddp")
+    measured = record["comm_bytes"]
+    assert lora == 65536  # 16,384 fp32 LoRA parameters
+    assert measured["all_reduce"] == lora and record["comm_calls"]["all_reduce"] == 1
+    assert set(measured) <= {"all_reduce", "broadcast"} and measured.get("broadcast", 0) <= 1024
+    assert record["comm_planned_bytes"] == {"all_reduce": lora}
+
+
+def test_zero2_reduces_gradients_every_micro_batch_and_gathers_parameters_once(runs):
+    record, (lora, _) = _step(runs, "zero2"), _sizes(runs, "zero2")
+    measured = record["comm_bytes"]
+    reduced = sum(measured.get(k, 0) for k in ("all_reduce", "reduce_scatter", "reduce"))
+    assert MICRO * lora <= reduced <= MICRO * lora + 64  # + DeepSpeed's overflow / norm scalars
+    assert measured["all_gather"] == lora
+    planned = record["comm_planned_bytes"]
+    assert planned == {"reduce_scatter": MICRO * lora, "all_gather": lora}
+    assert abs(sum(measured.values()) - sum(planned.values())) <= 64
+
+
+def test_zero3_gathers_every_parameter_once_per_micro_batch(runs):
+    record, (lora, model) = _step(runs, "zero3"), _sizes(runs, "zero3")
+    measured = record["comm_bytes"]
+    assert measured["all_gather"] == MICRO * model
+    assert measured["reduce_scatter"] == MICRO * lora
+    assert measured.get("all_reduce", 0) <= 64 and set(measured) <= {"all_gather", "reduce_scatter", "all_reduce"}
+    # the planner assumes a second gather in backward (right for models above stage3_max_live_parameters)
+    assert record["comm_planned_bytes"] == {"all_gather": 2 * MICRO * model, "reduce_scatter": MICRO * lora}
+
+
+def test_fsdp2_gathers_the_base_for_forward_and_backward_and_reduce_scatters_lora_once(runs):
+    record, (lora, model) = _step(runs, "fsdp2"), _sizes(runs, "fsdp2")
+    measured = record["comm_bytes"]
+    assert measured["all_gather"] == 2 * MICRO * model
+    assert record["comm_calls"]["all_gather"] == 2 * MICRO * 3  # 2 decoder layers + the root, twice a micro-batch
+    assert measured["reduce_scatter"] == lora
+    assert 0 < measured.get("all_reduce", 0) <= 1024  # the clipped gradient norm
+    assert record["comm_planned_bytes"] == {"all_gather": 2 * MICRO * model, "reduce_scatter": lora}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_every_step_records_traffic_and_time_in_flight(runs, engine):
+    for step in (1, 2):
+        record = _step(runs, engine, step)
+        assert sum(record["comm_bytes"].values()) > 0 and all(n > 0 for n in record["comm_calls"].values())
+        assert 0 < record["comm_s"] <= record["step_s"]  # gloo: completion times are observed
+        assert record.get("comm_untimed", []) == (["reduce_scatter"] if "reduce_scatter" in record["comm_bytes"]
+                                                  else [])
+
+
+def test_union_of_intervals_counts_overlap_once():
+    assert _union_seconds([[0.0, 2.0], [1.0, 3.0], [5.0, 6.0]], now=10.0) == pytest.approx(4.0)
+    assert _union_seconds([[1.0, float("nan")]], now=4.0) == pytest.approx(3.0)  # still in flight
+    assert _union_seconds([], now=1.0) == 0.0
+
+
+def test_record_and_summary_show_measured_next_to_planned():
+    traffic = StepTraffic({"all_gather": 3_000_000, "all_reduce": 8}, {"all_gather": 6, "all_reduce": 1}, 0.02, 0.1,
+                          ["reduce_scatter"])
+    record = comm_record(traffic, {"all_gather": 6_000_000})
+    assert record == {"comm_bytes": traffic.bytes, "comm_calls": traffic.calls, "step_s": 0.1, "comm_s": 0.02,
+                      "comm_untimed": ["reduce_scatter"], "comm_planned_bytes": {"all_gather": 6_000_000}}
+    assert comm_record(None, {"all_gather": 1}) == {}  # one process: no keys
+    text = format_comm({"steps": 5, "bytes": traffic.bytes, "comm_s": 0.02, "step_s": 0.1, "untimed": [],
+                        "planned": {"all_gather": 6_000_000}})
+    assert "all_gather" in text and "3.000 MB measured" in text and "6.000 MB planned (0.50x)" in text
+    assert "20.0 ms of a 100.0 ms step (20%)" in text and "mean of 4 step(s)" in text

@@ -60,6 +60,7 @@ def why_not(engine_key: str, world_size: int, model_dir: Path, use_dora: bool, e
 
 def load_fsdp2(skeleton: nn.Module, model_dir: Path, quant: QuantSpec, engine, attach: Attach, seed: int,
                rank: int, world_size: int, device: torch.device) -> nn.Module:
+    skeleton.config.name_or_path = str(model_dir)  # PEFT writes it into adapter_config.json
     model = engine.shard(attach(skeleton))
     buffers = {name: b for name, b in model.named_buffers()}  # real (rotary tables): to_empty would blank them
     model.to_empty(device=device)

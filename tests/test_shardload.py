@@ -147,12 +147,15 @@ def trained(micro_model, tmp_path_factory):
     spec.write_text(json.dumps({"cells": cells, "probe": [[1, 5, 7, 9, 11, 13]]}))
     _torchrun("tests/dist_worker.py", spec)
     return {c["name"]: [json.loads((root / c["name"] / f"result-rank{k}.json").read_text()) for k in range(2)]
-            for c in cells}
+            + [json.loads((root / c["name"] / "adapter" / "adapter_config.json").read_text())] for c in cells}
 
 
 @pytest.mark.parametrize("engine,method", TRAIN_CASES, ids=[f"{e}-{m}" for e, m in TRAIN_CASES])
 def test_training_after_a_sharded_load_is_identical(trained, engine, method):
-    for sharded, whole in zip(trained[f"{engine}-{method}-sharded"], trained[f"{engine}-{method}-whole"]):
+    *sharded_ranks, sharded_config = trained[f"{engine}-{method}-sharded"]
+    *whole_ranks, whole_config = trained[f"{engine}-{method}-whole"]
+    assert sharded_config == whole_config  # the PEFT adapter folder's config, base model path included
+    for sharded, whole in zip(sharded_ranks, whole_ranks):
         assert "error" not in sharded and "error" not in whole
         assert sharded["losses"] == whole["losses"]  # every step, bit for bit (the first included)
         assert sharded["logits"] == whole["logits"]  # the trained model, on a probe batch

@@ -12,7 +12,8 @@ bench/recipe-400m.yaml (NF4 with double quant, fp32 compute, LoRA r=16 all-linea
   - anchor, N ranks: transformers `from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double
     quant, fp32))` + PEFT `get_peft_model`, then `deepspeed.initialize` (ZeRO-3), as bench/anchor_zero3.py.
 
-Per rank: the baseline is the resident set after imports, process group and engine creation; then
+Per rank: the baseline is the resident set after imports (every module either stack loads, see
+`warm_up`), process group and engine creation; then
 /proc/self/clear_refs resets the kernel's high-water mark (VmHWM), the model loads, and VmHWM minus
 the baseline is the exact peak resident memory added *during load* (anonymous memory plus mapped
 file pages: transformers reads safetensors through mmap, so part of its figure is the checkpoint's
@@ -97,6 +98,7 @@ def worker(kind: str, model: str, overrides: list[str], out: Path) -> None:
     from qshard.runtime import init_runtime
 
     rt = init_runtime(need_group=kind == "anchor" or "distributed.engine=none" not in overrides)
+    warm_up()
     if kind == "qshard":
         load, wrap = _qshard(model, overrides, rt)
     else:
@@ -117,6 +119,24 @@ def worker(kind: str, model: str, overrides: list[str], out: Path) -> None:
     if rt.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def warm_up() -> None:
+    """Import every module either stack imports while loading and load bitsandbytes' native library,
+    so that the baseline includes them and the load figure is the model's memory alone."""
+    import importlib
+
+    import torch
+
+    for name in ("qshard.train", "qshard.shardload", "torch.distributed.fsdp", "torch.distributed.tensor",
+                 "torch.distributed.checkpoint.state_dict", "deepspeed.runtime.zero.partition_parameters",
+                 "deepspeed.runtime.engine", "transformers.models.llama.modeling_llama",
+                 "transformers.integrations.bitsandbytes", "transformers.quantizers.quantizer_bnb_4bit",
+                 "peft.tuners.lora.bnb"):
+        importlib.import_module(name)
+    import bitsandbytes.functional as bnbF
+
+    bnbF.quantize_4bit(torch.ones(64), quant_type="nf4", compress_statistics=True)
 
 
 def _qshard(model: str, overrides: list[str], rt):

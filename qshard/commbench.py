@@ -131,7 +131,8 @@ def step_traffic(spec, s, engine: str, reshard_after_forward: bool = True) -> li
     The quantized base counts at its packed size (qshard.plan.base_bytes): the engines move its uint8
     storage. DeepSpeed keeps trainable params and their gradients in the half dtype; qshard's DDP and
     FSDP2 reduce fp32 gradients (FSDP2's reduce_dtype), FSDP2 gathers LoRA params in the compute dtype."""
-    from qshard.plan import base_bytes, decoder_layer_bytes, lora_params
+    from qshard.plan import (DS_MAX_REUSE_DISTANCE, base_bytes, decoder_layer_bytes, decoder_layer_elements,
+                             lora_params)
 
     n_lora, base = lora_params(spec, s), sum(base_bytes(spec, s).values())
     half = 4 if s.precision == "fp32" else 2
@@ -145,8 +146,12 @@ def step_traffic(spec, s, engine: str, reshard_after_forward: bool = True) -> li
                 Traffic("all_gather", n_lora * half, n_lora * half, "updated LoRA params, once a step")]
     layer = decoder_layer_bytes(spec, s) + n_lora // spec.layers * half
     if engine == "zero3":
-        # forward, backward, and the forward recomputed in backward with activation checkpointing
-        gathers = micro * (3 if s.checkpointing else 2)
+        # forward, backward, and the forward recomputed in backward with activation checkpointing; but
+        # DeepSpeed keeps a module gathered until its backward when it is used again within
+        # stage3_max_reuse_distance elements (plan.zero3_gathered_bytes): below that, once per micro-batch
+        elements = spec.layers * decoder_layer_elements(spec, s) + 2 * spec.vocab * spec.hidden
+        again = 2 * elements >= DS_MAX_REUSE_DISTANCE
+        gathers = micro * ((3 if s.checkpointing else 2) if again else 1)
         return [Traffic("all_gather", gathers * (base + n_lora * half), layer,
                         f"packed base + LoRA params, {gathers} times a step, a layer at a time"),
                 Traffic("reduce_scatter", micro * n_lora * half, n_lora * half,

@@ -195,7 +195,7 @@ class CheckpointReader:
     until the file is closed, so a loader's memory looks like the checkpoint's size. Reading into
     our own tensors keeps resident memory to what is held, and lets a rank read only its rows."""
 
-    CHUNK_BYTES = 16 * 2**20  # rows converted to another dtype are read this much at a time
+    CHUNK_BYTES = 4 * 2**20  # rows converted to another dtype are read this much at a time
     _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                "BOOL": torch.bool}

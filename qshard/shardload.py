@@ -41,7 +41,7 @@ from qshard.lora import init_adapter
 from qshard.quant import ptq
 from qshard.quant.base import QuantLinear
 
-SLICE_BYTES = 64 * 2**20  # a quantized weight is read at most this much (as fp32) at a time
+SLICE_BYTES = 8 * 2**20  # a quantized weight is read at most this much (as fp32) at a time
 Attach = Callable[[nn.Module], nn.Module]  # base model -> PeftModel (gradient checkpointing, LoRA)
 
 

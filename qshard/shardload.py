@@ -126,7 +126,9 @@ def load_zero3(skeleton: nn.Module, model_dir: Path, quant: QuantSpec, engine, a
     check_materialised(skeleton, model_dir)
     skeleton.requires_grad_(False)
     skeleton.config.name_or_path = str(model_dir)
-    return attach(skeleton.eval())
+    model = attach(skeleton.eval())
+    engine.partition(model)  # the adapters too, cast as deepspeed.initialize casts a whole model
+    return model
 
 
 def load_units(model: nn.Module, layers: list[nn.Module]) -> list[tuple[str, nn.Module]]:

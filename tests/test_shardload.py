@@ -125,7 +125,7 @@ def test_zero3_load_holds_one_unit_at_a_time(loads, case):
         assert rank["largest_sharded_load"] <= rank["largest_param"]
 
 
-TRAIN_CASES = [("fsdp2", "nf4"), ("zero3", "nf4"), ("fsdp2", "none"), ("zero3", "none")]
+TRAIN_CASES = [("fsdp2", "nf4"), ("zero3", "nf4"), ("fsdp2", "none"), ("zero3", "none"), ("zero3", "nf4-bf16")]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,9 @@ def trained(micro_model, tmp_path_factory):
             name = f"{engine}-{method}-{'sharded' if on else 'whole'}"
             recipe = recipe_dict(micro_model, data, root / name, max_steps=3, micro_batch_size=2)
             recipe["model"]["dtype"] = "bfloat16" if method == "none" else "float32"
-            recipe["quantization"]["method"] = method
+            recipe["quantization"]["method"] = method.split("-")[0]
+            if method.endswith("bf16"):  # DeepSpeed casts the model to bf16: the adapters too, however loaded
+                recipe["train"]["precision"] = "bf16"
             recipe["distributed"] = ({"engine": "fsdp2"} if engine == "fsdp2" else
                                      {"engine": "deepspeed", "zero_stage": 3}) | {"shard_on_load": on}
             cells.append({"name": name, "recipe": recipe})

@@ -99,7 +99,19 @@ class DeepSpeedEngine:
         accepts the pre-partitioned model and partitions what is left (the adapters)."""
         deepspeed = self._deepspeed()
         deepspeed.init_distributed()  # adopts torch's process group (else the config sees a world of 1)
+        # deepspeed.initialize casts a whole model's floating parameters to the bf16/fp16 of the config
+        # before partitioning it, but trusts pre-partitioned ones to be cast already: do it here
+        half = self.half_dtype()
+        for p in module.parameters():
+            if half is not None and p.is_floating_point() and p.dtype != half and not hasattr(p, "ds_id"):
+                p.data = p.data.to(half)
         deepspeed.zero.Init(module=module, config_dict_or_path=self.config)
+
+    def half_dtype(self) -> torch.dtype | None:
+        for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            if (self.config.get(key) or {}).get("enabled"):
+                return dtype
+        return None
 
     def wrap(self, model: nn.Module, make_optimizer):
         deepspeed = self._deepspeed()

@@ -50,29 +50,66 @@ QUICK = [c for c in CASES if c[0] != "400m"]
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of live tensor storages (each counted once) and their peak."""
+    """Bytes of live tensor storages (each counted once) and their peak.
+
+    Two ways memory changes without a new tensor coming out of an op, both handled here:
+    - a tensor subclass (FSDP2's DTensor) is a wrapper whose bytes live in its local tensor: counted there;
+    - `untyped_storage().resize_()` grows or frees a storage in place (FSDP2 allocates and frees its
+      unsharded parameters this way); on CPU it bypasses the dispatcher, so while the mode is active
+      `UntypedStorage.resize_` is wrapped to report the change.
+    """
 
     def __init__(self):
         super().__init__()
-        self.known = WeakIdKeyDictionary()  # storage -> its weakref (kept alive with the entry)
+        self.known = WeakIdKeyDictionary()  # storage -> (its weakref, [bytes counted now])
         self.current = self.peak = 0
 
     def track(self, t) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
+        if hasattr(t, "_local_tensor"):  # DTensor
+            return self.track(t._local_tensor)
         storage = t.untyped_storage()
-        if storage in self.known:
-            return
-        n = storage.nbytes()
-        self.known[storage] = weakref.ref(storage, lambda _ref, n=n: self._freed(n))
+        if storage not in self.known:
+            self.sync(storage)
+
+    def sync(self, storage) -> None:
+        """Count a storage at its current size (new, or resized in place)."""
+        cell = self.known[storage][1] if storage in self.known else self._cell(storage)
+        self._add(storage.nbytes() - cell[0])
+        cell[0] = storage.nbytes()
+
+    def _cell(self, storage) -> list[int]:
+        """Register a storage at 0 bytes; its bytes are subtracted when it is freed."""
+        cell = [0]
+        self.known[storage] = (weakref.ref(storage, lambda _ref, cell=cell: self._freed(cell)), cell)
+        return cell
+
+    def _add(self, n: int) -> None:
         self.current += n
         self.peak = max(self.peak, self.current)
 
-    def _freed(self, n: int) -> None:
-        self.current -= n
+    def _freed(self, cell: list[int]) -> None:
+        self.current -= cell[0]
 
     def reset_peak(self) -> None:
         self.peak = self.current
+
+    def __enter__(self):
+        tracker, resize = self, torch.UntypedStorage.resize_
+
+        def counted_resize(storage, size):
+            out = resize(storage, size)
+            tracker.sync(storage)
+            return out
+
+        self._resize = resize
+        torch.UntypedStorage.resize_ = counted_resize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

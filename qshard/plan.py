@@ -9,7 +9,9 @@ in Large Transformer Models" (arXiv:2205.05198, section 4.1): count the tensors 
 backward. Their GPT layer in fp16 saves sbh(34 + 5as/h) bytes. A LoRA layer on a frozen Llama-style
 base saves different tensors (no dropout masks; a fused attention kernel keeps no s^2 scores; SwiGLU
 instead of GeLU; frozen linears keep no inputs, LoRA's A matrices do), counted in `layer_activation_bytes`
-and checked against measured bytes (bench/plan_validation.py, BENCHMARKS.md).
+and checked against measured bytes (bench/plan_validation.py, BENCHMARKS.md). What the engines add per rank
+(DDP's buckets, DeepSpeed's partitions, reduce bucket and gathered parameters, FSDP2's unsharded layers and
+root) follows their source, cited where it is used, and is checked on 2 ranks (bench/plan_validation_dist.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ GIB = 1024 ** 3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes (qshard/quant/bnb4bit.py)
 DS_REDUCE_BUCKET = 500_000_000     # DeepSpeed's default reduce_bucket_size (elements)
+# ZeRO-3 defaults qshard's DeepSpeed config keeps (deepspeed/runtime/zero/config.py), in elements
+DS_MAX_REUSE_DISTANCE = 1_000_000_000  # stage3_max_reuse_distance
+DS_PREFETCH_BUCKET = 50_000_000        # stage3_prefetch_bucket_size
 
 # Outside allocated tensor bytes: the CUDA context (kernels, cuBLAS workspace; 0.3-0.9 GiB by driver and
 # card), NCCL's communicator buffers, and the caching allocator's fragmentation on top of live tensors.
@@ -188,6 +193,49 @@ def decoder_layer_bytes(spec: ModelSpec, s: Settings) -> int:
     return base_bytes(replace(spec, layers=1), s)["layers"] + 2 * spec.hidden * DTYPE_BYTES[s.dense_dtype]
 
 
+def decoder_layer_elements(spec: ModelSpec, s: Settings) -> int:
+    """Elements of one decoder layer's frozen parameters as ZeRO-3 counts them (`ds_numel`): one per byte of
+    packed quantized storage (qshard's quantized layers keep it in uint8 parameters), one per dense weight."""
+    dense = DTYPE_BYTES[s.dense_dtype]
+    quantized = s.quant != "none"
+    return sum(linear_storage_bytes(i, o, s.quant, s.double_quant, dense) if quantized and name not in s.skip_modules
+               else i * o for name, (i, o) in spec.layer_linears().items()) + 2 * spec.hidden
+
+
+def ds_reduce_bucket(lora: int) -> int:
+    """reduce_bucket_size (elements) as qshard's DeepSpeed engine sets it (qshard/engines/deepspeed.py):
+    the trainable parameter count, at least 1e6 and at most DeepSpeed's default."""
+    return int(min(DS_REDUCE_BUCKET, max(lora, 1_000_000)))
+
+
+def zero3_gathered_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
+    """Parameters ZeRO-3 holds gathered at the start of backward (the peak), at DeepSpeed's defaults.
+
+    Once the first step has traced the module order, DeepSpeed does not release a module's parameters after
+    its forward if they are used again within stage3_max_reuse_distance (1e9) elements of fetched parameters
+    (deepspeed/runtime/zero/partitioned_param_coordinator.py, `__params_to_release`). A decoder layer is used
+    again in its own backward, after every later layer and the head have been fetched twice (forward, then
+    backward), so it stays gathered when 2 x (elements after it) < 1e9: below ~5e8 elements the whole model
+    does. The head and final norm, used again at once, stay too; the embedding (no backward) is released.
+    Layers beyond the distance are fetched ahead, up to stage3_prefetch_bucket_size (5e7) elements. Each
+    gathered layer brings its LoRA tensors whole, in the half dtype DeepSpeed casts them to. One more copy
+    of the largest parameter (embedding or head) is alive as the all-gather's buffer: DeepSpeed's own
+    estimator budgets two copies of the largest layer (`largest_layer_memory` in stage3.py's
+    estimate_zero3_model_states_mem_needs). Measured with bench/plan_validation_dist.py (BENCHMARKS.md)."""
+    b = base_bytes(spec, s)
+    half = 4 if s.precision == "fp32" else 2
+    layer_bytes = decoder_layer_bytes(spec, s) + lora // spec.layers * half
+    layer_elements = decoder_layer_elements(spec, s) + lora // spec.layers
+    head_bytes = b["lm_head"] or b["embed_tokens"]  # a tied head is the embedding
+    after = spec.vocab * spec.hidden + spec.hidden  # elements of the head and final norm
+    gathered, kept = head_bytes + b["norms"] // (2 * spec.layers + 1), 0
+    while kept < spec.layers and 2 * after < DS_MAX_REUSE_DISTANCE:
+        gathered, after, kept = gathered + layer_bytes, after + layer_elements, kept + 1
+    rest = (spec.layers - kept) * layer_elements
+    prefetched = min(rest, DS_PREFETCH_BUCKET) * layer_bytes // layer_elements
+    return gathered + prefetched + max(b["embed_tokens"], b["lm_head"])
+
+
 def lora_params(spec: ModelSpec, s: Settings) -> int:
     """Trainable parameters: r * (in + out) per adapted linear (+ out for DoRA's magnitude)."""
     linears = spec.layer_linears()
@@ -203,7 +251,7 @@ def optimizer_bytes_per_param(optimizer: str) -> float:
     return 2 + 8 / 256 if optimizer.endswith("8bit") else 8.0
 
 
-def layer_activation_bytes(spec: ModelSpec, tokens: int, precision: str) -> int:
+def layer_activation_bytes(spec: ModelSpec, tokens: int, precision: str, fp32_adapters: bool = True) -> int:
     """Bytes one LoRA'd decoder layer saves for backward (all-linear targets, LoRA dropout 0, SDPA).
 
     Counted op by op in transformers' Llama/Qwen2/Mistral layer (per token; p = activation bytes,
@@ -213,8 +261,10 @@ def layer_activation_bytes(spec: ModelSpec, tokens: int, precision: str) -> int:
       SwiGLU       gate out, silu out, up out                            3 I p
       LoRA A       inputs of the A matrices (frozen base linears keep none: bitsandbytes saves only
                    the weight). fp32: the two norm outputs and the SwiGLU product, shared by the adapters
-                   on the same input: (2h + I) p. Under autocast PEFT casts each adapter's input to fp32
-                   and autocast back to p, so every adapter keeps its own copy: (q,k,v,o,gate,up) 6h + I.
+                   on the same input: (2h + I) p. Under autocast with fp32 adapters (one process, DDP) PEFT
+                   casts each adapter's input to fp32 and autocast back to p, so every adapter keeps its own
+                   copy: (q,k,v,o,gate,up) 6h + I. Adapters already in p (DeepSpeed casts them; FSDP2's
+                   param_dtype gathers them so) share their inputs as in fp32: (2h + I) p.
     fp32 total: 4 (6h + 2kv + 4I) + small; bf16: 8h + 2 (8h + 2kv + 4I) + small. Korthikanti et al.'s
     GPT layer (34 sbh) counts dropout masks, s^2 attention scores and GeLU inputs that this layer lacks."""
     h, kv, i = spec.hidden, spec.kv_heads * spec.head_dim, spec.intermediate
@@ -222,7 +272,7 @@ def layer_activation_bytes(spec: ModelSpec, tokens: int, precision: str) -> int:
     norms = 2 * (4 * h + 4)
     attention = p * (2 * h + 2 * kv) + 4 * spec.heads
     mlp = 3 * i * p
-    lora_inputs = (2 * h + i) * p if precision == "fp32" else (6 * h + i) * p
+    lora_inputs = (6 * h + i) * p if precision != "fp32" and fp32_adapters else (2 * h + i) * p
     return tokens * (norms + attention + mlp + lora_inputs)
 
 
@@ -232,7 +282,8 @@ def activation_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
     tokens = s.micro_batch * s.seq_len
     p = 4 if s.precision == "fp32" else 2
     adapter_outputs = tokens * 7 * s.lora_r * p  # A's outputs, kept by B
-    layer = layer_activation_bytes(spec, tokens, s.precision) + adapter_outputs
+    fp32_adapters = s.engine in ("none", "ddp")  # DeepSpeed and FSDP2 compute with half-precision adapters
+    layer = layer_activation_bytes(spec, tokens, s.precision, fp32_adapters) + adapter_outputs
     if s.checkpointing:
         return spec.layers * tokens * spec.hidden * p + layer
     return spec.layers * layer
@@ -276,27 +327,42 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
     gpu, cpu = {}, {}
     gpu["base_weights"] = base // shard(stage == 3 or e == "fsdp2")
     if deepspeed:
-        # DeepSpeed casts trainable params to the half dtype and keeps fp32 master copies + fp32 grads
+        # DeepSpeed casts trainable params to the half dtype, keeps fp32 master copies and this rank's
+        # partition of the gradients, in the half dtype too (grad_accum_dtype defaults to the model's,
+        # deepspeed/runtime/engine.py get_data_types; the fp32 copy the optimizer reads exists only during
+        # step, after the activations are freed). Stage 1 included: stage_1_and_2.py copies each gradient into
+        # the reduce bucket as backward produces it and keeps only its partition. The bucket holds
+        # reduce_bucket_size elements in the half dtype: during backward under stages 1-2, always under stage 3.
         gpu["lora_params"] = lora * half // shard(stage == 3)
-        gpu["lora_grads"] = lora * 4 // n + (lora * half if stage == 1 else 0)
+        gpu["lora_grads"] = lora * half // n
         gpu["master_weights"] = lora * 4 // n
         gpu["optimizer_states"] = int(lora * opt_b) // n
-        bucket = min(DS_REDUCE_BUCKET, lora)  # the plan writes reduce_bucket_size = min(default, trainable)
-        gpu["engine_buffers"] = bucket * (4 if stage == 1 else half)
+        gpu["engine_buffers"] = ds_reduce_bucket(lora) * half
     else:
         sharded = e == "fsdp2"
         gpu["lora_params"] = lora * 4 // shard(sharded)   # qshard keeps adapters in fp32
         gpu["lora_grads"] = lora * 4 // shard(sharded)
         gpu["optimizer_states"] = int(lora * opt_b) // shard(sharded)
         gpu["engine_buffers"] = lora * 4 if e == "ddp" else 0  # DDP's gradient buckets copy the grads
-    if stage == 3 or e == "fsdp2":
-        gpu["gathered_weights"] = 2 * decoder_layer_bytes(spec, s)  # current layer + prefetched next
-        if e == "fsdp2":  # the root (embeddings, head) is not resharded after forward
-            b = base_bytes(spec, s)
-            gpu["gathered_weights"] += b["embed_tokens"] + b["lm_head"]
+    if stage == 3:
+        gpu["gathered_weights"] = zero3_gathered_bytes(spec, s, lora)
+    if e == "fsdp2":
+        # current layer + the next one, prefetched (LoRA gathered with them in the compute dtype), and the
+        # root (embeddings, head) 1.5 times: qshard's engine reshards the root after forward too (it passes
+        # reshard_after_forward to every fully_shard call, qshard/engines/fsdp2.py), so the root is gathered
+        # again as backward starts; at the peak its flat all-gather output (root-sized, torch's
+        # _fsdp_collectives.py) and one unsharded root tensor (embedding or head) were alive (measured,
+        # bench/plan_validation_dist.py, 400m fp32 and bf16).
+        b = base_bytes(spec, s)
+        layer = decoder_layer_bytes(spec, s) + lora // spec.layers * half
+        root = b["embed_tokens"] + b["lm_head"]
+        gpu["gathered_weights"] = 2 * layer + root + max(b["embed_tokens"], b["lm_head"])
     if s.offload_optimizer:
-        for key in ("master_weights", "optimizer_states", "lora_grads"):
+        for key in ("master_weights", "optimizer_states"):
             cpu[key] = gpu.pop(key, 0)
+        cpu["lora_grads"] = lora * 4 // n  # the fp32 gradients the CPU optimizer reads
+        if stage != 3:  # stage 3 also keeps its half partition on the device (stage3.py grad_partitions_flat_buffer)
+            gpu.pop("lora_grads", None)
     if s.offload_params:
         cpu["base_weights"] = base
         gpu["base_weights"] = 0
@@ -513,7 +579,7 @@ def recommended_deepspeed_config(est: Estimate, spec: ModelSpec, max_grad_norm: 
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         config[key] = "auto"
     config["bf16"]["enabled"] = config["fp16"]["enabled"] = "auto"
-    config["zero_optimization"]["reduce_bucket_size"] = min(DS_REDUCE_BUCKET, lora_params(spec, s))
+    config["zero_optimization"]["reduce_bucket_size"] = ds_reduce_bucket(lora_params(spec, s))
     return config
 
 

@@ -60,6 +60,30 @@ class GradFlowCheck:
                                                          "(frozen or detached by a callback, or fp16 underflow)")
 
 
+def base_fingerprint(model: torch.nn.Module) -> dict[str, tuple[torch.dtype, float]]:
+    """dtype and sum of this rank's part (ZeRO-3 partition, FSDP2 shard) of every frozen tensor: one
+    reduction each, enough to see a base weight that an optimizer step or an engine cast changed."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else (p.to_local() if hasattr(p, "to_local") else p)
+        total = t.detach().sum(dtype=torch.float64 if t.is_floating_point() else torch.int64)
+        out[name] = (t.dtype, float(total))
+    return out
+
+
+def check_base_unchanged(before: dict, after: dict, step: int, rt: Runtime) -> None:
+    """After the optimizer step, every frozen tensor must be as it was (on every rank)."""
+    changed = sorted(n for n in before if after.get(n) != before[n])
+    if int(all_reduce_sum(torch.tensor([float(len(changed))], device=rt.device), rt)[0]):
+        shown = ", ".join(changed[:4]) or "(on another rank)"
+        raise QShardError(f"the optimizer step {step} changed frozen base tensor(s): {shown}",
+                          where="gradient flow check",
+                          fix="likely cause: a base tensor was given to the optimizer, or an engine cast the "
+                              "frozen storage (e.g. packed NF4 bytes cast to bf16)")
+
+
 def _fail(names: list[str], what: str, cause: str) -> None:
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     raise QShardError(f"{len(names)} LoRA tensor(s) got {what}: {shown}", where="gradient flow check",

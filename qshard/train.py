@@ -29,8 +29,8 @@ from qshard.faults import Watchdog
 from qshard.load import DTYPES, QuantSpec, load_base_model, open_base
 from qshard.lora import attach_lora, lora_param_count, resolve_targets, save_adapter
 from qshard.metrics import MetricsLog, memory_all_ranks, truncate_after
-from qshard.monitor import (GradFlowCheck, format_sharding, memory_imbalance, replicated_tensors,
-                            sharding_report)
+from qshard.monitor import (GradFlowCheck, base_fingerprint, check_base_unchanged, format_sharding,
+                            memory_imbalance, replicated_tensors, sharding_report)
 from qshard.precision import Precision, resolve_precision
 from qshard.runtime import Runtime, all_reduce_sum, init_runtime, shutdown
 
@@ -240,12 +240,16 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
             step += 1
             warnings_log.warn(step, "skipped", f"step {step} skipped: non-finite loss on {nonfinite_ranks} rank(s)")
             continue
-        if grad_flow.due(step + 1):
+        checking = grad_flow.due(step + 1)
+        if checking:
             with comm.paused():  # gathering full gradients (ZeRO) is the check's traffic, not the step's
                 grad_flow.inspect(engine.local_grads(), step + 1)
+            base_before = base_fingerprint(model)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         grad_norm = engine.step(tr.max_grad_norm)
         traffic = comm.stop()
+        if checking:
+            check_base_unchanged(base_before, base_fingerprint(model), step + 1, rt)
         scheduler.step()
         step += 1
 

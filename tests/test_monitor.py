@@ -119,3 +119,26 @@ def test_grad_flow_every_n_steps_names_a_layer_that_stopped_training(micro_model
     assert "stopped receiving gradient" in e.value.fix
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]  # stopped inside step 4, before its update
+
+
+def test_a_changed_frozen_base_tensor_stops_the_run(micro_model):
+    import torch
+
+    from qshard.errors import QShardError
+    from qshard.load import QuantSpec, load_model
+    from qshard.lora import attach_lora, resolve_targets
+    from qshard.monitor import base_fingerprint, check_base_unchanged
+    from qshard.runtime import init_runtime
+
+    base = load_model(str(micro_model), dtype="float32", quant=QuantSpec("nf4"), log=lambda *_: None)
+    model = attach_lora(base, r=4, alpha=8, dropout=0.0, targets=resolve_targets(base, "all-linear"),
+                        use_dora=False, seed=0)
+    rt = init_runtime()
+    before = base_fingerprint(model)
+    assert any(dtype == torch.uint8 for dtype, _ in before.values())  # the packed NF4 storage is covered
+    check_base_unchanged(before, base_fingerprint(model), 1, rt)  # untouched: passes
+    packed = next(p for n, p in model.named_parameters() if n.endswith("q_proj.base_layer.packed"))
+    with torch.no_grad():
+        packed[0] += 1  # what an optimizer step on a base tensor would do
+    with pytest.raises(QShardError, match="q_proj.base_layer.packed"):
+        check_base_unchanged(before, base_fingerprint(model), 1, rt)

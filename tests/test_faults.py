@@ -240,3 +240,14 @@ def test_resume_auto_after_a_death_before_the_first_checkpoint_starts_afresh(mic
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "died before its first save; starting afresh" in proc.stdout
     _assert_same_run(references["none"], tmp_path / "early")
+
+
+def test_non_finite_step_is_skipped_under_fsdp2(micro_model, tmp_path):
+    """FSDP2Engine.skip_step (once unreachable: defined inside a helper function) drops the step's
+    gradients on both ranks; the run finishes with finite adapters and one warning."""
+    run = _write_recipe(tmp_path, micro_model, tmp_path / "skip2", ENGINES["fsdp2"], nproc=2, on_nonfinite="skip")
+    proc = _qshard(str(run), "--nproc", "2", fault="nan-step@3@1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = [json.loads(line) for line in (tmp_path / "skip2" / "warnings.jsonl").read_text().splitlines()]
+    assert [(w["kind"], w["step"]) for w in warned] == [("skipped", 3)]
+    assert all(torch.isfinite(t).all() for t in _adapter(tmp_path / "skip2").values())

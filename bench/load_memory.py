@@ -141,20 +141,15 @@ def warm_up() -> None:
 
 def _qshard(model: str, overrides: list[str], rt):
     from qshard.config import load_recipe
-    from qshard.engines import create_engine
     from qshard.load import open_base
     from qshard.lora import resolve_targets
     from qshard.precision import resolve_precision
-    from qshard.train import _quant_spec, build_model, make_optimizer
+    from qshard.train import build_model, engine_for, make_optimizer, quant_spec
 
     recipe = load_recipe(str(RECIPE), [f"model.path={model}", *overrides])
     precision = resolve_precision(recipe.train.precision, rt.device)
-    quant = _quant_spec(recipe, precision)
-    d = recipe.distributed
-    engine = create_engine(d.engine, device=rt.device, precision=precision.name, world_size=rt.world_size,
-                           micro_batch=recipe.train.micro_batch_size,
-                           accumulation=recipe.train.gradient_accumulation_steps,
-                           max_grad_norm=recipe.train.max_grad_norm, zero_stage=d.zero_stage)
+    quant = quant_spec(recipe, precision)
+    engine = engine_for(recipe, rt, precision)
 
     def load():
         model_dir, skeleton = open_base(recipe.model.path, dtype=recipe.model.dtype, quant=quant)

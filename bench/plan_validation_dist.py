@@ -89,7 +89,7 @@ def measure_rank(model_dir: str, label: str, precision: str, micro_batch: int, s
         "train": {"micro_batch_size": micro_batch, "precision": precision}, "distributed": ENGINES[label]})
     rt = init_runtime(need_group=True)
     prec = resolve_precision(precision, rt.device)
-    quant = train._quant_spec(recipe, prec)
+    quant = train.quant_spec(recipe, prec)
     model_dir, skeleton = open_base(model_dir, dtype=recipe.model.dtype, quant=quant)
     d = recipe.distributed
     engine = create_engine(d.engine, device=rt.device, precision=prec.name, world_size=rt.world_size,

@@ -134,14 +134,11 @@ def load_zero3(skeleton: nn.Module, model_dir: Path, quant: QuantSpec, engine, a
 def load_units(model: nn.Module, layers: list[nn.Module]) -> list[tuple[str, nn.Module]]:
     """The decoder layers and, outside them, every module that holds parameters itself (embeddings,
     final norm, head), in module order: the pieces loaded and partitioned one at a time."""
+    layer_ids = {id(layer) for layer in layers}
     inside = {id(m) for layer in layers for m in layer.modules()}
-    units = []
-    for name, module in model.named_modules():
-        if any(module is layer for layer in layers):
-            units.append((name, module))
-        elif id(module) not in inside and any(True for _ in module.parameters(recurse=False)):
-            units.append((name, module))
-    return units
+    return [(name, module) for name, module in model.named_modules()
+            if id(module) in layer_ids or (id(module) not in inside and next(module.parameters(recurse=False), None)
+                                           is not None)]
 
 
 def shard_span(rows: int, rank: int, world_size: int) -> tuple[int, int]:

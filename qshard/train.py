@@ -89,7 +89,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
         else:
             check_resume_compatible(resume_from, recipe, rt.world_size, say)
         rows = read_rows(recipe)
-        quant = _quant_spec(recipe, precision)
+        quant = quant_spec(recipe, precision)
         model_dir, skeleton = open_base(recipe.model.path, dtype=recipe.model.dtype, quant=quant)
         targets = resolve_targets(skeleton, recipe.lora.target_modules)
         if rt.is_main:
@@ -107,14 +107,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
             (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
         _barrier(rt)
 
-        d = recipe.distributed
-        engine = create_engine(d.engine, device=rt.device, precision=precision.name, world_size=rt.world_size,
-                               micro_batch=recipe.train.micro_batch_size,
-                               accumulation=recipe.train.gradient_accumulation_steps,
-                               max_grad_norm=recipe.train.max_grad_norm, zero_stage=d.zero_stage,
-                               offload_optimizer=d.offload_optimizer, offload_params=d.offload_params,
-                               deepspeed_config=d.deepspeed_config, reshard_after_forward=d.reshard_after_forward,
-                               fsdp_cpu_offload=d.fsdp_cpu_offload)
+        engine = engine_for(recipe, rt, precision)
         model = build_model(skeleton, model_dir, quant, targets, engine, recipe, rt, say)
         say(_trainable_line(model))
         model, optimizer = engine.wrap(model, lambda params: make_optimizer(params, recipe))
@@ -123,6 +116,18 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
         return outcome
     finally:
         shutdown(rt)
+
+
+def engine_for(recipe: Recipe, rt: Runtime, precision: Precision):
+    """The engine `distributed` names, with the recipe's batch, clipping and engine options."""
+    d = recipe.distributed
+    return create_engine(d.engine, device=rt.device, precision=precision.name, world_size=rt.world_size,
+                         micro_batch=recipe.train.micro_batch_size,
+                         accumulation=recipe.train.gradient_accumulation_steps,
+                         max_grad_norm=recipe.train.max_grad_norm, zero_stage=d.zero_stage,
+                         offload_optimizer=d.offload_optimizer, offload_params=d.offload_params,
+                         deepspeed_config=d.deepspeed_config, reshard_after_forward=d.reshard_after_forward,
+                         fsdp_cpu_offload=d.fsdp_cpu_offload)
 
 
 def build_model(skeleton, model_dir: Path, quant: QuantSpec, targets: list[str], engine, recipe: Recipe,
@@ -456,7 +461,7 @@ def build_datasets(recipe: Recipe, rows: dict[str, tuple[list[dict], str]], toke
     return Datasets(train, evals, reports)
 
 
-def _quant_spec(recipe: Recipe, precision: Precision) -> QuantSpec:
+def quant_spec(recipe: Recipe, precision: Precision) -> QuantSpec:
     q = recipe.quantization
     compute = precision.dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
     return QuantSpec(method=q.method, double_quant=q.double_quant, compute_dtype=compute,

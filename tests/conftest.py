@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from qshard.tiny import init_tiny
-from tests.helpers import ROWS
+from tests.helpers import ROWS, write_rows
 
 @pytest.fixture(scope="session")
 def micro_model(tmp_path_factory) -> Path:
@@ -26,5 +25,5 @@ def micro_qwen(tmp_path_factory) -> Path:
 @pytest.fixture
 def alpaca_file(tmp_path) -> Path:
     path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_rows(path)
     return path

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 ROWS = [
     {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
@@ -26,3 +32,18 @@ def recipe_dict(model: Path, data: Path, out: Path, **train) -> dict:
         "train": {"output_dir": str(out), "max_steps": 4, "micro_batch_size": 4, "learning_rate": 1e-2,
                   "warmup_steps": 0, "seed": 0, **train},
     }
+
+
+def write_rows(path: Path) -> Path:
+    """ROWS as an alpaca JSONL file."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return path
+
+
+def torchrun(script: str, spec: Path, nproc: int = 2, timeout: float = 900) -> None:
+    """`script SPEC` in one torchrun launch of `nproc` gloo processes (OMP 1 thread each); fails with
+    the workers' stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                           script, str(spec)], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-5000:]

@@ -18,7 +18,7 @@ from qshard.config import parse_recipe
 from qshard.errors import QShardError
 from qshard.metrics import read_metrics
 from qshard.train import rng_state, run, set_rng_state
-from tests.helpers import ROWS, recipe_dict
+from tests.helpers import recipe_dict, write_rows
 
 FILES = {"adapter/adapter_model.safetensors": b"\x00\x01weights" * 100, "trainer_state.json": b'{"step": 1}'}
 
@@ -304,7 +304,7 @@ def cosine_run(tmp_path_factory, micro_model):
     """6 steps, default cosine schedule, dense base (quantization: none, cheap to set up), saves at 3 and 6."""
     folder = tmp_path_factory.mktemp("cosine")
     data = folder / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_rows(data)
     outcome = train(micro_model, data, folder / "run", 6, quantization="none")
     return outcome, folder / "run", data
 

@@ -21,17 +21,13 @@ count equals L to the byte. Step 2 is compared (ZeRO-3 traces the module order i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from qshard.commcount import StepTraffic, _union_seconds, comm_record, format_comm
-from tests.helpers import ROWS, recipe_dict
+from tests.helpers import recipe_dict, torchrun, write_rows
 
-ROOT = Path(__file__).resolve().parents[1]
 ENGINES = {"ddp": {"engine": "ddp"}, "zero2": {"engine": "deepspeed", "zero_stage": 2},
            "zero3": {"engine": "deepspeed", "zero_stage": 3}, "fsdp2": {"engine": "fsdp2"}}
 MICRO = 2  # micro-batches per rank and step
@@ -41,7 +37,7 @@ MICRO = 2  # micro-batches per rank and step
 def runs(micro_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("comm")
     data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_rows(data)
     cells = []
     for name, dist in ENGINES.items():
         r = recipe_dict(micro_model, data, root / name, max_steps=2, micro_batch_size=1,
@@ -50,10 +46,7 @@ def runs(micro_model, tmp_path_factory):
         cells.append({"name": name, "recipe": r})
     spec = root / "spec.json"
     spec.write_text(json.dumps({"cells": cells, "probe": [[1, 2, 3]]}))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "tests/dist_worker.py", str(spec)], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun("tests/dist_worker.py", spec)
     return root
 
 

@@ -18,9 +18,6 @@ Tolerances, and why:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +29,7 @@ from qshard.config import parse_recipe
 from qshard.load import QuantSpec, load_model
 from qshard.lora import attach_lora, resolve_targets
 from qshard.train import run
-from tests.helpers import recipe_dict
+from tests.helpers import recipe_dict, torchrun, write_rows
 
 # (engine, base) from the table; DoRA (which reads the dense base weight) rides on the NF4 cells of
 # the engines the option rules allow it with, as "nf4+dora".
@@ -71,18 +68,12 @@ def matrix(micro_model, tmp_path_factory):
     """Runs every sharded cell on 2 ranks and every base on 1 process; returns both sides' results."""
     root = tmp_path_factory.mktemp("matrix")
     data = root / "train.jsonl"
-    from tests.helpers import ROWS
-
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_rows(data)
     cells = [{"name": f"{e}-{b}", "recipe": _recipe(micro_model, data, root / f"{e}-{b}", e, b, GLOBAL_BATCH // 2)}
              for e, b in SHARDED_CELLS]
     spec = root / "spec.json"
     spec.write_text(json.dumps({"cells": cells, "probe": PROBE}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "tests/dist_worker.py", str(spec)], capture_output=True, text=True, env=env, timeout=900,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun("tests/dist_worker.py", spec)
     singles = {}
     for base in sorted({b for _, b in SHARDED_CELLS}):
         recipe = parse_recipe(_recipe(micro_model, data, root / f"single-{base}", "none", base, GLOBAL_BATCH))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from qshard import checkpoint
 from qshard.faults import SAVE_POINTS
-from tests.helpers import ROWS, recipe_dict
+from tests.helpers import recipe_dict, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY = 6, 2
@@ -28,7 +28,7 @@ ENGINES = {"ddp": {"engine": "ddp"}, "zero2": {"engine": "deepspeed", "zero_stag
 def _write_recipe(tmp: Path, model: Path, out: Path, distributed: dict | None, nproc: int, **train) -> Path:
     data = tmp / "train.jsonl"
     if not data.exists():
-        data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+        write_rows(data)
     r = recipe_dict(model, data, out, max_steps=STEPS, micro_batch_size=4 // nproc, save_every=SAVE_EVERY,
                     sample_tokens=0, keep_checkpoints=3, **train)
     r["lora"]["dropout"] = 0.1  # RNG state matters for exactness

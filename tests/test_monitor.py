@@ -4,16 +4,12 @@ every engine, and a rank holding an extra large tensor raises the imbalance warn
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROWS, recipe_dict
+from tests.helpers import recipe_dict, torchrun, write_rows
 
-ROOT = Path(__file__).resolve().parents[1]
 ENGINES = {"ddp": {"engine": "ddp"}, "zero1": {"engine": "deepspeed", "zero_stage": 1},
            "zero2": {"engine": "deepspeed", "zero_stage": 2}, "zero3": {"engine": "deepspeed", "zero_stage": 3},
            "fsdp2": {"engine": "fsdp2"}}
@@ -24,7 +20,7 @@ DETACHED = "layers.1.self_attn.v_proj"
 def runs(micro_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("monitor")
     data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_rows(data)
 
     def cell(name: str, dist: dict, **extra) -> dict:
         r = recipe_dict(micro_model, data, root / name, max_steps=3, micro_batch_size=2, sample_tokens=0)
@@ -36,10 +32,7 @@ def runs(micro_model, tmp_path_factory):
               cell("balanced-zero3", ENGINES["zero3"])]
     spec = root / "spec.json"
     spec.write_text(json.dumps({"cells": cells, "probe": [[1, 2, 3]]}))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "tests/dist_worker.py", str(spec)], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun("tests/dist_worker.py", spec)
     return root
 
 

@@ -8,10 +8,6 @@ order) and tests/dist_worker.py (training with shard_on_load on and off: same lo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +17,9 @@ from qshard.load import CheckpointReader
 from qshard.quant.bnb4bit import Linear4bit
 from qshard.quant.bnb8bit import Linear8bit
 from qshard.shardload import shard_span, why_not
-from tests.helpers import ROWS, recipe_dict
+from tests.helpers import REPO, recipe_dict, torchrun, write_rows
 
-REPO = Path(__file__).resolve().parents[1]
+
 LAYERS = {"nf4-dq": (Linear4bit, {"quant_type": "nf4", "double_quant": True}),
           "nf4": (Linear4bit, {"quant_type": "nf4", "double_quant": False}),
           "fp4-dq": (Linear4bit, {"quant_type": "fp4", "double_quant": True}),
@@ -81,13 +77,6 @@ def test_why_not_names_each_reason(micro_model, tmp_path):
     assert "post-training" in why_not("fsdp2", 2, ptq, use_dora=False, enabled=True)
 
 
-def _torchrun(script: str, spec: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           script, str(spec)], capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-
-
 CASES = [("fsdp2", "nf4", "float32"), ("fsdp2", "none", "bfloat16"), ("fsdp2", "int8", "float32"),
          ("zero3", "nf4", "float32"), ("zero3", "none", "bfloat16")]
 
@@ -97,7 +86,7 @@ def loads(micro_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("shardload")
     spec = out / "spec.json"
     spec.write_text(json.dumps({"model": str(micro_model), "out": str(out), "cases": CASES}))
-    _torchrun("tests/shardload_worker.py", spec)
+    torchrun("tests/shardload_worker.py", spec)
     return {case: [json.loads((out / f"{'-'.join(case)}-rank{k}.json").read_text()) for k in range(2)]
             for case in CASES}
 
@@ -132,7 +121,7 @@ TRAIN_CASES = [("fsdp2", "nf4"), ("zero3", "nf4"), ("fsdp2", "none"), ("zero3", 
 def trained(micro_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("shardload-train")
     data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_rows(data)
     cells = []
     for engine, method in TRAIN_CASES:
         for on in (True, False):
@@ -147,7 +136,7 @@ def trained(micro_model, tmp_path_factory):
             cells.append({"name": name, "recipe": recipe})
     spec = root / "spec.json"
     spec.write_text(json.dumps({"cells": cells, "probe": [[1, 5, 7, 9, 11, 13]]}))
-    _torchrun("tests/dist_worker.py", spec)
+    torchrun("tests/dist_worker.py", spec)
     return {c["name"]: [json.loads((root / c["name"] / f"result-rank{k}.json").read_text()) for k in range(2)]
             + [json.loads((root / c["name"] / "adapter" / "adapter_config.json").read_text())] for c in cells}
 

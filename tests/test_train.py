@@ -14,15 +14,13 @@ from qshard.config import load_recipe, parse_recipe
 from qshard.load import QuantSpec, load_model
 from qshard.lora import attach_lora, resolve_targets
 from qshard.train import run
-from tests.helpers import recipe_dict
+from tests.helpers import recipe_dict, write_rows
 
 
 @pytest.fixture(scope="module")
 def qlora_run(micro_model, tmp_path_factory):
     data = tmp_path_factory.mktemp("data") / "train.jsonl"
-    from tests.helpers import ROWS
-
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_rows(data)
     out = tmp_path_factory.mktemp("runs") / "qlora"
     recipe = parse_recipe(recipe_dict(micro_model, data, out, max_steps=30, learning_rate=1e-2, log_every=1,
                                       save_every=10))
@@ -96,9 +94,7 @@ PTQ = __import__("pathlib").Path(__file__).parent / "fixtures" / "ptq"
                                      "ct_qwen2_w4a16_g32_asym"])
 def test_lora_on_a_ptq_base_lowers_the_loss_and_leaves_the_base_bit_identical(fixture, tmp_path):
     data = tmp_path / "train.jsonl"
-    from tests.helpers import ROWS
-
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_rows(data)
     r = recipe_dict(PTQ / fixture, data, tmp_path / "out", max_steps=15, learning_rate=1e-2, sample_tokens=0)
     r["quantization"]["method"] = "checkpoint"
     outcome = run(parse_recipe(r), log=lambda *_: None)
@@ -113,9 +109,7 @@ def test_resume_refuses_a_recipe_change_that_alters_the_run(micro_model, tmp_pat
     from qshard.errors import QShardError
 
     data = tmp_path / "train.jsonl"
-    from tests.helpers import ROWS
-
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    write_rows(data)
     r = recipe_dict(micro_model, data, tmp_path / "out", max_steps=2, save_every=2, sample_tokens=0)
     run(parse_recipe(r), log=lambda *_: None)
     changed = json.loads(json.dumps(r))

@@ -99,3 +99,55 @@ def exit_without_teardown(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def deepspeed_partition_in_place(init, param, span: tuple[int, int]):
+    """Make a ZeRO-3 parameter out of a parameter that is still on the meta device, allocating only this
+    rank's partition; returns the view of it that holds elements `span` of the flattened parameter,
+    for the loader to fill.
+
+    DeepSpeed (seen in 0.19.8) partitions only tensors that exist whole: `zero.Init(module=...)`
+    broadcasts each parameter from rank 0 and copies this rank's part out of it (`_zero_init_param`,
+    `_partition_param`), so every rank holds the whole of each parameter for a moment: a whole
+    embedding matrix is often the largest tensor of a model. Here DeepSpeed's own
+    `_convert_to_deepspeed_param` gives the meta parameter its attributes (it reads only the shape),
+    and the partition is laid out as `_partition_param` lays it out (ceil(numel / world) elements,
+    rank r's starting at r times that, zero padding at the end of the last); `param.partition()` then
+    finds the partition in place and only frees the (empty) data. tests/test_shardload.py compares
+    every parameter, gathered by `GatheredParameters`, with the whole load. Remove when DeepSpeed can
+    partition from a loader."""
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+    from qshard.errors import QShardError
+
+    unsupported = [name for name, on in (("hpZ (zero_hpz_partition_size)", init.zero_param_process_group is not None),
+                                         ("zero_quantized_weights", init.quantized_weights),
+                                         ("zero_quantized_nontrainable_weights", init.quantized_nontrainable_weights),
+                                         ("offload_param to nvme", str(init.remote_device) == "nvme")) if on]
+    if unsupported:
+        raise QShardError(f"load-time sharding cannot build ZeRO-3 partitions with {', '.join(unsupported)}",
+                          where="distributed.deepspeed_config",
+                          fix="set distributed.shard_on_load: false (each rank then loads the whole base first)")
+    init._convert_to_deepspeed_param(param)
+    world, rank = init._partition_world_size(param), init._partition_rank(param)
+    size = -(-param.ds_numel // world)
+    if span != (min(rank * size, param.ds_numel), min(rank * size + size, param.ds_numel)):
+        raise RuntimeError(f"DeepSpeed partitions {tuple(param.ds_shape)} differently from {span} on rank {rank}")
+    device = init.local_device if param.ds_persist else init.remote_device
+    part = torch.zeros(size, dtype=param.dtype, device=device)
+    if str(device) == "cpu" and init.pin_memory:
+        from deepspeed.accelerator import get_accelerator
+
+        part = get_accelerator().pin_memory(part)
+    part.requires_grad = False
+    part.ds_numel, part.status, part.final_location = size, PartitionedParamStatus.AVAILABLE, None
+    param.ds_tensor, param.ds_numel_aligned = part, size * world
+    # off meta, keeping the Python object (modules and tied weights refer to it) and DeepSpeed's
+    # attributes: torch refuses `param.data = ` from meta to a real device
+    attributes = dict(param.__dict__)
+    torch.utils.swap_tensors(param, torch.nn.Parameter(torch.empty(0, dtype=param.dtype, device=init.local_device),
+                                                       requires_grad=False))
+    param.__dict__.update(attributes)
+    param.partition()
+    return part[:span[1] - span[0]]

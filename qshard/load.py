@@ -224,25 +224,46 @@ class CheckpointReader:
     def rows(self, key: str, start: int = 0, stop: int | None = None, *, dtype: torch.dtype | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) of a tensor (all of it by default; a 0-d tensor has one row), floating
-        values converted to `dtype` (or into `out`) at most CHUNK_BYTES of stored rows at a time."""
-        file, offset, stored, shape = self.entries[key]
-        stop = (shape[0] if shape else 1) if stop is None else min(stop, shape[0] if shape else 1)
-        row_shape, row_bytes = shape[1:], stored.itemsize * math.prod(shape[1:])
-        target = out.dtype if out is not None else (dtype if dtype is not None and stored.is_floating_point
-                                                    else stored)
+        values converted to `dtype` (or into `out`)."""
+        shape = self.shape(key)
+        count = shape[0] if shape else 1
+        stop = count if stop is None else min(stop, count)
+        row = math.prod(shape[1:])
         if out is None:
-            out = torch.empty([stop - start, *row_shape] if shape else [], dtype=target)
-        with open(file, "rb") as f:
-            f.seek(offset + start * row_bytes)
-            if target == stored:
-                f.readinto(out.reshape(-1).view(torch.uint8).numpy())
-                return out
-            step = max(1, self.CHUNK_BYTES // max(row_bytes, 1))
-            for r in range(start, stop, step):
-                raw = torch.empty([min(step, stop - r), *row_shape] if shape else [], dtype=stored)
-                f.readinto(raw.reshape(-1).view(torch.uint8).numpy())
-                (out[r - start:r - start + raw.shape[0]] if shape else out).copy_(raw)
+            out = torch.empty([stop - start, *shape[1:]] if shape else [], dtype=self._target(key, dtype))
+        self.flat(key, start * row, stop * row, out=out.view(-1))
         return out
+
+    def flat(self, key: str, start: int, stop: int, *, dtype: torch.dtype | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, as a 1-d tensor (or written into `out`),
+        floating values converted to `dtype` at most CHUNK_BYTES of stored elements at a time."""
+        file, offset, stored, _ = self.entries[key]
+        if out is None:
+            out = torch.empty(stop - start, dtype=self._target(key, dtype))
+        if out.numel() != stop - start:
+            raise ValueError(f"{key}: {out.numel()} elements to fill, [{start}, {stop}) requested")
+        with open(file, "rb") as f:
+            f.seek(offset + start * stored.itemsize)
+            if out.dtype == stored:
+                self._read_into(f, out.view(-1), key)
+                return out
+            step = max(1, self.CHUNK_BYTES // stored.itemsize)
+            for e in range(start, stop, step):
+                raw = self._read_into(f, torch.empty(min(step, stop - e), dtype=stored), key)
+                out.view(-1)[e - start:e - start + raw.numel()].copy_(raw)
+        return out
+
+    def _target(self, key: str, dtype: torch.dtype | None) -> torch.dtype:
+        stored = self.entries[key][2]
+        return dtype if dtype is not None and stored.is_floating_point else stored
+
+    def _read_into(self, f, buffer: torch.Tensor, key: str) -> torch.Tensor:
+        want = buffer.numel() * buffer.element_size()
+        if want and f.readinto(buffer.view(torch.uint8).numpy()) != want:
+            raise QShardError(f"{f.name} ends inside tensor {key}: the file is truncated", where=str(f.name),
+                              fix="copy or download the checkpoint again")
+        return buffer
 
 
 def _load_ptq(model: nn.Module, model_dir: Path, fmt, quant: QuantSpec, dtype: torch.dtype, device: torch.device,

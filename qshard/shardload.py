@@ -5,14 +5,16 @@ every rank and only then partitions it. Here the engine's partitioning happens w
 streams in:
 
 - FSDP2: LoRA is attached to the empty (meta) skeleton, `fully_shard` splits it, `to_empty` gives
-  each rank uninitialised storage for its shards only, then every tensor of the checkpoint is read
-  and written into the local shards. A dense tensor is read only for the rows this rank owns. A
-  quantized one is read one row range at a time and quantized piecewise (`QuantLinear.
-  quantize_pieces`): each rank keeps its part of the packed codes and of the block statistics,
-  identical to quantizing the whole tensor. Peak beyond the shards: one row range of one tensor.
-- ZeRO-3: DeepSpeed partitions existing tensors (`deepspeed.zero.Init(module=...)`), so the model is
-  loaded one decoder layer (or top-level module) at a time and partitioned before the next one is
-  read. Peak beyond the shards: one layer, whole.
+  each rank uninitialised storage for its shards only (whole rows of each parameter).
+- ZeRO-3: every base parameter, still on meta, becomes a ZeRO-3 parameter holding only this rank's
+  partition (a flat range of its elements; `DeepSpeedEngine.partition_in_place`), so that DeepSpeed
+  never needs the whole tensor; LoRA is attached afterwards and partitioned by DeepSpeed as usual.
+
+Then the checkpoint streams into those parts (`_stream_shards`): a dense tensor is read only for the
+elements this rank owns; a quantized one is read one row range at a time and quantized piecewise
+(`QuantLinear.quantize_pieces`): each rank keeps its part of the packed codes and of the block
+statistics, identical to quantizing the whole tensor. Peak beyond the shards: one row range of one
+tensor.
 
 Design choice: every rank reads (and, for 4-bit, quantizes) every row of a quantized tensor and
 keeps its own part, rather than ranks quantizing disjoint parts and exchanging statistics. The
@@ -35,8 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qshard.load import (CheckpointReader, QuantSpec, check_materialised, place_tensors, checkpoint_files,
-                         raise_if_missing, release_freed_memory)
+from qshard.load import CheckpointReader, checkpoint_files, raise_if_missing, release_freed_memory
 from qshard.lora import init_adapter
 from qshard.quant import ptq
 from qshard.quant.base import QuantLinear
@@ -58,7 +59,7 @@ def why_not(engine_key: str, world_size: int, model_dir: Path, use_dora: bool, e
     return None
 
 
-def load_fsdp2(skeleton: nn.Module, model_dir: Path, quant: QuantSpec, engine, attach: Attach, seed: int,
+def load_fsdp2(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, seed: int,
                rank: int, world_size: int, device: torch.device) -> nn.Module:
     skeleton.config.name_or_path = str(model_dir)  # PEFT writes it into adapter_config.json
     model = engine.shard(attach(skeleton))
@@ -68,15 +69,40 @@ def load_fsdp2(skeleton: nn.Module, model_dir: Path, quant: QuantSpec, engine, a
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._buffers[leaf] = buffer.to(device)
 
-    def local(param: torch.Tensor) -> torch.Tensor:
-        piece = param.to_local()
-        start, stop = shard_span(param.shape[0], rank, world_size)
-        if piece.shape[0] != stop - start:
-            raise RuntimeError(f"FSDP2 holds {piece.shape[0]} rows of a {tuple(param.shape)} parameter on rank "
-                               f"{rank}, expected rows [{start}, {stop}): its sharding layout changed")
-        return piece
+    def span(param: torch.Tensor) -> tuple[int, int]:  # FSDP2 splits dim 0: whole rows
+        row = param[0].numel() if param.dim() else 1
+        start, stop = shard_span(param.shape[0] if param.dim() else 1, rank, world_size)
+        return start * row, stop * row
 
-    base = model.get_base_model()
+    def local(param: torch.Tensor, owned: tuple[int, int]) -> torch.Tensor:
+        return param.to_local().view(-1)
+
+    _stream_shards(model.get_base_model(), model_dir, world_size, span, local, device)
+    init_adapter(model, seed, lambda p, full: full[slice(*shard_span(full.shape[0], rank, world_size))])
+    return model
+
+
+def load_zero3(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, rank: int,
+               world_size: int, device: torch.device) -> nn.Module:
+    skeleton.requires_grad_(False)
+    skeleton.tie_weights()  # on meta: a tied head is the embedding's parameter, partitioned once
+    half = engine.half_dtype()  # deepspeed.initialize would cast a whole model's floating parameters
+    for p in skeleton.parameters():
+        if half is not None and p.is_floating_point():
+            p.data = torch.empty(p.shape, dtype=half, device="meta")
+    _stream_shards(skeleton, model_dir, world_size, lambda p: shard_span(p.numel(), rank, world_size),
+                   engine.partition_in_place, device)
+    skeleton.config.name_or_path = str(model_dir)
+    model = attach(skeleton.eval())
+    engine.partition(model)  # the adapters
+    return model
+
+
+def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Callable[[nn.Parameter], tuple[int, int]],
+                   local: Callable[[nn.Parameter, tuple[int, int]], torch.Tensor], device: torch.device) -> None:
+    """Read the checkpoint into this rank's part of every base parameter: `span(p)` is the range of
+    p's flattened elements this rank owns, `local(p, span)` the (flat) tensor that holds them. A dense
+    tensor is read only where owned; a quantized weight a row range at a time."""
     reader, filled = CheckpointReader(checkpoint_files(model_dir)), set()  # ids of the parameters written
     with torch.no_grad():
         for key in reader.keys():
@@ -87,58 +113,23 @@ def load_fsdp2(skeleton: nn.Module, model_dir: Path, quant: QuantSpec, engine, a
                 continue
             module = getattr(module, "base_layer", module)  # under a LoRA wrapper
             if isinstance(module, QuantLinear) and pname == "weight":
-                owned = {n: shard_span(p.shape[0], rank, world_size) for n, p in _storage(module)}
+                owned = {n: span(p) for n, p in _storage(module)}
+                targets = {n: _checked(local(p, owned[n]), owned[n], key) for n, p in _storage(module)}
                 slices = max(world_size, -(-module.in_features * module.out_features * 4 // SLICE_BYTES))
                 pieces = module.quantize_pieces(lambda a, b: reader.rows(key, a, b), owned, slices)
                 for n, p in _storage(module):
-                    local(p).copy_(pieces[n])
+                    targets[n].copy_(pieces[n])
                     filled.add(id(p))
-            elif pname in module._parameters:
+            elif pname in module._parameters and id(module._parameters[pname]) not in filled:
                 param = module._parameters[pname]
-                reader.rows(key, *shard_span(param.shape[0], rank, world_size), out=local(param))
+                owned = span(param)
+                reader.flat(key, *owned, out=_checked(local(param, owned), owned, key))
                 filled.add(id(param))
             elif pname in module._buffers:
                 module._buffers[pname] = reader.rows(key).to(device)
             release_freed_memory()
     raise_if_missing([n for n, p in base.named_parameters() if id(p) not in filled and not p.requires_grad],
                      model_dir)
-    init_adapter(model, seed, lambda p, full: full[slice(*shard_span(full.shape[0], rank, world_size))])
-    return model
-
-
-def load_zero3(skeleton: nn.Module, model_dir: Path, quant: QuantSpec, engine, attach: Attach,
-               device: torch.device) -> nn.Module:
-    from qshard.engines.fsdp2 import decoder_layers
-
-    reader = CheckpointReader(checkpoint_files(model_dir))
-    units = load_units(skeleton, decoder_layers(skeleton))
-    # largest first: a unit is whole while the shards of those before it are held, so the peak is
-    # lowest when the embeddings and head (whole, often the largest) come before the layers' shards
-    size = {name: sum(p.numel() for p in unit.parameters()) for name, unit in units}
-    for name, unit in sorted(units, key=lambda u: -size[u[0]]):
-        keys = [k for k in reader.keys() if k.startswith(name + ".")]
-        for key in keys:
-            place_tensors(skeleton, {key: reader.rows(key, dtype=skeleton.dtype).to(device)}, quant, skeleton.dtype)
-        if keys:
-            engine.partition(unit)
-        release_freed_memory()
-    skeleton.tie_weights()
-    check_materialised(skeleton, model_dir)
-    skeleton.requires_grad_(False)
-    skeleton.config.name_or_path = str(model_dir)
-    model = attach(skeleton.eval())
-    engine.partition(model)  # the adapters too, cast as deepspeed.initialize casts a whole model
-    return model
-
-
-def load_units(model: nn.Module, layers: list[nn.Module]) -> list[tuple[str, nn.Module]]:
-    """The decoder layers and, outside them, every module that holds parameters itself (embeddings,
-    final norm, head), in module order: the pieces loaded and partitioned one at a time."""
-    layer_ids = {id(layer) for layer in layers}
-    inside = {id(m) for layer in layers for m in layer.modules()}
-    return [(name, module) for name, module in model.named_modules()
-            if id(module) in layer_ids or (id(module) not in inside and next(module.parameters(recurse=False), None)
-                                           is not None)]
 
 
 def shard_span(rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -146,6 +137,13 @@ def shard_span(rows: int, rank: int, world_size: int) -> tuple[int, int]:
     per_rank = -(-rows // world_size)
     start = min(rank * per_rank, rows)
     return start, min(start + per_rank, rows)
+
+
+def _checked(target: torch.Tensor, owned: tuple[int, int], key: str) -> torch.Tensor:
+    if target.numel() != owned[1] - owned[0]:
+        raise RuntimeError(f"the engine holds {target.numel()} elements of {key} on this rank, expected "
+                           f"[{owned[0]}, {owned[1]}) of the flattened tensor: its sharding layout changed")
+    return target
 
 
 def _storage(layer: QuantLinear):

@@ -7,8 +7,7 @@ loads the base twice: sharded while loading (qshard/shardload.py), watched by a 
 that records the largest tensor any op touches, and whole (qshard.load.load_base_model + LoRA, the
 reference). It gathers the sharded model's parameters and writes <out>/<case>-rank<k>.json: the
 names whose gathered value differs from the reference (bit for bit), the largest tensor seen during
-the sharded and the whole load, the largest full parameter, and, for ZeRO-3, every time a unit was
-partitioned while a parameter outside it was held whole.
+the sharded and the whole load, and the largest full parameter.
 """
 
 from __future__ import annotations
@@ -48,21 +47,6 @@ def attach(base):
                        use_dora=False, seed=0)
 
 
-def watch_partitions(engine, model, log: list) -> None:
-    """Wrap engine.partition: record any base parameter held whole outside the unit being partitioned."""
-    partition = engine.partition
-
-    def checked(unit):
-        inside = {id(p) for p in unit.parameters()}
-        whole = [n for n, p in model.named_parameters() if id(p) not in inside and p.device.type != "meta"
-                 and not hasattr(p, "ds_tensor")]
-        if whole:
-            log.append(whole[:3])
-        partition(unit)
-
-    engine.partition = checked
-
-
 def gathered(engine_name: str, model) -> dict[str, torch.Tensor]:
     if engine_name == "fsdp2":
         return {n: p.full_tensor() for n, p in model.named_parameters()}
@@ -82,14 +66,13 @@ def main(spec_file: str) -> None:
                                precision="fp32", world_size=rt.world_size, micro_batch=1, accumulation=1,
                                max_grad_norm=None, zero_stage=3)
         model_dir, skeleton = open_base(spec["model"], dtype=dtype, quant=quant)
-        partitioned_while_whole: list = []
         with LargestTensor() as sharded_watch:
             if engine_name == "fsdp2":
-                sharded = shardload.load_fsdp2(skeleton, model_dir, quant, engine, attach, 0, rt.rank,
-                                               rt.world_size, rt.device)
+                sharded = shardload.load_fsdp2(skeleton, model_dir, engine, attach, 0, rt.rank, rt.world_size,
+                                               rt.device)
             else:
-                watch_partitions(engine, skeleton, partitioned_while_whole)
-                sharded = shardload.load_zero3(skeleton, model_dir, quant, engine, attach, rt.device)
+                sharded = shardload.load_zero3(skeleton, model_dir, engine, attach, rt.rank, rt.world_size,
+                                               rt.device)
         actual = gathered(engine_name, sharded)
         model_dir, skeleton = open_base(spec["model"], dtype=dtype, quant=quant)
         with LargestTensor() as whole_watch:
@@ -100,8 +83,7 @@ def main(spec_file: str) -> None:
                   "differ": [n for n in expected if n in actual and not (
                       actual[n].dtype == expected[n].dtype and torch.equal(actual[n], expected[n].detach()))],
                   "largest_sharded_load": sharded_watch.largest, "largest_whole_load": whole_watch.largest,
-                  "largest_param": max(p.untyped_storage().nbytes() for p in expected.values()),
-                  "partitioned_while_whole": partitioned_while_whole}
+                  "largest_param": max(p.untyped_storage().nbytes() for p in expected.values())}
         Path(spec["out"], f"{engine_name}-{method}-{dtype}-rank{rt.rank}.json").write_text(json.dumps(result))
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()

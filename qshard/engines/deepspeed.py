@@ -82,6 +82,7 @@ class DeepSpeedEngine:
 
     def __init__(self, device: torch.device, config: dict):
         self.device, self.config = device, config
+        self._zero_init = None  # a deepspeed.zero.Init, for partition_in_place
 
     def _deepspeed(self):
         from qshard import _compat
@@ -93,12 +94,23 @@ class DeepSpeedEngine:
 
         return deepspeed
 
+    def partition_in_place(self, param: nn.Parameter, span: tuple[int, int]) -> torch.Tensor:
+        """ZeRO-3 load-time sharding: turn a parameter that is still on the meta device into a ZeRO-3
+        parameter holding only this rank's (zeroed) partition, and return the view of it that holds
+        elements `span` of the flattened parameter for the loader to fill; the whole tensor never exists."""
+        from qshard import _compat
+
+        if self._zero_init is None:
+            deepspeed = self._deepspeed()
+            deepspeed.init_distributed()  # adopts torch's process group (else the config sees a world of 1)
+            self._zero_init = deepspeed.zero.Init(config_dict_or_path=self.config)
+        return _compat.deepspeed_partition_in_place(self._zero_init, param, span)
+
     def partition(self, module: nn.Module) -> None:
-        """ZeRO-3 load-time sharding: split a just-loaded module's parameters across the ranks now,
-        before the next one is loaded (already partitioned ones are left alone); deepspeed.initialize
-        accepts the pre-partitioned model and partitions what is left (the adapters)."""
+        """Partition what a module holds whole (after a sharded base load: the adapters), cast as
+        deepspeed.initialize casts a whole model; parameters already partitioned are left alone."""
         deepspeed = self._deepspeed()
-        deepspeed.init_distributed()  # adopts torch's process group (else the config sees a world of 1)
+        deepspeed.init_distributed()
         # deepspeed.initialize casts a whole model's floating parameters to the bf16/fp16 of the config
         # before partitioning it, but trusts pre-partitioned ones to be cast already: do it here
         half = self.half_dtype()

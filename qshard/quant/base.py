@@ -50,9 +50,9 @@ class QuantLinear(nn.Module):
 
     def quantize_pieces(self, read_rows: RowReader, owned: dict[str, tuple[int, int]],
                         slices: int) -> dict[str, torch.Tensor]:
-        """Load-time sharding: elements [start, stop) along dim 0 of each storage parameter named in
-        `owned`, equal to the same elements of the whole weight's quantization, computed from the
-        weight read `slices` row ranges at a time (`read_rows(start, stop)`), never all at once."""
+        """Load-time sharding: elements [start, stop) of each flattened storage parameter named in
+        `owned` (1-d results), equal to the same elements of the whole weight's quantization, computed
+        from the weight read `slices` row ranges at a time (`read_rows(start, stop)`), never all at once."""
         raise NotImplementedError(f"{type(self).__name__} cannot be quantized piecewise")
 
     @property

@@ -43,7 +43,8 @@ class Linear8bit(QuantLinear):
 
     def quantize_pieces(self, read_rows, owned, slices):
         """Row-wise quantization: the codes and the scale of a row depend on that row alone, so only the
-        rows this rank owns are read (the scale bytes it owns may belong to slightly other rows)."""
+        rows that hold this rank's elements are read (its code elements may start or end inside a row,
+        its scale bytes may belong to slightly other rows)."""
         import bitsandbytes.functional as bnbF
 
         def quantize(span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +53,15 @@ class Linear8bit(QuantLinear):
             cb, scb, _ = bnbF.int8_vectorwise_quant(read_rows(*span).to(self.weight_dtype).to(torch.float16))
             return cb, scb.float()
 
-        codes, _ = quantize(owned["weight_int8"])
-        scale_rows = (owned["row_scale"][0] // 4, -(-owned["row_scale"][1] // 4))
+        def rows_holding(span: tuple[int, int], row: int) -> tuple[int, int]:
+            return span[0] // row, -(-span[1] // row)
+
+        code_rows = rows_holding(owned["weight_int8"], self.in_features)
+        codes, _ = quantize(code_rows)
+        scale_rows = rows_holding(owned["row_scale"], 4)
         _, scales = quantize(scale_rows)
-        return {"weight_int8": codes, "row_scale": cut(as_bytes(scales), owned["row_scale"], start=4 * scale_rows[0])}
+        return {"weight_int8": cut(codes.reshape(-1), owned["weight_int8"], start=self.in_features * code_rows[0]),
+                "row_scale": cut(as_bytes(scales), owned["row_scale"], start=4 * scale_rows[0])}
 
     def dequantize(self) -> torch.Tensor:
         import bitsandbytes.functional as bnbF

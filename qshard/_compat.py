@@ -12,7 +12,8 @@ import warnings
 @contextlib.contextmanager
 def quiet_peft_custom_layer_warning():
     """PEFT (0.12 - at least 0.21) warns "Unsupported layer type ... proceed at your own risk" for every
-    layer registered through `LoraConfig._register_custom_module`, although that is the documented hook.
+    layer registered through `LoraConfig._register_custom_module` (its experimental custom-module hook):
+    the warning comes from `_get_in_out_features`, which knows only PEFT's own layer types.
     Our quantized layers expose in_features/out_features, which is all PEFT reads. Remove when PEFT stops
     warning for registered custom modules."""
     with warnings.catch_warnings():
@@ -26,7 +27,8 @@ def quiet_known_noise() -> None:
     - bitsandbytes >= 0.49 on CPUs with AVX512-BF16 logs "Failed to load CPU gemm_4bit_forward from
       kernels-community" at import when the optional `kernels` package (a hub download) is absent; it
       only affects bitsandbytes' eval-mode CPU kernel, which qshard's layers do not use.
-    - DeepSpeed (0.19) warns at import when it auto-detects the CPU accelerator.
+    - DeepSpeed (0.19) logs "Setting accelerator to CPU ..." at its first `get_accelerator()` when it
+      has to guess; setting DS_ACCELERATOR=cpu (no CUDA here) removes the guess.
     - torch 2.13's deprecation of all_gather_into_tensor / reduce_scatter_tensor (see below).
     - PEFT 0.21 calls transformers' deprecated `is_gradient_checkpointing` (FutureWarning in
       transformers 5.x). Remove when PEFT uses `is_activation_checkpointing`.
@@ -48,7 +50,7 @@ def quiet_known_noise() -> None:
 
 
 def skip_deepspeed_shm_build() -> None:
-    """DeepSpeed (seen in 0.19.8) JIT-compiles its `deepspeed_shm_comm` C++ op inside every
+    """DeepSpeed (seen in 0.19.8) JIT-compiles its `deepspeed_shm_comm` C++ op in every process's first
     `init_distributed` on CPU (~40 s and up to 2 GB per compiler on 2 cores, then cached), although
     the op serves only `inference_all_reduce`, which training never calls. Marking the op incompatible
     makes DeepSpeed skip the build and fall back to torch.distributed. Remove when DeepSpeed builds it
@@ -69,8 +71,9 @@ def deepspeed_prepare_optimizer_state(zero_optimizer, torch_optimizer) -> None:
     inside that step; a resumed run writes the state before any step and fails with KeyError
     'exp_avg' (ZeRO-3) or "argument of type 'NoneType' is not iterable" (ZeRO-1/2). We create the
     AdamW state for the flat fp32 partitions DeepSpeed steps (ZeRO-3 keeps them in
-    `fp32_partitioned_groups_flat`, ZeRO-1/2 in the param groups) and call DeepSpeed's own private
-    linking. Remove when DeepSpeed initialises optimizer state eagerly."""
+    `fp32_partitioned_groups_flat`, ZeRO-1/2 in the param groups) and, for ZeRO-1/2 (ZeRO-3 needs only
+    the state), call DeepSpeed's own private linking. Remove when DeepSpeed initialises optimizer state
+    eagerly."""
     import torch
 
     flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or \
@@ -113,22 +116,13 @@ def deepspeed_partition_in_place(init, param, span: tuple[int, int]):
     `_convert_to_deepspeed_param` gives the meta parameter its attributes (it reads only the shape),
     and the partition is laid out as `_partition_param` lays it out (ceil(numel / world) elements,
     rank r's starting at r times that, zero padding at the end of the last); `param.partition()` then
-    finds the partition in place and only frees the (empty) data. tests/test_shardload.py compares
-    every parameter, gathered by `GatheredParameters`, with the whole load. Remove when DeepSpeed can
-    partition from a loader."""
+    finds the partition in place and only frees the (empty) data. Not for the ZeRO variants that lay
+    partitions out otherwise (`deepspeed_in_place_unsupported`). tests/test_shardload.py compares
+    every parameter, gathered by `GatheredParameters`, with the whole load; tests/test_compat.py checks
+    that the internals used still exist. Remove when DeepSpeed can partition from a loader."""
     import torch
     from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
 
-    from qshard.errors import QShardError
-
-    unsupported = [name for name, on in (("hpZ (zero_hpz_partition_size)", init.zero_param_process_group is not None),
-                                         ("zero_quantized_weights", init.quantized_weights),
-                                         ("zero_quantized_nontrainable_weights", init.quantized_nontrainable_weights),
-                                         ("offload_param to nvme", str(init.remote_device) == "nvme")) if on]
-    if unsupported:
-        raise QShardError(f"load-time sharding cannot build ZeRO-3 partitions with {', '.join(unsupported)}",
-                          where="distributed.deepspeed_config",
-                          fix="set distributed.shard_on_load: false (each rank then loads the whole base first)")
     init._convert_to_deepspeed_param(param)
     world, rank = init._partition_world_size(param), init._partition_rank(param)
     size = -(-param.ds_numel // world)
@@ -146,8 +140,20 @@ def deepspeed_partition_in_place(init, param, span: tuple[int, int]):
     # off meta, keeping the Python object (modules and tied weights refer to it) and DeepSpeed's
     # attributes: torch refuses `param.data = ` from meta to a real device
     attributes = dict(param.__dict__)
-    torch.utils.swap_tensors(param, torch.nn.Parameter(torch.empty(0, dtype=param.dtype, device=init.local_device),
-                                                       requires_grad=False))
+    empty = torch.empty(0, dtype=param.dtype, device=init.local_device)
+    torch.utils.swap_tensors(param, torch.nn.Parameter(empty, requires_grad=param.requires_grad))
     param.__dict__.update(attributes)
     param.partition()
     return part[:span[1] - span[0]]
+
+
+def deepspeed_in_place_unsupported(config: dict) -> str | None:
+    """Why `deepspeed_partition_in_place` cannot build this DeepSpeed config's ZeRO-3 partitions (None
+    when it can): hpZ and MiCS keep secondary or group-wise partitions, quantized weights and NVMe
+    offload keep a partition in another form or place."""
+    zero = config.get("zero_optimization") or {}
+    used = [key for key in ("zero_hpz_partition_size", "mics_shard_size") if (zero.get(key) or 0) > 1]
+    used += [key for key in ("zero_quantized_weights", "zero_quantized_nontrainable_weights") if zero.get(key)]
+    if (zero.get("offload_param") or {}).get("device") == "nvme":
+        used.append("offload_param.device=nvme")
+    return f"the DeepSpeed config's {', '.join(used)} lays ZeRO-3 partitions out otherwise" if used else None

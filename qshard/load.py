@@ -236,8 +236,8 @@ class CheckpointReader:
 
     def flat(self, key: str, start: int, stop: int, *, dtype: torch.dtype | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor, as a 1-d tensor (or written into `out`),
-        floating values converted to `dtype` at most CHUNK_BYTES of stored elements at a time."""
+        """Elements [start, stop) of the flattened tensor, as a 1-d tensor (or written into `out`, on any
+        device), floating values converted at most CHUNK_BYTES of stored elements at a time."""
         file, offset, stored, _ = self.entries[key]
         if out is None:
             out = torch.empty(stop - start, dtype=self._target(key, dtype))
@@ -245,7 +245,7 @@ class CheckpointReader:
             raise ValueError(f"{key}: {out.numel()} elements to fill, [{start}, {stop}) requested")
         with open(file, "rb") as f:
             f.seek(offset + start * stored.itemsize)
-            if out.dtype == stored:
+            if out.dtype == stored and out.device.type == "cpu":
                 self._read_into(f, out.view(-1), key)
                 return out
             step = max(1, self.CHUNK_BYTES // stored.itemsize)

@@ -84,15 +84,14 @@ def initial_adapter_tensor(name: str, shape: torch.Size, seed: int) -> torch.Ten
     return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5), generator=generator)
 
 
-def init_adapter(peft_model: nn.Module, seed: int, local=lambda param, full: full) -> None:
-    """Set lora_A / lora_B to their seeded starting values; `local(param, full)` cuts out this rank's
-    piece when the parameter is sharded."""
+def init_adapter(peft_model: nn.Module, seed: int, write=lambda param, full: param.copy_(full)) -> None:
+    """Set lora_A / lora_B to their seeded starting values; `write(param, full)` stores this rank's
+    part of `full` when the parameter is sharded."""
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             full = initial_adapter_tensor(name, p.shape, seed) if p.requires_grad else None
             if full is not None:
-                target = p.to_local() if hasattr(p, "to_local") else p
-                target.copy_(local(p, full))
+                write(p, full)
 
 
 def adapter_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:

@@ -31,12 +31,14 @@ store them) and DoRA (its magnitude is computed from the whole base weight when 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from qshard import _compat
 from qshard.load import CheckpointReader, checkpoint_files, raise_if_missing, release_freed_memory
 from qshard.lora import init_adapter
 from qshard.quant import ptq
@@ -44,9 +46,12 @@ from qshard.quant.base import QuantLinear
 
 SLICE_BYTES = 8 * 2**20  # a quantized weight is read at most this much (as fp32) at a time
 Attach = Callable[[nn.Module], nn.Module]  # base model -> PeftModel (gradient checkpointing, LoRA)
+Span = Callable[[nn.Parameter], tuple[int, int]]  # the flattened elements [start, stop) this rank owns
+Local = Callable[[nn.Parameter, tuple[int, int]], torch.Tensor]  # the flat tensor that holds them here
 
 
-def why_not(engine_key: str, world_size: int, model_dir: Path, use_dora: bool, enabled: bool) -> str | None:
+def why_not(engine_key: str, world_size: int, model_dir: Path, use_dora: bool, enabled: bool,
+            deepspeed_config: dict | None = None) -> str | None:
     """None when the base can be loaded sharded, else the reason it is loaded whole first."""
     if engine_key not in ("zero3", "zero3_offload", "fsdp2") or world_size < 2:
         return "the engine does not shard parameters" if world_size > 1 else "one process"
@@ -56,13 +61,14 @@ def why_not(engine_key: str, world_size: int, model_dir: Path, use_dora: bool, e
         return "a post-training-quantized checkpoint is loaded whole before it is sharded"
     if use_dora:
         return "DoRA's magnitude is computed from the whole base weight"
+    if engine_key.startswith("zero3") and deepspeed_config:
+        return _compat.deepspeed_in_place_unsupported(deepspeed_config)
     return None
 
 
 def load_fsdp2(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, seed: int,
                rank: int, world_size: int, device: torch.device) -> nn.Module:
-    skeleton.config.name_or_path = str(model_dir)  # PEFT writes it into adapter_config.json
-    model = engine.shard(attach(skeleton))
+    model = engine.shard(attach(_prepared(skeleton, model_dir)))
     buffers = {name: b for name, b in model.named_buffers()}  # real (rotary tables): to_empty would blank them
     model.to_empty(device=device)
     for name, buffer in buffers.items():
@@ -70,36 +76,50 @@ def load_fsdp2(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, see
         model.get_submodule(owner)._buffers[leaf] = buffer.to(device)
 
     def span(param: torch.Tensor) -> tuple[int, int]:  # FSDP2 splits dim 0: whole rows
-        row = param[0].numel() if param.dim() else 1
+        row = math.prod(param.shape[1:])
         start, stop = shard_span(param.shape[0] if param.dim() else 1, rank, world_size)
         return start * row, stop * row
 
     def local(param: torch.Tensor, owned: tuple[int, int]) -> torch.Tensor:
         return param.to_local().view(-1)
 
-    _stream_shards(model.get_base_model(), model_dir, world_size, span, local, device)
-    init_adapter(model, seed, lambda p, full: full[slice(*shard_span(full.shape[0], rank, world_size))])
-    return model
+    return _fill(model, model_dir, seed, world_size, span, local, device)
 
 
-def load_zero3(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, rank: int,
+def load_zero3(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, seed: int, rank: int,
                world_size: int, device: torch.device) -> nn.Module:
-    skeleton.requires_grad_(False)
-    skeleton.tie_weights()  # on meta: a tied head is the embedding's parameter, partitioned once
+    model = attach(_prepared(skeleton, model_dir))
     half = engine.half_dtype()  # deepspeed.initialize would cast a whole model's floating parameters
-    for p in skeleton.parameters():
+    for p in model.parameters():
         if half is not None and p.is_floating_point():
             p.data = torch.empty(p.shape, dtype=half, device="meta")
-    _stream_shards(skeleton, model_dir, world_size, lambda p: shard_span(p.numel(), rank, world_size),
-                   engine.partition_in_place, device)
-    skeleton.config.name_or_path = str(model_dir)
-    model = attach(skeleton.eval())
-    engine.partition(model)  # the adapters
+    return _fill(model, model_dir, seed, world_size, lambda p: shard_span(p.numel(), rank, world_size),
+                 engine.partition_in_place, device)
+
+
+def _prepared(skeleton: nn.Module, model_dir: Path) -> nn.Module:
+    """The empty base as the whole load returns it: tied head, frozen, eval mode, named after its folder."""
+    skeleton.tie_weights()  # a tied head is the embedding's parameter: sharded and read once
+    skeleton.config.name_or_path = str(model_dir)  # PEFT writes it into adapter_config.json
+    return skeleton.requires_grad_(False).eval()
+
+
+def _fill(model: nn.Module, model_dir: Path, seed: int, world_size: int, span: Span, local: Local,
+          device: torch.device) -> nn.Module:
+    """This rank's part of every parameter of a PeftModel whose parameters are not yet real: the base
+    from the checkpoint, the adapters from their seeded starting values (`lora.init_adapter`)."""
+    _stream_shards(model.get_base_model(), model_dir, world_size, span, local, device)
+
+    def write(param: nn.Parameter, full: torch.Tensor) -> None:
+        owned = span(param)
+        _checked(local(param, owned), owned, "an adapter").copy_(full.reshape(-1)[owned[0]:owned[1]])
+
+    init_adapter(model, seed, write)
     return model
 
 
-def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Callable[[nn.Parameter], tuple[int, int]],
-                   local: Callable[[nn.Parameter, tuple[int, int]], torch.Tensor], device: torch.device) -> None:
+def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span, local: Local,
+                   device: torch.device) -> None:
     """Read the checkpoint into this rank's part of every base parameter: `span(p)` is the range of
     p's flattened elements this rank owns, `local(p, span)` the (flat) tensor that holds them. A dense
     tensor is read only where owned; a quantized weight a row range at a time."""
@@ -116,7 +136,8 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Call
                 owned = {n: span(p) for n, p in _storage(module)}
                 targets = {n: _checked(local(p, owned[n]), owned[n], key) for n, p in _storage(module)}
                 slices = max(world_size, -(-module.in_features * module.out_features * 4 // SLICE_BYTES))
-                pieces = module.quantize_pieces(lambda a, b: reader.rows(key, a, b), owned, slices)
+                # quantized where the whole load quantizes (the device), so the pieces equal its result
+                pieces = module.quantize_pieces(lambda a, b: reader.rows(key, a, b).to(device), owned, slices)
                 for n, p in _storage(module):
                     targets[n].copy_(pieces[n])
                     filled.add(id(p))

@@ -140,13 +140,14 @@ def build_model(skeleton, model_dir: Path, quant: QuantSpec, targets: list[str],
                            targets=targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
 
     whole = shardload.why_not(_engine_key(recipe), rt.world_size, model_dir, recipe.lora.use_dora,
-                              recipe.distributed.shard_on_load)
+                              recipe.distributed.shard_on_load, getattr(engine, "config", None))
     if whole is None:
         say(f"loading the base sharded: each of the {rt.world_size} ranks reads and keeps only its part")
         if recipe.distributed.engine == "fsdp2":
             return shardload.load_fsdp2(skeleton, model_dir, engine, attach, recipe.train.seed, rt.rank,
                                         rt.world_size, rt.device)
-        return shardload.load_zero3(skeleton, model_dir, engine, attach, rt.rank, rt.world_size, rt.device)
+        return shardload.load_zero3(skeleton, model_dir, engine, attach, recipe.train.seed, rt.rank,
+                                    rt.world_size, rt.device)
     if _engine_key(recipe) in ("zero3", "zero3_offload", "fsdp2"):
         say(f"loading the whole base on every rank before sharding it: {whole}")
     return attach(load_base_model(skeleton, model_dir, quant=quant, device=rt.device, log=say))

@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node=2 tests/shardload_worker.py SPEC.json
 
-SPEC: {"model": DIR, "out": DIR, "cases": [[engine, method, dtype], ...]}. For every case each rank
+SPEC: {"models": {name: DIR}, "out": DIR, "cases": [[engine, method, dtype, model name], ...]}. For every case each rank
 loads the base twice: sharded while loading (qshard/shardload.py), watched by a TorchDispatchMode
 that records the largest tensor any op touches, and whole (qshard.load.load_base_model + LoRA, the
 reference). It gathers the sharded model's parameters and writes <out>/<case>-rank<k>.json: the
@@ -60,21 +60,21 @@ def gathered(engine_name: str, model) -> dict[str, torch.Tensor]:
 def main(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     rt = init_runtime()
-    for engine_name, method, dtype in spec["cases"]:
+    for engine_name, method, dtype, model in spec["cases"]:
         quant = QuantSpec(method=method)
         engine = create_engine("fsdp2" if engine_name == "fsdp2" else "deepspeed", device=rt.device,
                                precision="fp32", world_size=rt.world_size, micro_batch=1, accumulation=1,
                                max_grad_norm=None, zero_stage=3)
-        model_dir, skeleton = open_base(spec["model"], dtype=dtype, quant=quant)
+        model_dir, skeleton = open_base(spec["models"][model], dtype=dtype, quant=quant)
         with LargestTensor() as sharded_watch:
             if engine_name == "fsdp2":
                 sharded = shardload.load_fsdp2(skeleton, model_dir, engine, attach, 0, rt.rank, rt.world_size,
                                                rt.device)
             else:
-                sharded = shardload.load_zero3(skeleton, model_dir, engine, attach, rt.rank, rt.world_size,
+                sharded = shardload.load_zero3(skeleton, model_dir, engine, attach, 0, rt.rank, rt.world_size,
                                                rt.device)
         actual = gathered(engine_name, sharded)
-        model_dir, skeleton = open_base(spec["model"], dtype=dtype, quant=quant)
+        model_dir, skeleton = open_base(spec["models"][model], dtype=dtype, quant=quant)
         with LargestTensor() as whole_watch:
             reference = attach(load_base_model(skeleton, model_dir, quant=quant, log=lambda *_: None))
         expected = dict(reference.named_parameters())
@@ -84,7 +84,7 @@ def main(spec_file: str) -> None:
                       actual[n].dtype == expected[n].dtype and torch.equal(actual[n], expected[n].detach()))],
                   "largest_sharded_load": sharded_watch.largest, "largest_whole_load": whole_watch.largest,
                   "largest_param": max(p.untyped_storage().nbytes() for p in expected.values())}
-        Path(spec["out"], f"{engine_name}-{method}-{dtype}-rank{rt.rank}.json").write_text(json.dumps(result))
+        Path(spec["out"], f"{engine_name}-{method}-{dtype}-{model}-rank{rt.rank}.json").write_text(json.dumps(result))
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

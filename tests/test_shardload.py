@@ -98,17 +98,42 @@ def test_why_not_names_each_reason(micro_model, tmp_path):
     assert "DoRA" in why_not("zero3", 2, micro_model, use_dora=True, enabled=True)
     ptq = REPO / "tests" / "fixtures" / "ptq" / "gptq_llama_w4_g32_sym"
     assert "post-training" in why_not("fsdp2", 2, ptq, use_dora=False, enabled=True)
+    plain = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    assert why_not("zero3_offload", 2, micro_model, use_dora=False, enabled=True, deepspeed_config=plain) is None
+    for zero, named in (({"zero_hpz_partition_size": 2}, "zero_hpz_partition_size"),
+                        ({"mics_shard_size": 4}, "mics_shard_size"),
+                        ({"zero_quantized_nontrainable_weights": True}, "zero_quantized_nontrainable_weights"),
+                        ({"offload_param": {"device": "nvme"}}, "offload_param.device=nvme")):
+        reason = why_not("zero3", 2, micro_model, use_dora=False, enabled=True,
+                         deepspeed_config={"zero_optimization": {"stage": 3, **zero}})
+        assert named in reason and "partitions out otherwise" in reason
 
 
-CASES = [("fsdp2", "nf4", "float32"), ("fsdp2", "none", "bfloat16"), ("fsdp2", "int8", "float32"),
-         ("zero3", "nf4", "float32"), ("zero3", "none", "bfloat16"), ("zero3", "int8", "float32")]
+CASES = [("fsdp2", "nf4", "float32", "micro"), ("fsdp2", "none", "bfloat16", "micro"),
+         ("fsdp2", "int8", "float32", "micro"), ("fsdp2", "nf4", "float32", "tied"),
+         ("zero3", "nf4", "float32", "micro"), ("zero3", "none", "bfloat16", "micro"),
+         ("zero3", "int8", "float32", "micro"), ("zero3", "nf4", "float32", "tied")]
 
 
 @pytest.fixture(scope="module")
-def loads(micro_model, tmp_path_factory):
+def micro_tied(micro_model, tmp_path_factory):
+    """The micro Llama with its head tied to the embeddings (saved once, as transformers saves tied weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(micro_model)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("micro-tied")
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loads(micro_model, micro_tied, tmp_path_factory):
     out = tmp_path_factory.mktemp("shardload")
     spec = out / "spec.json"
-    spec.write_text(json.dumps({"model": str(micro_model), "out": str(out), "cases": CASES}))
+    spec.write_text(json.dumps({"models": {"micro": str(micro_model), "tied": str(micro_tied)}, "out": str(out),
+                                "cases": CASES}))
     torchrun("tests/shardload_worker.py", spec)
     return {case: [json.loads((out / f"{'-'.join(case)}-rank{k}.json").read_text()) for k in range(2)]
             for case in CASES}
@@ -130,7 +155,8 @@ def test_sharded_load_never_touches_a_whole_parameter(loads, case):
         assert rank["largest_sharded_load"] <= 0.55 * rank["largest_param"], rank
 
 
-TRAIN_CASES = [("fsdp2", "nf4"), ("zero3", "nf4"), ("fsdp2", "none"), ("zero3", "none"), ("zero3", "nf4-bf16")]
+TRAIN_CASES = [("fsdp2", "nf4"), ("zero3", "nf4"), ("fsdp2", "none"), ("zero3", "none"), ("zero3", "nf4-bf16"),
+               ("zero3_offload", "nf4")]
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +175,8 @@ def trained(micro_model, tmp_path_factory):
                 recipe["train"]["precision"] = "bf16"
             recipe["distributed"] = ({"engine": "fsdp2"} if engine == "fsdp2" else
                                      {"engine": "deepspeed", "zero_stage": 3}) | {"shard_on_load": on}
+            if engine == "zero3_offload":  # partitions on the CPU (here the compute device too), pinned
+                recipe["distributed"] |= {"offload_params": "cpu", "offload_optimizer": "cpu"}
             cells.append({"name": name, "recipe": recipe})
     spec = root / "spec.json"
     spec.write_text(json.dumps({"cells": cells, "probe": [[1, 5, 7, 9, 11, 13]]}))

@@ -106,19 +106,6 @@ class DeepSpeedEngine:
             self._zero_init = deepspeed.zero.Init(config_dict_or_path=self.config)
         return _compat.deepspeed_partition_in_place(self._zero_init, param, span)
 
-    def partition(self, module: nn.Module) -> None:
-        """Partition what a module holds whole (after a sharded base load: the adapters), cast as
-        deepspeed.initialize casts a whole model; parameters already partitioned are left alone."""
-        deepspeed = self._deepspeed()
-        deepspeed.init_distributed()
-        # deepspeed.initialize casts a whole model's floating parameters to the bf16/fp16 of the config
-        # before partitioning it, but trusts pre-partitioned ones to be cast already: do it here
-        half = self.half_dtype()
-        for p in module.parameters():
-            if half is not None and p.is_floating_point() and p.dtype != half and not hasattr(p, "ds_id"):
-                p.data = p.data.to(half)
-        deepspeed.zero.Init(module=module, config_dict_or_path=self.config)
-
     def half_dtype(self) -> torch.dtype | None:
         for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
             if (self.config.get(key) or {}).get("enabled"):

@@ -1,0 +1,272 @@
+"""qshard/_compat.py: each workaround's upstream quirk still exists, and the workaround still removes it.
+
+A failure here after an upgrade means upstream changed: the workaround is either no longer needed
+(remove it, as its docstring says) or no longer works (fix it here before the multi-process tests fail).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from qshard import _compat
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what qshard's DeepSpeed engine does on CPU, before importing it
+
+ROOT = Path(__file__).resolve().parents[1]
+UNSUPPORTED = "Unsupported layer type"
+
+
+def _micro_llama(quantized: bool):
+    """A random 2-layer micro Llama (hidden 64), its linears but the head optionally qshard NF4 layers."""
+    from transformers import AutoModelForCausalLM
+
+    from qshard.quant.bnb4bit import Linear4bit
+    from qshard.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", "micro", vocab_size=64))
+    if quantized:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, Linear4bit.from_float(module.weight.detach()))
+    return model
+
+
+def _peft(model):
+    """PEFT's get_peft_model, with our quantized layers registered as qshard.lora.attach_lora registers them."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners import lora
+
+    from qshard.load import QUANT_LAYERS
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM")
+    config._register_custom_module({cls: lora.Linear for cls in QUANT_LAYERS})
+    return get_peft_model(model, config)
+
+
+def _recorded(call) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        call()
+    return seen
+
+
+def _messages(seen, text: str) -> list[str]:
+    return [str(w.message) for w in seen if text in str(w.message)]
+
+
+@pytest.fixture
+def noise_state():
+    """Undo quiet_known_noise (warning filters, bitsandbytes logger level, DS_ACCELERATOR) after the test."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level, accelerator = logger.level, os.environ.get("DS_ACCELERATOR")
+    with warnings.catch_warnings():
+        yield
+    logger.setLevel(level)
+    if accelerator is None:
+        os.environ.pop("DS_ACCELERATOR", None)
+    else:
+        os.environ["DS_ACCELERATOR"] = accelerator
+
+
+# quiet_peft_custom_layer_warning: upstream half
+def test_peft_still_warns_unsupported_layer_type_for_registered_qshard_layers():
+    seen = _recorded(lambda: _peft(_micro_llama(quantized=True)))
+    warned = _messages(seen, UNSUPPORTED)
+    assert warned, "PEFT no longer warns for registered custom layers: remove quiet_peft_custom_layer_warning"
+    assert all("qshard.quant.bnb4bit.Linear4bit" in m for m in warned), warned
+
+
+# quiet_peft_custom_layer_warning: our half (PEFT still wraps the layers from in_features/out_features alone)
+def test_quiet_peft_custom_layer_warning_silences_it_and_peft_still_wraps_the_layers():
+    from peft.tuners import lora
+
+    from qshard.quant.bnb4bit import Linear4bit
+
+    def attach():
+        with _compat.quiet_peft_custom_layer_warning():
+            return _peft(_micro_llama(quantized=True))
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = attach()
+    assert not _messages(seen, UNSUPPORTED)
+    wrapped = [m for m in model.modules() if isinstance(m, lora.Linear)]
+    assert len(wrapped) == 4  # q_proj and down_proj of 2 layers
+    for m in wrapped:
+        assert isinstance(m.base_layer, Linear4bit)
+        assert m.lora_A["default"].weight.shape == (4, m.base_layer.in_features)
+        assert m.lora_B["default"].weight.shape == (m.base_layer.out_features, 4)
+
+
+# quiet_peft_custom_layer_warning: applied where qshard attaches LoRA
+def test_attach_lora_does_not_warn_unsupported_layer_type():
+    from qshard.lora import attach_lora
+
+    model = _micro_llama(quantized=True)
+    seen = _recorded(lambda: attach_lora(model, r=4, alpha=8, dropout=0.0, targets=["q_proj"], use_dora=False,
+                                         seed=0))
+    assert not _messages(seen, UNSUPPORTED)
+
+
+# quiet_known_noise: PEFT calls transformers' deprecated is_gradient_checkpointing, and the filter matches it
+def test_peft_still_calls_deprecated_is_gradient_checkpointing_and_quiet_known_noise_filters_it(noise_state):
+    deprecated = "is_gradient_checkpointing` is deprecated"
+    seen = _recorded(lambda: _peft(_micro_llama(quantized=False)))
+    assert [w.category for w in seen if deprecated in str(w.message)] == [FutureWarning], \
+        "PEFT no longer reads is_gradient_checkpointing: remove its filter from quiet_known_noise"
+    warnings.simplefilter("always")
+    _compat.quiet_known_noise()
+    with warnings.catch_warnings(record=True) as seen:
+        _peft(_micro_llama(quantized=False))
+    assert not _messages(seen, deprecated)
+
+
+# quiet_known_noise: torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor, and the filter matches
+def test_torch_still_deprecates_into_tensor_collectives_and_quiet_known_noise_filters_them(noise_state):
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # so each call warns, then fails before communicating
+
+    def call_both():
+        for collective in (dist.all_gather_into_tensor, dist.reduce_scatter_tensor):
+            with pytest.raises(ValueError, match="process group"):
+                collective(torch.zeros(2), torch.zeros(1))
+
+    seen = _recorded(call_both)
+    assert len(_messages(seen, "is deprecated")) == 2, \
+        "torch no longer deprecates all_gather_into_tensor / reduce_scatter_tensor: drop that filter"
+    warnings.simplefilter("always")
+    _compat.quiet_known_noise()
+    with warnings.catch_warnings(record=True) as seen:
+        call_both()
+    assert not _messages(seen, "is deprecated")
+
+
+# quiet_known_noise: bitsandbytes' CPU kernel-hub message comes from the logger we turn down
+def test_bitsandbytes_cpu_ops_still_logs_the_kernels_message_and_quiet_known_noise_mutes_its_logger(noise_state):
+    from bitsandbytes.backends.cpu import ops
+
+    assert ops.logger.name == "bitsandbytes.backends.cpu.ops"
+    assert "Failed to load CPU gemm_4bit_forward from kernels-community" in inspect.getsource(ops), \
+        "bitsandbytes no longer logs the kernels-community message: drop the logger line from quiet_known_noise"
+    ops.logger.setLevel(logging.NOTSET)  # as at import (the CLI tests may have called quiet_known_noise already)
+    assert ops.logger.isEnabledFor(logging.WARNING)
+    _compat.quiet_known_noise()
+    assert not ops.logger.isEnabledFor(logging.WARNING)
+
+
+# quiet_known_noise: DeepSpeed announces its CPU guess unless DS_ACCELERATOR is set (in a fresh process, which
+# guesses once, then again after quiet_known_noise with DeepSpeed's cached choice cleared)
+def test_deepspeed_announces_its_cpu_guess_unless_quiet_known_noise_ran_first():
+    code = ("from deepspeed.accelerator import real_accelerator as ra; ra.get_accelerator(); "
+            "print('--- quieted ---', flush=True); ra.ds_accelerator = None; "
+            "from qshard import _compat; _compat.quiet_known_noise(); ra.get_accelerator()")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, text=True, timeout=60,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.returncode == 0, proc.stdout
+    plain, quieted = proc.stdout.split("--- quieted ---")
+    # DeepSpeed only guesses (and says so) without CUDA; that is also the only case quiet_known_noise handles
+    assert ("Setting accelerator to CPU" in plain) == (not torch.cuda.is_available()), plain
+    assert "Setting accelerator to CPU" not in quieted, quieted
+
+
+# skip_deepspeed_shm_build: DeepSpeed still probes the shm op, and marking it incompatible stops the build
+def test_deepspeed_still_has_the_shm_op_and_skip_deepspeed_shm_build_disables_it():
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    ops = deepspeed.ops.__compatible_ops__
+    assert "deepspeed_shm_comm" in ops, "DeepSpeed no longer has the shm op: remove skip_deepspeed_shm_build"
+    assert get_accelerator().create_op_builder("ShareMemCommBuilder").NAME == "deepspeed_shm_comm"
+    before = ops["deepspeed_shm_comm"]
+    try:
+        _compat.skip_deepspeed_shm_build()
+        assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+        assert build_shm_op() is None  # what init_distributed calls: no compiler run
+    finally:
+        ops["deepspeed_shm_comm"] = before
+
+
+# deepspeed_in_place_unsupported (end to end: tests/test_shardload.py::test_why_not_names_each_reason)
+@pytest.mark.parametrize("zero, named", [
+    ({"zero_hpz_partition_size": 2}, "zero_hpz_partition_size"),
+    ({"mics_shard_size": 2}, "mics_shard_size"),
+    ({"zero_quantized_weights": True}, "zero_quantized_weights"),
+    ({"zero_quantized_nontrainable_weights": True}, "zero_quantized_nontrainable_weights"),
+    ({"offload_param": {"device": "nvme"}}, "offload_param.device=nvme"),
+])
+def test_deepspeed_in_place_unsupported_names_each_variant(zero, named):
+    reason = _compat.deepspeed_in_place_unsupported({"zero_optimization": {"stage": 3, **zero}})
+    assert reason is not None and named in reason
+
+
+def test_deepspeed_in_place_unsupported_accepts_plain_zero3_with_or_without_cpu_offload():
+    assert _compat.deepspeed_in_place_unsupported({}) is None
+    assert _compat.deepspeed_in_place_unsupported({"zero_optimization": {"stage": 3}}) is None
+    assert _compat.deepspeed_in_place_unsupported(
+        {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}) is None
+    assert _compat.deepspeed_in_place_unsupported(
+        {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 1, "mics_shard_size": -1}}) is None
+
+
+# deepspeed_partition_in_place: the DeepSpeed/torch names it relies on (end to end: tests/test_shardload.py)
+def test_deepspeed_and_torch_still_have_what_deepspeed_partition_in_place_uses():
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    init_source = inspect.getsource(pp.Init.__init__)
+    convert_source = inspect.getsource(pp.Init._convert_to_deepspeed_param)
+    expected = {
+        "Init._convert_to_deepspeed_param": callable(getattr(pp.Init, "_convert_to_deepspeed_param", None)),
+        "Init._partition_world_size": callable(getattr(pp.Init, "_partition_world_size", None)),
+        "Init._partition_rank": callable(getattr(pp.Init, "_partition_rank", None)),
+        "Init._partition_param (whose layout we copy)": callable(getattr(pp.Init, "_partition_param", None)),
+        "Init.__init__ sets self.local_device": "self.local_device =" in init_source,
+        "Init.__init__ sets self.remote_device": "self.remote_device =" in init_source,
+        "Init.__init__ sets self.pin_memory": "self.pin_memory =" in init_source,
+        "_convert_to_deepspeed_param sets param.ds_persist": "param.ds_persist =" in convert_source,
+        "_convert_to_deepspeed_param sets param.partition": "param.partition =" in convert_source,
+        "PartitionedParamStatus.AVAILABLE": hasattr(pp.PartitionedParamStatus, "AVAILABLE"),
+        "torch.utils.swap_tensors": callable(getattr(torch.utils, "swap_tensors", None)),
+    }
+    missing = [name for name, ok in expected.items() if not ok]
+    assert not missing, f"deepspeed_partition_in_place relies on names upstream changed: {missing}"
+
+
+# deepspeed_prepare_optimizer_state: the DeepSpeed names it relies on (end to end: the zero2/zero3 cases of
+# tests/test_faults.py::test_rank_killed_mid_step_restarts_and_resumes_bit_exact)
+def test_deepspeed_still_has_what_deepspeed_prepare_optimizer_state_uses():
+    from deepspeed.runtime.zero import stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    expected = {
+        # looked up with getattr: a rename would silently skip the linking, and resume would fail later
+        "DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state":
+            callable(getattr(DeepSpeedZeroOptimizer, "_lazy_init_hp_params_optimizer_state", None)),
+        "DeepSpeedZeroOptimizer_Stage3 sets self.fp32_partitioned_groups_flat":
+            "self.fp32_partitioned_groups_flat =" in inspect.getsource(stage3.DeepSpeedZeroOptimizer_Stage3),
+    }
+    missing = [name for name, ok in expected.items() if not ok]
+    assert not missing, f"deepspeed_prepare_optimizer_state relies on names upstream changed: {missing}"
+
+
+# exit_without_teardown: flushes output, exits with the code, skips interpreter teardown (end to end: every
+# multi-process run of tests/test_faults.py ends through it, qshard/cli.py)
+def test_exit_without_teardown_flushes_output_and_skips_atexit():
+    code = ("import atexit, sys; from qshard import _compat; atexit.register(print, 'teardown ran'); "
+            "print('out', end=''); print('err', end='', file=sys.stderr); _compat.exit_without_teardown(3)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out", "err")

@@ -44,7 +44,10 @@ from qshard.lora import init_adapter
 from qshard.quant import ptq
 from qshard.quant.base import QuantLinear
 
-SLICE_BYTES = 8 * 2**20  # a quantized weight is read at most this much (as fp32) at a time
+# A quantized weight is read at most this much (as fp32) at a time. bitsandbytes' quantize_4bit on CPU
+# (0.50) peaks at ~5x its input (31 MiB for a 6.3 MiB slice): with 8 MiB slices that transient, not
+# the shards, set the ZeRO-3 load's peak on the 400M benchmark model.
+SLICE_BYTES = 2 * 2**20
 Attach = Callable[[nn.Module], nn.Module]  # base model -> PeftModel (gradient checkpointing, LoRA)
 Span = Callable[[nn.Parameter], tuple[int, int]]  # the flattened elements [start, stop) this rank owns
 Local = Callable[[nn.Parameter, tuple[int, int]], torch.Tensor]  # the flat tensor that holds them here
@@ -122,39 +125,44 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
                    device: torch.device) -> None:
     """Read the checkpoint into this rank's part of every base parameter: `span(p)` is the range of
     p's flattened elements this rank owns, `local(p, span)` the (flat) tensor that holds them. A dense
-    tensor is read only where owned; a quantized weight a row range at a time."""
-    reader, filled = CheckpointReader(checkpoint_files(model_dir)), set()  # ids of the parameters written
+    tensor is read only where owned; a quantized weight a row range at a time. A tensor the checkpoint
+    lacks is named before anything is read."""
+    reader, jobs, covered = CheckpointReader(checkpoint_files(model_dir)), [], set()
+    for key in reader.keys():
+        module_name, _, pname = key.rpartition(".")
+        try:
+            module = base.get_submodule(module_name)
+        except AttributeError:
+            continue
+        module = getattr(module, "base_layer", module)  # under a LoRA wrapper
+        quantized = isinstance(module, QuantLinear) and pname == "weight"
+        params = [p for _, p in _storage(module)] if quantized else [module._parameters.get(pname)]
+        if pname in module._buffers or (params[0] is not None and id(params[0]) not in covered):  # once if tied
+            jobs.append((key, module, pname, quantized))
+            covered |= {id(p) for p in params if p is not None}
+    raise_if_missing(_checkpoint_keys(base, lambda p: id(p) not in covered and not p.requires_grad), model_dir)
     with torch.no_grad():
-        for key in reader.keys():
-            module_name, _, pname = key.rpartition(".")
-            try:
-                module = base.get_submodule(module_name)
-            except AttributeError:
-                continue
-            module = getattr(module, "base_layer", module)  # under a LoRA wrapper
-            if isinstance(module, QuantLinear) and pname == "weight":
+        for key, module, pname, quantized in jobs:
+            if quantized:
                 owned = {n: span(p) for n, p in _storage(module)}
                 targets = {n: _checked(local(p, owned[n]), owned[n], key) for n, p in _storage(module)}
                 slices = max(world_size, -(-module.in_features * module.out_features * 4 // SLICE_BYTES))
                 # quantized where the whole load quantizes (the device), so the pieces equal its result
                 pieces = module.quantize_pieces(lambda a, b: reader.rows(key, a, b).to(device), owned, slices)
-                for n, p in _storage(module):
-                    targets[n].copy_(pieces[n])
-                    filled.add(id(p))
-            elif pname in module._parameters and id(module._parameters[pname]) not in filled:
+                for n, target in targets.items():
+                    target.copy_(pieces[n])
+            elif pname in module._parameters:
                 param = module._parameters[pname]
                 owned = span(param)
                 reader.flat(key, *owned, out=_checked(local(param, owned), owned, key))
-                filled.add(id(param))
-            elif pname in module._buffers:
+            else:
                 module._buffers[pname] = reader.rows(key).to(device)
             release_freed_memory()
-    raise_if_missing([n for n, p in base.named_parameters() if id(p) not in filled and not p.requires_grad],
-                     model_dir)
 
 
 def shard_span(rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rows [start, stop) of dim 0 that `rank` holds: torch.chunk's split, which FSDP2 uses."""
+    """Items [start, stop) of `rows` that `rank` holds: torch.chunk's split, which FSDP2 uses for the
+    rows of a parameter and ZeRO-3 for its flattened elements."""
     per_rank = -(-rows // world_size)
     start = min(rank * per_rank, rows)
     return start, min(start + per_rank, rows)
@@ -165,6 +173,17 @@ def _checked(target: torch.Tensor, owned: tuple[int, int], key: str) -> torch.Te
         raise RuntimeError(f"the engine holds {target.numel()} elements of {key} on this rank, expected "
                            f"[{owned[0]}, {owned[1]}) of the flattened tensor: its sharding layout changed")
     return target
+
+
+def _checkpoint_keys(base: nn.Module, which: Callable[[nn.Parameter], bool]) -> list[str]:
+    """The checkpoint names of the parameters `which` selects (a quantized layer's are `<layer>.weight`)."""
+    keys: dict[str, None] = {}
+    for name, module in base.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if which(p):
+                stored = "weight" if isinstance(module, QuantLinear) and pname != "bias" else pname
+                keys[f"{name.replace('.base_layer', '')}.{stored}"] = None
+    return list(keys)
 
 
 def _storage(layer: QuantLinear):

@@ -7,17 +7,20 @@ parameters vs the whole load, largest tensor touched while loading) and tests/di
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from qshard import shardload
 from qshard.errors import QShardError
-from qshard.load import CheckpointReader
+from qshard.load import CheckpointReader, QuantSpec, open_base
 from qshard.quant.bnb4bit import Linear4bit
 from qshard.quant.bnb8bit import Linear8bit
 from qshard.shardload import shard_span, why_not
 from tests.helpers import REPO, recipe_dict, torchrun, write_rows
+from tests.shardload_worker import attach
 
 
 LAYERS = {"nf4-dq": (Linear4bit, {"quant_type": "nf4", "double_quant": True}),
@@ -79,6 +82,21 @@ def test_checkpoint_reader_reads_rows_and_whole_tensors(tmp_path):
     out = torch.empty(14, dtype=torch.float32)
     assert reader.flat("a", 3, 17, out=out) is out
     assert torch.equal(out, tensors["a"].reshape(-1)[3:17].float())
+
+
+def test_a_tensor_the_checkpoint_lacks_is_named_before_anything_is_read(micro_model, tmp_path):
+    shutil.copytree(micro_model, tmp_path / "m")
+    weights = load_file(str(micro_model / "model.safetensors"))
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    model_dir, skeleton = open_base(str(tmp_path / "m"), quant=QuantSpec("nf4"))
+    model = attach(skeleton.requires_grad_(False))
+    touched = []
+    with pytest.raises(QShardError, match=r"lacks 1 tensor\(s\) the architecture needs: model\.layers\.1\.mlp\."
+                                          r"down_proj\.weight\n"):
+        shardload._stream_shards(model.get_base_model(), model_dir, 2, lambda p: (0, p.numel()),
+                                 lambda p, owned: touched.append(p), torch.device("cpu"))
+    assert touched == []  # no shard was allocated or read
 
 
 def test_checkpoint_reader_names_a_truncated_file(tmp_path):

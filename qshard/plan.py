@@ -21,12 +21,12 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from qshard.engines.deepspeed import reduce_bucket_size
 from qshard.errors import QShardError
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes (qshard/quant/bnb4bit.py)
-DS_REDUCE_BUCKET = 500_000_000     # DeepSpeed's default reduce_bucket_size (elements)
 # ZeRO-3 defaults qshard's DeepSpeed config keeps (deepspeed/runtime/zero/config.py), in elements
 DS_MAX_REUSE_DISTANCE = 1_000_000_000  # stage3_max_reuse_distance
 DS_PREFETCH_BUCKET = 50_000_000        # stage3_prefetch_bucket_size
@@ -202,12 +202,6 @@ def decoder_layer_elements(spec: ModelSpec, s: Settings) -> int:
                else i * o for name, (i, o) in spec.layer_linears().items()) + 2 * spec.hidden
 
 
-def ds_reduce_bucket(lora: int) -> int:
-    """reduce_bucket_size (elements) as qshard's DeepSpeed engine sets it (qshard/engines/deepspeed.py):
-    the trainable parameter count, at least 1e6 and at most DeepSpeed's default."""
-    return int(min(DS_REDUCE_BUCKET, max(lora, 1_000_000)))
-
-
 def zero3_gathered_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
     """Parameters ZeRO-3 holds gathered at the start of backward (the peak), at DeepSpeed's defaults.
 
@@ -337,7 +331,7 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
         gpu["lora_grads"] = lora * half // n
         gpu["master_weights"] = lora * 4 // n
         gpu["optimizer_states"] = int(lora * opt_b) // n
-        gpu["engine_buffers"] = ds_reduce_bucket(lora) * half
+        gpu["engine_buffers"] = reduce_bucket_size(lora) * half
     else:
         sharded = e == "fsdp2"
         gpu["lora_params"] = lora * 4 // shard(sharded)   # qshard keeps adapters in fp32
@@ -579,7 +573,7 @@ def recommended_deepspeed_config(est: Estimate, spec: ModelSpec, max_grad_norm: 
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         config[key] = "auto"
     config["bf16"]["enabled"] = config["fp16"]["enabled"] = "auto"
-    config["zero_optimization"]["reduce_bucket_size"] = ds_reduce_bucket(lora_params(spec, s))
+    config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_size(lora_params(spec, s))
     return config
 
 

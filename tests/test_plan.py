@@ -14,6 +14,7 @@ import yaml
 from qshard import plan
 from qshard.cli import main
 from qshard.config import load_recipe
+from qshard.engines.deepspeed import reduce_bucket_size
 from qshard.plan import GIB, Settings, estimate, model_spec
 
 LLAMA3_70B = {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
@@ -119,9 +120,9 @@ def test_zero_stages_shard_optimizer_then_grads_then_params():
 
 
 def test_deepspeed_reduce_bucket_is_the_engines_at_least_1e6_at_most_5e8_elements():
-    assert plan.ds_reduce_bucket(147_968) == 1_000_000      # the small test model's LoRA: DeepSpeed's floor
-    assert plan.ds_reduce_bucket(3_809_280) == 3_809_280    # 400m, r=8
-    assert plan.ds_reduce_bucket(10 ** 10) == plan.DS_REDUCE_BUCKET
+    assert reduce_bucket_size(147_968) == 1_000_000      # the small test model's LoRA: qshard's floor
+    assert reduce_bucket_size(3_809_280) == 3_809_280    # 400m, r=8
+    assert reduce_bucket_size(10 ** 10) == 500_000_000   # DeepSpeed's default
 
 
 def test_zero3_keeps_a_small_model_gathered_and_only_the_tail_of_a_70b():

@@ -77,6 +77,13 @@ def _auto_keys(node, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if node == "auto" else []
 
 
+def reduce_bucket_size(trainable: int) -> int:
+    """The reduce_bucket_size (elements) qshard gives DeepSpeed: it sizes the gradient-reduction buffers
+    by it (default 5e8 elements, ~1-2 GB per GPU), while LoRA's gradients are a few MB, so a bucket of
+    the trainable parameter count (at least 1e6, at most the default) suffices."""
+    return int(min(5e8, max(trainable, 1_000_000)))
+
+
 class DeepSpeedEngine:
     name = "deepspeed"
 
@@ -116,10 +123,8 @@ class DeepSpeedEngine:
         deepspeed = self._deepspeed()
         self.peft_model = model
         params = [p for p in model.parameters() if p.requires_grad]
-        # DeepSpeed sizes its gradient-reduction buffers by reduce_bucket_size (default 5e8
-        # elements, ~1-2 GB per GPU); LoRA's gradients are a few MB, so a bucket of their size suffices.
         zero = self.config.setdefault("zero_optimization", {})
-        zero.setdefault("reduce_bucket_size", int(min(5e8, max(sum(p.numel() for p in params), 1e6))))
+        zero.setdefault("reduce_bucket_size", reduce_bucket_size(sum(p.numel() for p in params)))
         self.optimizer = make_optimizer(params)
         self.model, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=self.optimizer,
                                                    config=self.config)

@@ -82,6 +82,11 @@ def all_reduce_sum(value: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return value
 
 
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        torch.distributed.barrier()
+
+
 def shutdown(rt: Runtime) -> None:
     if rt.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

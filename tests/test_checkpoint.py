@@ -17,7 +17,8 @@ from qshard.checkpoint import CheckpointInvalid, commit, find_resume, load_state
 from qshard.config import parse_recipe
 from qshard.errors import QShardError
 from qshard.metrics import read_metrics
-from qshard.train import rng_state, run, set_rng_state
+from qshard.resume import rng_state, set_rng_state
+from qshard.train import run
 from tests.helpers import recipe_dict, write_rows
 
 FILES = {"adapter/adapter_model.safetensors": b"\x00\x01weights" * 100, "trainer_state.json": b'{"step": 1}'}

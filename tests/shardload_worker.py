@@ -2,10 +2,10 @@
 
     torchrun --nproc-per-node=2 tests/shardload_worker.py SPEC.json
 
-SPEC: {"models": {name: DIR}, "out": DIR, "cases": [[engine, method, dtype, model name], ...]}. For every case each rank
-loads the base twice: sharded while loading (qshard/shardload.py), watched by a TorchDispatchMode
-that records the largest tensor any op touches, and whole (qshard.load.load_base_model + LoRA, the
-reference). It gathers the sharded model's parameters and writes <out>/<case>-rank<k>.json: the
+SPEC: {"models": {name: DIR}, "out": DIR, "cases": [[engine, method, dtype, model name], ...]}.
+For every case each rank loads the base twice: sharded while loading (qshard/shardload.py), watched
+by a TorchDispatchMode that records the largest tensor any op touches, and whole
+(qshard.load.load_base_model + LoRA, the reference). It gathers the sharded model's parameters and writes <out>/<case>-rank<k>.json: the
 names whose gathered value differs from the reference (bit for bit), the largest tensor seen during
 the sharded and the whole load, and the largest full parameter.
 """

@@ -1,7 +1,8 @@
 """Load-time sharding (qshard/shardload.py): exact pieces, bit-identical models, no rank holds the whole.
 
 The distributed checks run in two 2-rank torchrun launches: tests/shardload_worker.py (gathered
-parameters vs the whole load, largest tensor touched while loading) and tests/dist_worker.py (training with shard_on_load on and off: same losses and logits).
+parameters vs the whole load, largest tensor touched while loading) and tests/dist_worker.py
+(training with shard_on_load on and off: same losses and logits).
 """
 
 from __future__ import annotations

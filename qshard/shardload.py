@@ -73,7 +73,8 @@ def load_fsdp2(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, see
                rank: int, world_size: int, device: torch.device) -> nn.Module:
     model = engine.shard(attach(_prepared(skeleton, model_dir)))
     buffers = {name: b for name, b in model.named_buffers()}  # real (rotary tables): to_empty would blank them
-    model.to_empty(device=device)
+    # with fsdp_cpu_offload the shards live on the CPU: FSDP2 refuses others at its first forward
+    model.to_empty(device=torch.device("cpu") if engine.cpu_offload else device)
     for name, buffer in buffers.items():
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._buffers[leaf] = buffer.to(device)

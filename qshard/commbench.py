@@ -132,7 +132,7 @@ def step_traffic(spec, s, engine: str, reshard_after_forward: bool = True) -> li
     storage. DeepSpeed keeps trainable params and their gradients in the half dtype; qshard's DDP and
     FSDP2 reduce fp32 gradients (FSDP2's reduce_dtype), FSDP2 gathers LoRA params in the compute dtype."""
     from qshard.plan import (DS_MAX_REUSE_DISTANCE, base_bytes, decoder_layer_bytes, decoder_layer_elements,
-                             lora_params)
+                             lora_params, root_bytes)
 
     n_lora, base = lora_params(spec, s), sum(base_bytes(spec, s).values())
     half = 4 if s.precision == "fp32" else 2
@@ -157,10 +157,13 @@ def step_traffic(spec, s, engine: str, reshard_after_forward: bool = True) -> li
                 Traffic("reduce_scatter", micro * n_lora * half, n_lora * half,
                         f"LoRA gradients, {micro} time(s) a step")]
     if engine == "fsdp2":
-        # the recomputed forward runs inside the layer's backward, while the layer is still gathered
+        # the recomputed forward runs inside the layer's backward, while the layer is still gathered; the root
+        # (embeddings, final norm, head) is gathered once a micro-batch and kept for backward
+        # (qshard/engines/fsdp2.py)
         gathers = micro * (2 if reshard_after_forward else 1)
-        return [Traffic("all_gather", gathers * (base + n_lora * half), layer,
-                        f"packed base + LoRA params, {gathers} times a step, a layer at a time"),
+        root = root_bytes(spec, s)
+        return [Traffic("all_gather", gathers * (base - root + n_lora * half) + micro * root, layer,
+                        f"packed base + LoRA params, the layers {gathers} times a step, the root {micro}"),
                 Traffic("reduce_scatter", n_lora * 4, n_lora * 4, "LoRA gradients (fp32), once a step")]
     return []
 

@@ -112,7 +112,8 @@ class DistributedSection(Section):
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="DeepSpeed: optimizer state on CPU.")
     offload_params: Literal["none", "cpu"] = Field("none", description="DeepSpeed stage 3: parameters on CPU.")
     deepspeed_config: str | None = Field(None, description="Your own DeepSpeed JSON; qshard fills 'auto' values.")
-    reshard_after_forward: bool = Field(True, description="FSDP2: free gathered weights after forward.")
+    reshard_after_forward: bool = Field(True, description="FSDP2: free each decoder layer's gathered weights after "
+                                                          "forward (the root's stay gathered for backward).")
     fsdp_cpu_offload: bool = Field(False, description="FSDP2: keep sharded parameters on CPU.")
     shard_on_load: bool = Field(True, description="ZeRO-3 / FSDP2: no rank holds the whole base while loading "
                                                   "(dense checkpoints, without DoRA); false loads it whole first.")

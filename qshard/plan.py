@@ -193,6 +193,12 @@ def decoder_layer_bytes(spec: ModelSpec, s: Settings) -> int:
     return base_bytes(replace(spec, layers=1), s)["layers"] + 2 * spec.hidden * DTYPE_BYTES[s.dense_dtype]
 
 
+def root_bytes(spec: ModelSpec, s: Settings) -> int:
+    """The frozen storage outside the decoder layers (embeddings, final norm, head): FSDP2's root group."""
+    b = base_bytes(spec, s)
+    return b["embed_tokens"] + spec.hidden * DTYPE_BYTES[s.dense_dtype] + b["lm_head"]
+
+
 def decoder_layer_elements(spec: ModelSpec, s: Settings) -> int:
     """Elements of one decoder layer's frozen parameters as ZeRO-3 counts them (`ds_numel`): one per byte of
     packed quantized storage (qshard's quantized layers keep it in uint8 parameters), one per dense weight."""
@@ -342,15 +348,12 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
         gpu["gathered_weights"] = zero3_gathered_bytes(spec, s, lora)
     if e == "fsdp2":
         # current layer + the next one, prefetched (LoRA gathered with them in the compute dtype), and the
-        # root (embeddings, head) 1.5 times: qshard's engine reshards the root after forward too (it passes
-        # reshard_after_forward to every fully_shard call, qshard/engines/fsdp2.py), so the root is gathered
-        # again as backward starts; at the peak its flat all-gather output (root-sized, torch's
-        # _fsdp_collectives.py) and one unsharded root tensor (embedding or head) were alive (measured,
-        # bench/plan_validation_dist.py, 400m fp32 and bf16).
-        b = base_bytes(spec, s)
+        # root (embeddings, final norm, head) once: qshard's engine leaves the root to torch's default, which
+        # gathers it for forward and keeps it unsharded until backward (qshard/engines/fsdp2.py), so it is alive
+        # at the peak, whether that is the loss (computed after the model's forward) or the start of backward
+        # (measured, bench/plan_validation_dist.py: 400m within +2..+4%, BENCHMARKS.md).
         layer = decoder_layer_bytes(spec, s) + lora // spec.layers * half
-        root = b["embed_tokens"] + b["lm_head"]
-        gpu["gathered_weights"] = 2 * layer + root + max(b["embed_tokens"], b["lm_head"])
+        gpu["gathered_weights"] = 2 * layer + root_bytes(spec, s)
     if s.offload_optimizer:
         for key in ("master_weights", "optimizer_states"):
             cpu[key] = gpu.pop(key, 0)
@@ -388,7 +391,8 @@ def step_seconds(spec: ModelSpec, s: Settings, base: int, lora: int) -> float:
     per_micro = compute
     if s.engine in ("zero3", "fsdp2") and n > 1:
         gathers = 3 if s.checkpointing else 2  # forward, backward (and the recomputed forward)
-        per_micro += gathers * base * (n - 1) / n / bw
+        once = root_bytes(spec, s) if s.engine == "fsdp2" else 0  # FSDP2 keeps its root gathered for backward
+        per_micro += (gathers * (base - once) + once) * (n - 1) / n / bw
     if s.offload_params:
         per_micro += 2 * base / n / PCIE_BW
     step = s.accumulation * per_micro + ring * grads / bw

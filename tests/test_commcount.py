@@ -11,9 +11,10 @@ read from the run's sharding.json, the analytic figures per optimizer step are:
 - zero3: each parameter all-gathered once per micro-batch, 2 M: the micro model is far below
   stage3_max_live_parameters (1e9), so nothing is released between forward and backward; LoRA
   gradients reduce-scattered per micro-batch, 2 L.
-- fsdp2: every group all-gathered for forward and again for backward (reshard_after_forward), 4 M
-  (no padding: every dim 0 is even); LoRA gradients reduce-scattered once, L; clipping all-reduces
-  the norm (a few bytes).
+- fsdp2: each decoder layer all-gathered for forward and again for backward (reshard_after_forward),
+  the root (R = embeddings, final norm and head, read from the model's safetensors header) once, kept
+  from forward to backward (torch's default for a root): 2 (2 M - R) (no padding: every dim 0 is even);
+  LoRA gradients reduce-scattered once, L; clipping all-reduces the norm (a few bytes).
 The loop's own all-reduce (loss, flags) and the gradient-flow check's gathers are left out: DDP's
 count equals L to the byte. Step 2 is compared (ZeRO-3 traces the module order in step 1).
 """
@@ -21,9 +22,11 @@ count equals L to the byte. Step 2 is compared (ZeRO-3 traces the module order i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from qshard.commcount import StepTraffic, _union_seconds, comm_record, format_comm
 from tests.helpers import recipe_dict, torchrun, write_rows
@@ -62,6 +65,13 @@ def _sizes(runs: Path, engine: str) -> tuple[int, int]:
     return lora, row["base_quantized_full"] + row["base_dense_full"] + lora
 
 
+def _root_bytes(model: Path) -> int:
+    """R: the bytes of every tensor outside the decoder layers (embeddings, final norm, head), loaded as the
+    recipe's float32, from the model's own safetensors header."""
+    with safe_open(model / "model.safetensors", "pt") as f:
+        return 4 * sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if ".layers." not in k)
+
+
 def test_ddp_all_reduces_exactly_the_lora_gradients_once_a_step(runs):
     record, (lora, _) = _step(runs, "ddp"), _sizes(runs, "ddp")
     measured = record["comm_bytes"]
@@ -92,14 +102,15 @@ def test_zero3_gathers_every_parameter_once_per_micro_batch(runs):
     assert record["comm_planned_bytes"] == {"all_gather": MICRO * model, "reduce_scatter": MICRO * lora}
 
 
-def test_fsdp2_gathers_the_base_for_forward_and_backward_and_reduce_scatters_lora_once(runs):
-    record, (lora, model) = _step(runs, "fsdp2"), _sizes(runs, "fsdp2")
+def test_fsdp2_gathers_layers_twice_the_root_once_and_reduce_scatters_lora_once(runs, micro_model):
+    record, (lora, model), root = _step(runs, "fsdp2"), _sizes(runs, "fsdp2"), _root_bytes(micro_model)
     measured = record["comm_bytes"]
-    assert measured["all_gather"] == 2 * MICRO * model
-    assert record["comm_calls"]["all_gather"] == 2 * MICRO * 3  # 2 decoder layers + the root, twice a micro-batch
+    assert root == 4 * (2 * 512 * 64 + 64)  # embeddings and head (vocabulary 512 x hidden 64) + the final norm
+    assert measured["all_gather"] == MICRO * (2 * (model - root) + root)
+    assert record["comm_calls"]["all_gather"] == MICRO * (2 * 2 + 1)  # 2 decoder layers twice, the root once
     assert measured["reduce_scatter"] == lora
     assert 0 < measured.get("all_reduce", 0) <= 1024  # the clipped gradient norm
-    assert record["comm_planned_bytes"] == {"all_gather": 2 * MICRO * model, "reduce_scatter": lora}
+    assert record["comm_planned_bytes"] == {"all_gather": MICRO * (2 * (model - root) + root), "reduce_scatter": lora}
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))

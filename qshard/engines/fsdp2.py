@@ -1,5 +1,6 @@
 """PyTorch FSDP2 (`fully_shard`): every parameter, the quantized base's uint8 storage included, is a
-DTensor sharded along dim 0; each decoder layer is all-gathered for its forward and backward.
+DTensor sharded along dim 0; each decoder layer is all-gathered for its forward and backward, the root
+(embeddings, final norm, head) once per micro-batch.
 
 bitsandbytes' own Linear4bit fails here (its QuantState lives outside the parameter, see
 `fix_4bit_weight_quant_state_from_module`); qshard's layers keep every constant in uint8 parameters,
@@ -33,13 +34,16 @@ class FSDP2Engine:
 
         if isinstance(model, FSDPModule):
             return model
-        options = {"reshard_after_forward": self.reshard,
-                   "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()}
+        options = {"offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()}
         if self.param_dtype is not None:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
-            fully_shard(layer, **options)
-        fully_shard(model, **options)
+            fully_shard(layer, reshard_after_forward=self.reshard, **options)
+        # The root is used again as soon as backward starts, and torch's default keeps it gathered from forward
+        # to backward: torch 2.6 never reshards the root whatever is passed; later versions honour an explicit
+        # True (pytorch/pytorch#154704) and read the default, None, as "not the root" (#155319). So for True
+        # nothing is passed.
+        fully_shard(model, **options, **({} if self.reshard else {"reshard_after_forward": False}))
         # PeftModel.generate reaches the inner model without calling the root's forward, so the
         # root's parameters (embeddings, head) would stay sharded: hook generate like forward.
         register_fsdp_forward_method(model, "generate")

@@ -47,3 +47,10 @@ def torchrun(script: str, spec: Path, nproc: int = 2, timeout: float = 900) -> N
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                            script, str(spec)], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+def run_cells(root: Path, cells: list[dict], probe: list[list[int]]) -> None:
+    """Train every cell in one 2-rank launch of tests/dist_worker.py (spec written to root/spec.json)."""
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"cells": cells, "probe": probe}))
+    torchrun("tests/dist_worker.py", spec)

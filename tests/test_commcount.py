@@ -29,7 +29,7 @@ import pytest
 from safetensors import safe_open
 
 from qshard.commcount import StepTraffic, _union_seconds, comm_record, format_comm
-from tests.helpers import recipe_dict, torchrun, write_rows
+from tests.helpers import recipe_dict, run_cells, write_rows
 
 ENGINES = {"ddp": {"engine": "ddp"}, "zero2": {"engine": "deepspeed", "zero_stage": 2},
            "zero3": {"engine": "deepspeed", "zero_stage": 3}, "fsdp2": {"engine": "fsdp2"}}
@@ -47,9 +47,7 @@ def runs(micro_model, tmp_path_factory):
                         gradient_accumulation_steps=MICRO, sample_tokens=0)
         r["distributed"] = dist
         cells.append({"name": name, "recipe": r})
-    spec = root / "spec.json"
-    spec.write_text(json.dumps({"cells": cells, "probe": [[1, 2, 3]]}))
-    torchrun("tests/dist_worker.py", spec)
+    run_cells(root, cells, [[1, 2, 3]])
     return root
 
 

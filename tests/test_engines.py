@@ -29,7 +29,7 @@ from qshard.config import parse_recipe
 from qshard.load import QuantSpec, load_model
 from qshard.lora import attach_lora, resolve_targets
 from qshard.train import run
-from tests.helpers import recipe_dict, torchrun, write_rows
+from tests.helpers import recipe_dict, run_cells, write_rows
 
 # (engine, base) from the table; DoRA (which reads the dense base weight) rides on the NF4 cells of
 # the engines the option rules allow it with, as "nf4+dora".
@@ -71,9 +71,7 @@ def matrix(micro_model, tmp_path_factory):
     write_rows(data)
     cells = [{"name": f"{e}-{b}", "recipe": _recipe(micro_model, data, root / f"{e}-{b}", e, b, GLOBAL_BATCH // 2)}
              for e, b in SHARDED_CELLS]
-    spec = root / "spec.json"
-    spec.write_text(json.dumps({"cells": cells, "probe": PROBE}))
-    torchrun("tests/dist_worker.py", spec)
+    run_cells(root, cells, PROBE)
     singles = {}
     for base in sorted({b for _, b in SHARDED_CELLS}):
         recipe = parse_recipe(_recipe(micro_model, data, root / f"single-{base}", "none", base, GLOBAL_BATCH))

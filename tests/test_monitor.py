@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import recipe_dict, torchrun, write_rows
+from tests.helpers import recipe_dict, run_cells, write_rows
 
 ENGINES = {"ddp": {"engine": "ddp"}, "zero1": {"engine": "deepspeed", "zero_stage": 1},
            "zero2": {"engine": "deepspeed", "zero_stage": 2}, "zero3": {"engine": "deepspeed", "zero_stage": 3},
@@ -30,9 +30,7 @@ def runs(micro_model, tmp_path_factory):
     cells = [cell(f"detach-{e}", d, detach=DETACHED) for e, d in ENGINES.items()]
     cells += [cell("ballast", ENGINES["ddp"], ballast_mb={"rank": 1, "mb": 400}),
               cell("balanced-zero3", ENGINES["zero3"])]
-    spec = root / "spec.json"
-    spec.write_text(json.dumps({"cells": cells, "probe": [[1, 2, 3]]}))
-    torchrun("tests/dist_worker.py", spec)
+    run_cells(root, cells, [[1, 2, 3]])
     return root
 
 

@@ -20,7 +20,7 @@ from qshard.load import CheckpointReader, QuantSpec, open_base
 from qshard.quant.bnb4bit import Linear4bit
 from qshard.quant.bnb8bit import Linear8bit
 from qshard.shardload import shard_span, why_not
-from tests.helpers import REPO, recipe_dict, torchrun, write_rows
+from tests.helpers import REPO, recipe_dict, run_cells, torchrun, write_rows
 from tests.shardload_worker import attach
 
 
@@ -197,9 +197,7 @@ def trained(micro_model, tmp_path_factory):
             if engine == "zero3_offload":  # partitions on the CPU (here the compute device too), pinned
                 recipe["distributed"] |= {"offload_params": "cpu", "offload_optimizer": "cpu"}
             cells.append({"name": name, "recipe": recipe})
-    spec = root / "spec.json"
-    spec.write_text(json.dumps({"cells": cells, "probe": [[1, 5, 7, 9, 11, 13]]}))
-    torchrun("tests/dist_worker.py", spec)
+    run_cells(root, cells, [[1, 5, 7, 9, 11, 13]])
     return {c["name"]: [json.loads((root / c["name"] / f"result-rank{k}.json").read_text()) for k in range(2)]
             + [json.loads((root / c["name"] / "adapter" / "adapter_config.json").read_text())] for c in cells}
 

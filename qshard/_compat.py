@@ -6,6 +6,7 @@ Each has a test in tests/test_compat.py that tells us when upstream changed.
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 
 
@@ -89,13 +90,69 @@ def deepspeed_prepare_optimizer_state(zero_optimizer, torch_optimizer) -> None:
         link()
 
 
+def fsdp2_allow_integer_parameters(force: bool = False) -> bool:
+    """Let FSDP2 shard and gather integer parameters (the uint8 storage of qshard's quantized layers) on
+    torch releases that mishandle them; returns whether the fixes were applied.
+
+    Seen with torch 2.11.0+cu130 on an H200 (bench/cuda_check.py), both fixed by torch 2.13:
+    - FSDPParam creates each sharded parameter as `nn.Parameter(dtensor)` and sets requires_grad only
+      afterwards; nn.Parameter defaults to requires_grad=True, which raises "only Tensors of floating
+      point dtype can require gradients" for any uint8 parameter, so `fully_shard` failed
+      (pytorch/pytorch#177844). Fix: FSDPParam's module gets an `nn` whose Parameter leaves integer
+      tensors without gradients (the value the next line sets anyway); every other name is torch.nn's.
+    - `FSDPParam.init_dtype_attrs` gives integer parameters the policy's param_dtype (bf16), so they are
+      all-gathered as bf16 and bitsandbytes then refused the double-quant scales in backward ("A must be
+      uint8, got torch.bfloat16"); torch 2.13 leaves non-floating parameters uncast. Fix: the same clamp
+      after the original method.
+    Applied where FSDPParam's source lacks torch 2.13's code; `force` applies them regardless (tests).
+    Remove when torch >= 2.13 is the minimum."""
+    import inspect
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    cls = _fsdp_param.FSDPParam
+    creation = force or "requires_grad=param.requires_grad" not in inspect.getsource(cls._init_sharded_param)
+    if creation and not isinstance(_fsdp_param.nn, _IntegerSafeNN):
+        _fsdp_param.nn = _IntegerSafeNN("torch.nn")
+    cast = force or "is_floating_point" not in inspect.getsource(cls.init_dtype_attrs)  # ours has it: once
+    if cast:
+        original = cls.init_dtype_attrs
+
+        def init_dtype_attrs(self, mp_policy):
+            original(self, mp_policy)
+            if not self.orig_dtype.is_floating_point:
+                self.param_dtype = None
+
+        cls.init_dtype_attrs = init_dtype_attrs
+    return creation or cast
+
+
+class _IntegerSafeNN(types.ModuleType):
+    """torch.nn, except that Parameter(integer tensor) does not ask for gradients (see above)."""
+
+    def __getattr__(self, name):
+        import torch
+
+        return getattr(torch.nn, name)
+
+    @staticmethod
+    def Parameter(data=None, requires_grad: bool = True):  # noqa: N802 (torch's name)
+        import torch
+
+        if data is not None and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False
+        return torch.nn.Parameter(data, requires_grad)
+
+
 def exit_without_teardown(code: int) -> None:
     """End a distributed worker once its run has returned and every file is closed, skipping the
     interpreter's teardown. Seen with torch 2.13 + DeepSpeed 0.19.8 on CPU: a ZeRO-3 job restarted by
     torchrun finished training and saving, then a rank aborted at exit ("terminate called without an
     active exception", SIGABRT: a C++ communication thread destroyed while joinable), which turned a
-    good run into a failed job (1 of 20 trials of bench/faults.py). Remove when that no longer
-    happens in the fault benchmark."""
+    good run into a failed job (1 of 20 trials of bench/faults.py). Seen too in a single process that
+    had run FSDP2 over a one-rank gloo group (CI, tests/test_faults.py, a resume from 2 processes to
+    1), so it ends every process that started a process group. Remove when that no longer happens in
+    the fault benchmark."""
     import os
     import sys
 

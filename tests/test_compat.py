@@ -270,3 +270,53 @@ def test_exit_without_teardown_flushes_output_and_skips_atexit():
             "print('out', end=''); print('err', end='', file=sys.stderr); _compat.exit_without_teardown(3)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out", "err")
+
+
+# fsdp2_allow_integer_parameters: torch 2.11 could not fully_shard a uint8 parameter (pytorch#177844)
+def test_nn_parameter_still_refuses_gradients_for_integer_tensors_and_the_replacement_does_not():
+    with pytest.raises(RuntimeError, match="dtype can require gradients"):
+        torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8))
+    p = _compat._IntegerSafeNN("torch.nn").Parameter(torch.zeros(4, dtype=torch.uint8))
+    assert isinstance(p, torch.nn.Parameter) and not p.requires_grad
+    assert _compat._IntegerSafeNN("torch.nn").Parameter(torch.zeros(4)).requires_grad
+
+
+def test_torch_213_creates_fsdp2_parameters_with_requires_grad_so_the_fix_is_not_applied():
+    if torch.__version__ < "2.12":
+        pytest.skip("the fix applies on this torch; the forced test below covers it")
+    assert _compat.fsdp2_allow_integer_parameters() is False
+
+
+def test_forced_fix_keeps_fully_shard_working_on_uint8_and_float_parameters():
+    """Both fixes forced (as torch 2.11 gets them) shard a module with uint8 storage under a bf16
+    mixed-precision policy: same values, integer parameters frozen and gathered as uint8 (not cast to
+    bf16) in forward and in backward, float ones still trainable."""
+    code = """
+import torch, torch.distributed as dist
+from qshard import _compat
+from qshard.runtime import _free_port
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+assert _compat.fsdp2_allow_integer_parameters(force=True)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+seen = []
+class Coded(torch.nn.Linear):
+    def forward(self, x):
+        seen.append(self.codes.dtype)
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+    def inner(self, x):
+        seen.append(self.codes.dtype)
+        return super().forward(x) + self.codes.float().sum()
+m = Coded(8, 4)
+m.register_parameter("codes", torch.nn.Parameter(torch.arange(32, dtype=torch.uint8).view(4, 8), requires_grad=False))
+fully_shard(m, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+codes = m.codes.full_tensor()
+assert codes.dtype == torch.uint8 and torch.equal(codes, torch.arange(32, dtype=torch.uint8).view(4, 8))
+assert not m.codes.requires_grad and m.weight.requires_grad
+m(torch.ones(2, 8)).sum().backward()
+assert m.weight.grad is not None
+assert seen == [torch.uint8] * 3, seen  # forward, and the recomputation in backward
+dist.destroy_process_group()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

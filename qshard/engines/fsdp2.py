@@ -14,6 +14,7 @@ import contextlib
 import torch
 from torch import nn
 
+from qshard import _compat
 from qshard.engines.base import (clip_and_step, full_optimizer_state, load_adapter_into, load_full_optimizer_state,
                                  trainable_grads)
 
@@ -34,6 +35,7 @@ class FSDP2Engine:
 
         if isinstance(model, FSDPModule):
             return model
+        _compat.fsdp2_allow_integer_parameters()
         options = {"offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()}
         if self.param_dtype is not None:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)

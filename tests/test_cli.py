@@ -229,6 +229,19 @@ def test_init_tiny_then_train_writes_a_complete_run_folder(tmp_path, alpaca_file
     assert saved == load_recipe(recipe)
 
 
+@pytest.mark.parametrize("distributed", [{"engine": "deepspeed", "zero_stage": 3}, {"engine": "fsdp2"}],
+                         ids=["zero3", "fsdp2"])
+def test_an_engine_runs_as_one_process_without_a_launcher(distributed, tmp_path, micro_model, alpaca_file):
+    """`qshard train` with an engine and no torchrun: qshard starts the one-rank group itself (DeepSpeed
+    refused to start without the LOCAL_RANK a launcher sets, found on a GPU by bench/cuda_check.py)."""
+    raw = recipe_dict(micro_model, alpaca_file, tmp_path / "run", max_steps=2)
+    raw["distributed"] = distributed
+    train = subprocess.run([*QSHARD, "train", str(write_recipe(tmp_path, raw))], capture_output=True, text=True,
+                           timeout=180)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "trained 2 steps" in train.stdout
+
+
 def test_deepspeed_launchers_local_rank_flag_is_accepted(tmp_path, capsys):
     """`deepspeed --module qshard.cli train ...` inserts --local_rank=N before the command."""
     from qshard.cli import main

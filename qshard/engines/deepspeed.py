@@ -96,6 +96,8 @@ class DeepSpeedEngine:
 
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if "MASTER_ADDR" not in os.environ:  # one process, no launcher: DeepSpeed reads the LOCAL_RANK one sets
+            os.environ.setdefault("LOCAL_RANK", str(self.device.index or 0))
         _compat.skip_deepspeed_shm_build()
         import deepspeed
 

@@ -28,13 +28,16 @@ LAYERS = {"nf4-dq": (Linear4bit, {"quant_type": "nf4", "double_quant": True}),
           "nf4": (Linear4bit, {"quant_type": "nf4", "double_quant": False}),
           "fp4-dq": (Linear4bit, {"quant_type": "fp4", "double_quant": True}),
           "int8": (Linear8bit, {})}
+# bitsandbytes' CUDA kernels too, where there is a GPU (bench/cuda_check.py runs this test there)
+DEVICES = ["cpu"] + ["cuda"] * torch.cuda.is_available()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("shape", [(200, 96), (37, 64), (64, 100), (688, 256), (5, 24)])
-def test_pieces_equal_the_whole_tensors_quantization(kind, shape):
+def test_pieces_equal_the_whole_tensors_quantization(kind, shape, device):
     cls, options = LAYERS[kind]
-    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(torch.bfloat16)
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(device, torch.bfloat16)
     whole = cls.from_float(weight, **options)
     storage = {n: p for n, p in whole.named_parameters() if n != "bias"}
     for world in (1, 2, 3, 4):

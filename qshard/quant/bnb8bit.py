@@ -48,9 +48,10 @@ class Linear8bit(QuantLinear):
         import bitsandbytes.functional as bnbF
 
         def quantize(span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-            if span[0] >= span[1]:
-                return (torch.empty(0, self.in_features, dtype=torch.int8), torch.empty(0, dtype=torch.float32))
-            cb, scb, _ = bnbF.int8_vectorwise_quant(read_rows(*span).to(self.weight_dtype).to(torch.float16))
+            rows = read_rows(*span)
+            if rows.shape[0] == 0:  # owns nothing here: empty pieces, on the device the rows are read to
+                return rows.new_empty(0, self.in_features, dtype=torch.int8), rows.new_empty(0, dtype=torch.float32)
+            cb, scb, _ = bnbF.int8_vectorwise_quant(rows.to(self.weight_dtype).to(torch.float16))
             return cb, scb.float()
 
         def rows_holding(span: tuple[int, int], row: int) -> tuple[int, int]:

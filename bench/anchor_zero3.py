@@ -13,6 +13,10 @@ Run under torchrun (one process per rank), DS_ACCELERATOR=cpu:
     DS_ACCELERATOR=cpu .venv/bin/torchrun --standalone --nproc-per-node=2 bench/anchor_zero3.py \
         --model build/bench-400m --steps 4 --out runs/bench-400m/anchor.json
 
+On one GPU (bench/cuda_check.py) it runs as one process without DeepSpeed (`--engine none`, what a
+single-GPU QLoRA user writes: the same model and adapter, a plain AdamW loop) and with `--precision bf16`
+(bf16 dense weights and bnb_4bit_compute_dtype=bf16).
+
 The batches are exactly qshard's (same rows, same tokenizer rendering, same seed order, batch 1 per
 rank), produced with `qshard.data` so both stacks see the same tokens. Per rank it records resident
 memory (psutil RSS) and peak resident memory (getrusage ru_maxrss) at each phase, and the wall time
@@ -47,27 +51,38 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--engine", choices=("deepspeed", "none"), default="deepspeed")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--out", default=None, help="JSON file written by rank 0")
     args = p.parse_args()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     phases: dict[str, dict] = {"start": memory()}
     import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     import bitsandbytes
-    import deepspeed
-    import deepspeed.ops
     import peft
     from peft import LoraConfig, get_peft_model
 
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    if args.engine == "deepspeed":
+        import deepspeed
+        import deepspeed.ops
+
+        # deepspeed_shm_comm only serves inference all-reduce; skipping it avoids a ~40 s JIT build (qshard
+        # does the same, see qshard/_compat.py). Must happen before the first init_distributed / initialize.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = 0, 1
     phases["imported"] = memory()
-    # deepspeed_shm_comm only serves inference all-reduce; skipping it avoids a ~40 s JIT build (qshard does
-    # the same, see qshard/_compat.py). Must happen before the first init_distributed / initialize.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
     # -- data: exactly qshard's examples and global batches ----------------------------------------
     from qshard import data
@@ -76,13 +91,14 @@ def main() -> None:
     rows, fmt = data.load_rows(args.data)
     examples, _ = data.tokenize_rows(rows, fmt, tokenizer, args.max_length)
     pad_id = data.pad_token_id(tokenizer)
-    batches = data.global_batches(len(examples), world, args.seed, 0)  # batch 1 per rank
+    batches = data.global_batches(len(examples), world * args.micro_batch, args.seed, 0)
 
     # -- model --------------------------------------------------------------------------------------
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
+                             bnb_4bit_compute_dtype=dtype)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=bnb, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=bnb, dtype=dtype,
+                                                 device_map={"": device})
     load_s = time.perf_counter() - t0
     phases["loaded"] = memory()
     torch.manual_seed(args.seed)
@@ -92,20 +108,23 @@ def main() -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     phases["peft"] = memory()
 
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": world,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": 3},
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer,
-                                                   config=config)
+    if args.engine == "deepspeed":
+        config = {
+            "train_micro_batch_size_per_gpu": args.micro_batch,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": world * args.micro_batch,
+            "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": args.precision == "bf16"},
+            "fp16": {"enabled": False},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
+                                                       optimizer=optimizer, config=config)
+    else:
+        engine = _PlainLoop(model, optimizer, trainable)
     phases["initialized"] = memory()
 
     # -- loop ---------------------------------------------------------------------------------------
@@ -115,29 +134,36 @@ def main() -> None:
     for step in range(args.steps):
         batch = batches[step % len(batches)]
         mine = [examples[i] for i in batch[rank::world]]
-        b = data.collate(mine, pad_id)
+        b = {k: v.to(device) for k, v in data.collate(mine, pad_id).items()}
         out = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
                      use_cache=False)
         engine.backward(out.loss)
         engine.step()
         # a global loss, as any training loop logs (and a sync point, like qshard's per-step all-reduce)
-        loss = out.loss.detach().clone()
-        torch.distributed.all_reduce(loss)
+        loss = out.loss.detach().float().clone()
+        if world > 1:
+            torch.distributed.all_reduce(loss)
         losses.append(float(loss) / world)
         elapsed.append(round(time.perf_counter() - start, 3))
         if rank == 0:
             print(f"anchor step {step + 1}: loss {losses[-1]:.4f} elapsed {elapsed[-1]:.2f}s", flush=True)
     phases["trained"] = memory()
 
+    if device.type == "cuda":
+        phases["trained"]["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     mine = {"phases": phases}
-    ranks: list = [None] * world
-    torch.distributed.all_gather_object(ranks, mine)
+    ranks: list = [mine]
+    if torch.distributed.is_initialized():
+        ranks = [None] * world
+        torch.distributed.all_gather_object(ranks, mine)
     if rank == 0:
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                    "bitsandbytes": bitsandbytes.__version__}
+        if args.engine == "deepspeed":
+            versions["deepspeed"] = deepspeed.__version__
         record = {
-            "stack": "transformers + bitsandbytes NF4 + peft + deepspeed ZeRO-3",
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
-                         "deepspeed": deepspeed.__version__},
+            "stack": "transformers + bitsandbytes NF4 + peft" + " + deepspeed ZeRO-3" * (args.engine == "deepspeed"),
+            "versions": versions, "device": str(device), "precision": args.precision,
             "world_size": world, "steps": args.steps, "trainable_params": sum(p.numel() for p in trainable),
             "load_s": round(load_s, 2), "losses": losses, "elapsed_s": elapsed,
             "rank_memory": [r["phases"] for r in ranks],
@@ -149,8 +175,32 @@ def main() -> None:
                 f.write(text + "\n")
         else:
             print(text)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+class _PlainLoop:
+    """The single-process loop a user writes: forward, backward, clip, step (the engine's interface)."""
+
+    def __init__(self, model, optimizer, trainable):
+        self.model, self.optimizer, self.trainable = model, optimizer, trainable
+
+    def __call__(self, **batch):
+        return self.model(**batch)
+
+    def train(self):
+        self.model.train()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        import torch
+
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 if __name__ == "__main__":

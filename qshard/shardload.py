@@ -24,9 +24,17 @@ no communication during load, is exact by construction, and costs N x the disk r
 the page cache on one node) and N x the quantization compute, which is what today's per-rank
 whole-model load costs anyway. Dense tensors are read only where owned.
 
-Not covered (loaded whole, then sharded, with a log line saying so): post-training-quantized
-checkpoints (their packed tensors are stored transposed/grouped, not row-sliceable as the layers
-store them) and DoRA (its magnitude is computed from the whole base weight when attached).
+Post-training-quantized checkpoints kept as they are (`quantization.method: checkpoint`): their packed
+tensors are stored transposed or grouped and some are rewritten when a layer is built (GPTQ v1 zero
+points, missing g_idx, scales kept as bytes), so a rank cannot read its part of a parameter directly.
+The skeleton gets each PTQ layer built from stand-ins of the checkpoint's header (the layer
+`load._load_ptq` builds, moved to the meta device); then one layer at a time is read and built whole (its
+packed tensors: a fraction of a dense layer) and each rank copies out its part. Peak beyond the
+shards: one packed layer.
+
+Not covered (loaded whole, then sharded, with a log line saying so): converting a PTQ checkpoint to
+another method (dequantize, then quantize) and DoRA (its magnitude is computed from the whole base
+weight when attached).
 """
 
 from __future__ import annotations
@@ -53,15 +61,16 @@ Span = Callable[[nn.Parameter], tuple[int, int]]  # the flattened elements [star
 Local = Callable[[nn.Parameter, tuple[int, int]], torch.Tensor]  # the flat tensor that holds them here
 
 
-def why_not(engine_key: str, world_size: int, model_dir: Path, use_dora: bool, enabled: bool,
+def why_not(engine_key: str, world_size: int, model_dir: Path, quant_method: str, use_dora: bool, enabled: bool,
             deepspeed_config: dict | None = None) -> str | None:
     """None when the base can be loaded sharded, else the reason it is loaded whole first."""
     if engine_key not in ("zero3", "zero3_offload", "fsdp2") or world_size < 2:
         return "the engine does not shard parameters" if world_size > 1 else "one process"
     if not enabled:
         return "distributed.shard_on_load is false"
-    if ptq.detect(model_dir) is not None:
-        return "a post-training-quantized checkpoint is loaded whole before it is sharded"
+    fmt = ptq.detect(model_dir)
+    if fmt is not None and quant_method != "checkpoint":
+        return f"converting the {fmt.name} checkpoint to {quant_method} needs each whole dense weight"
     if use_dora:
         return "DoRA's magnitude is computed from the whole base weight"
     if engine_key.startswith("zero3") and deepspeed_config:
@@ -102,10 +111,37 @@ def load_zero3(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, see
 
 
 def _prepared(skeleton: nn.Module, model_dir: Path) -> nn.Module:
-    """The empty base as the whole load returns it: tied head, frozen, eval mode, named after its folder."""
+    """The empty base as the whole load returns it: PTQ layers in place, tied head, frozen, eval mode,
+    named after its folder."""
+    fmt = ptq.detect(model_dir)
+    if fmt is not None:
+        reader = CheckpointReader(checkpoint_files(model_dir))
+        for name, leaves in _ptq_modules(reader, fmt).items():
+            described = {leaf: _described(reader, f"{name}.{leaf}") for leaf in leaves}
+            layer = fmt.build(described, fmt.config, name).to("meta")
+            layer.compute_dtype = skeleton.dtype  # as load._load_ptq sets it
+            parent, _, leaf = name.rpartition(".")
+            setattr(skeleton.get_submodule(parent), leaf, layer)
     skeleton.tie_weights()  # a tied head is the embedding's parameter: sharded and read once
     skeleton.config.name_or_path = str(model_dir)  # PEFT writes it into adapter_config.json
     return skeleton.requires_grad_(False).eval()
+
+
+def _ptq_modules(reader: CheckpointReader, fmt: ptq.PTQFormat) -> dict[str, list[str]]:
+    """{quantized module: its tensors' leaf names}, as `ptq.group_tensors` groups them, from the header."""
+    leaves: dict[str, list[str]] = {}
+    for key in reader.keys():
+        module, _, leaf = key.rpartition(".")
+        leaves.setdefault(module, []).append(leaf)
+    return {module: names for module, names in leaves.items() if fmt.marker in names}
+
+
+def _described(reader: CheckpointReader, key: str) -> torch.Tensor:
+    """A stand-in for a checkpoint tensor when only the layer's layout is wanted: uninitialised, of its
+    shape and dtype (builders rewrite values, e.g. GPTQ v1 zero points, so meta tensors would not do);
+    read when tiny, since a layer's shape may be stored as values (compressed-tensors' weight_shape)."""
+    shape = reader.shape(key)
+    return reader.rows(key) if math.prod(shape) <= 16 else torch.empty(shape, dtype=reader.entries[key][2])
 
 
 def _fill(model: nn.Module, model_dir: Path, seed: int, world_size: int, span: Span, local: Local,
@@ -126,9 +162,11 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
                    device: torch.device) -> None:
     """Read the checkpoint into this rank's part of every base parameter: `span(p)` is the range of
     p's flattened elements this rank owns, `local(p, span)` the (flat) tensor that holds them. A dense
-    tensor is read only where owned; a quantized weight a row range at a time. A tensor the checkpoint
-    lacks is named before anything is read."""
+    tensor is read only where owned; a quantized weight a row range at a time; a PTQ layer one layer at
+    a time. A tensor the checkpoint lacks is named before anything is read."""
     reader, jobs, covered = CheckpointReader(checkpoint_files(model_dir)), [], set()
+    fmt = ptq.detect(model_dir)
+    packed = _ptq_modules(reader, fmt) if fmt is not None else {}
     for key in reader.keys():
         module_name, _, pname = key.rpartition(".")
         try:
@@ -136,15 +174,31 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
         except AttributeError:
             continue
         module = getattr(module, "base_layer", module)  # under a LoRA wrapper
-        quantized = isinstance(module, QuantLinear) and pname == "weight"
-        params = [p for _, p in _storage(module)] if quantized else [module._parameters.get(pname)]
-        if pname in module._buffers or (params[0] is not None and id(params[0]) not in covered):  # once if tied
-            jobs.append((key, module, pname, quantized))
-            covered |= {id(p) for p in params if p is not None}
+        if module_name in packed:  # a PTQ layer: built whole from all its tensors, once
+            kind, params = "ptq", list(module.parameters(recurse=False))
+            key = module_name
+        elif isinstance(module, QuantLinear) and pname == "weight":
+            kind, params = "quantized", [p for _, p in _storage(module)]
+        elif module._parameters.get(pname) is not None:
+            kind, params = "dense", [module._parameters[pname]]
+        elif pname in module._buffers:
+            kind, params = "buffer", []
+        else:  # a tensor this architecture has no place for
+            continue
+        if kind == "buffer" or (params and id(params[0]) not in covered):  # once if tied (or one PTQ layer)
+            jobs.append((kind, key, module, pname))
+            covered |= {id(p) for p in params}
     raise_if_missing(_checkpoint_keys(base, lambda p: id(p) not in covered and not p.requires_grad), model_dir)
     with torch.no_grad():
-        for key, module, pname, quantized in jobs:
-            if quantized:
+        for kind, key, module, pname in jobs:
+            if kind == "ptq":
+                built = fmt.build({leaf: reader.rows(f"{key}.{leaf}") for leaf in packed[key]}, fmt.config, key)
+                for name, param in module.named_parameters(recurse=False):
+                    owned = span(param)
+                    whole = getattr(built, name).reshape(-1)
+                    _checked(local(param, owned), owned, f"{key}.{name}").copy_(whole[owned[0]:owned[1]])
+                del built
+            elif kind == "quantized":
                 owned = {n: span(p) for n, p in _storage(module)}
                 targets = {n: _checked(local(p, owned[n]), owned[n], key) for n, p in _storage(module)}
                 slices = max(world_size, -(-module.in_features * module.out_features * 4 // SLICE_BYTES))
@@ -152,7 +206,7 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
                 pieces = module.quantize_pieces(lambda a, b: reader.rows(key, a, b).to(device), owned, slices)
                 for n, target in targets.items():
                     target.copy_(pieces[n])
-            elif pname in module._parameters:
+            elif kind == "dense":
                 param = module._parameters[pname]
                 owned = span(param)
                 reader.flat(key, *owned, out=_checked(local(param, owned), owned, key))

@@ -138,7 +138,7 @@ def build_model(skeleton, model_dir: Path, quant: QuantSpec, targets: list[str],
         return attach_lora(base, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                            targets=targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
 
-    whole = shardload.why_not(_engine_key(recipe), rt.world_size, model_dir, recipe.lora.use_dora,
+    whole = shardload.why_not(_engine_key(recipe), rt.world_size, model_dir, quant.method, recipe.lora.use_dora,
                               recipe.distributed.shard_on_load, getattr(engine, "config", None))
     if whole is None:
         say(f"loading the base sharded: each of the {rt.world_size} ranks reads and keeps only its part")

@@ -3,7 +3,8 @@
     torchrun --nproc-per-node=2 tests/dist_worker.py SPEC.json
 
 SPEC: {"cells": [{"name": ..., "recipe": {...}}], "probe": [[token ids]]}. For every cell each rank
-writes <output_dir>/result-rank<k>.json: per-step losses, the sharding report, and the logits of
+writes <output_dir>/result-rank<k>.json: per-step losses, the sharding report, how the base was loaded
+(the run's "loading the ..." line), and the logits of
 the trained (still sharded) model on the probe batch; or, when the run stopped with a QShardError,
 the error text. Optional per-cell sabotage, for the monitoring tests:
   "detach": "<module name suffix>"  that LoRA layer's output is detached from the graph
@@ -62,9 +63,10 @@ def main(spec_file: str) -> None:
     for cell in spec["cells"]:
         recipe = parse_recipe(cell["recipe"])
         ballast = _ballast(cell.get("ballast_mb"), rt.rank)
+        said: list[str] = []
         try:
             with _detached(cell.get("detach")):
-                outcome = run(recipe, log=lambda *_: None)
+                outcome = run(recipe, log=lambda *args: said.append(" ".join(map(str, args))))
         except QShardError as e:
             out = Path(recipe.train.output_dir) / f"result-rank{rt.rank}.json"
             out.write_text(json.dumps({"name": cell["name"], "rank": rt.rank, "error": str(e)}))
@@ -75,7 +77,8 @@ def main(spec_file: str) -> None:
         with torch.no_grad():
             logits = model(input_ids=probe.to(rt.device), use_cache=False).logits.float().cpu()
         result = {"name": cell["name"], "rank": rt.rank, "world_size": rt.world_size, "losses": outcome.losses,
-                  "sharding": outcome.sharding, "logits": logits.tolist()}
+                  "sharding": outcome.sharding, "logits": logits.tolist(),
+                  "load": next((line for line in said if line.startswith("loading the")), None)}
         out = Path(recipe.train.output_dir) / f"result-rank{rt.rank}.json"
         out.write_text(json.dumps(result))
         torch.distributed.barrier()

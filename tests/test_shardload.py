@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from qshard import shardload
 from qshard.errors import QShardError
-from qshard.load import CheckpointReader, QuantSpec, open_base
+from qshard.load import CheckpointReader, QuantSpec, load_base_model, open_base
 from qshard.quant.bnb4bit import Linear4bit
 from qshard.quant.bnb8bit import Linear8bit
 from qshard.shardload import shard_span, why_not
@@ -103,6 +103,27 @@ def test_a_tensor_the_checkpoint_lacks_is_named_before_anything_is_read(micro_mo
     assert touched == []  # no shard was allocated or read
 
 
+def test_a_ptq_layer_missing_a_tensor_is_named_while_the_skeleton_is_built(tmp_path):
+    """A GPTQ checkpoint without one layer's qzeros fails in `_prepared` (before any shard exists), naming the
+    tensor and the layer; the layer shells are otherwise the very layers the whole load builds."""
+    fixture = REPO / "tests" / "fixtures" / "ptq" / PTQ_MODELS["gptq"]
+    shutil.copytree(fixture, tmp_path / "m")
+    weights = load_file(str(fixture / "model.safetensors"))
+    del weights["model.layers.0.self_attn.k_proj.qzeros"]
+    save_file(weights, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    model_dir, skeleton = open_base(str(tmp_path / "m"), quant=QuantSpec("checkpoint"))
+    with pytest.raises(QShardError, match=r"qzeros missing for model\.layers\.0\.self_attn\.k_proj"):
+        shardload._prepared(skeleton, model_dir)
+
+    model_dir, skeleton = open_base(str(fixture), quant=QuantSpec("checkpoint"))
+    shells = dict(shardload._prepared(skeleton, model_dir).named_parameters())
+    model_dir, skeleton = open_base(str(fixture), quant=QuantSpec("checkpoint"))
+    whole = dict(load_base_model(skeleton, model_dir, quant=QuantSpec("checkpoint"), log=lambda *_: None)
+                 .named_parameters())
+    assert {n: (p.shape, p.dtype) for n, p in shells.items()} == {n: (p.shape, p.dtype) for n, p in whole.items()}
+    assert all(p.device.type == "meta" for p in shells.values())
+
+
 def test_checkpoint_reader_names_a_truncated_file(tmp_path):
     save_file({"w": torch.randn(64, 64)}, str(tmp_path / "model.safetensors"))
     data = (tmp_path / "model.safetensors").read_bytes()
@@ -112,21 +133,22 @@ def test_checkpoint_reader_names_a_truncated_file(tmp_path):
 
 
 def test_why_not_names_each_reason(micro_model, tmp_path):
-    assert why_not("fsdp2", 2, micro_model, use_dora=False, enabled=True) is None
-    assert why_not("zero3_offload", 4, micro_model, use_dora=False, enabled=True) is None
-    assert "one process" in why_not("fsdp2", 1, micro_model, use_dora=False, enabled=True)
-    assert "does not shard" in why_not("zero2", 2, micro_model, use_dora=False, enabled=True)
-    assert "shard_on_load" in why_not("fsdp2", 2, micro_model, use_dora=False, enabled=False)
-    assert "DoRA" in why_not("zero3", 2, micro_model, use_dora=True, enabled=True)
+    assert why_not("fsdp2", 2, micro_model, "nf4", use_dora=False, enabled=True) is None
+    assert why_not("zero3_offload", 4, micro_model, "nf4", use_dora=False, enabled=True) is None
+    assert "one process" in why_not("fsdp2", 1, micro_model, "nf4", use_dora=False, enabled=True)
+    assert "does not shard" in why_not("zero2", 2, micro_model, "nf4", use_dora=False, enabled=True)
+    assert "shard_on_load" in why_not("fsdp2", 2, micro_model, "nf4", use_dora=False, enabled=False)
+    assert "DoRA" in why_not("zero3", 2, micro_model, "nf4", use_dora=True, enabled=True)
     ptq = REPO / "tests" / "fixtures" / "ptq" / "gptq_llama_w4_g32_sym"
-    assert "post-training" in why_not("fsdp2", 2, ptq, use_dora=False, enabled=True)
+    assert why_not("fsdp2", 2, ptq, "checkpoint", use_dora=False, enabled=True) is None  # kept: loaded sharded
+    assert "converting the gptq checkpoint to nf4" in why_not("fsdp2", 2, ptq, "nf4", use_dora=False, enabled=True)
     plain = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
-    assert why_not("zero3_offload", 2, micro_model, use_dora=False, enabled=True, deepspeed_config=plain) is None
+    assert why_not("zero3_offload", 2, micro_model, "nf4", use_dora=False, enabled=True, deepspeed_config=plain) is None
     for zero, named in (({"zero_hpz_partition_size": 2}, "zero_hpz_partition_size"),
                         ({"mics_shard_size": 4}, "mics_shard_size"),
                         ({"zero_quantized_nontrainable_weights": True}, "zero_quantized_nontrainable_weights"),
                         ({"offload_param": {"device": "nvme"}}, "offload_param.device=nvme")):
-        reason = why_not("zero3", 2, micro_model, use_dora=False, enabled=True,
+        reason = why_not("zero3", 2, micro_model, "nf4", use_dora=False, enabled=True,
                          deepspeed_config={"zero_optimization": {"stage": 3, **zero}})
         assert named in reason and "partitions out otherwise" in reason
 
@@ -135,6 +157,11 @@ CASES = [("fsdp2", "nf4", "float32", "micro"), ("fsdp2", "none", "bfloat16", "mi
          ("fsdp2", "int8", "float32", "micro"), ("fsdp2", "nf4", "float32", "tied"),
          ("zero3", "nf4", "float32", "micro"), ("zero3", "none", "bfloat16", "micro"),
          ("zero3", "int8", "float32", "micro"), ("zero3", "nf4", "float32", "tied")]
+# PTQ checkpoints kept as they are (tests/fixtures/ptq, made by gptqmodel / autoawq / llmcompressor): GPTQ
+# v1 zero points (rewritten on build), act-order g_idx, AWQ gemm, compressed-tensors (shape stored as values)
+PTQ_MODELS = {"gptq": "gptq_llama_w4_g32_asym", "gptq-actorder": "gptq_qwen2_w4_g32_asym_actorder",
+              "awq": "autoawq_llama_w4_g64_zp", "ct": "ct_qwen2_w4a16_g32_asym"}
+CASES += [(engine, "checkpoint", "auto", name) for engine in ("fsdp2", "zero3") for name in PTQ_MODELS]
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +181,9 @@ def micro_tied(micro_model, tmp_path_factory):
 def loads(micro_model, micro_tied, tmp_path_factory):
     out = tmp_path_factory.mktemp("shardload")
     spec = out / "spec.json"
-    spec.write_text(json.dumps({"models": {"micro": str(micro_model), "tied": str(micro_tied)}, "out": str(out),
-                                "cases": CASES}))
+    models = {"micro": str(micro_model), "tied": str(micro_tied)}
+    models |= {name: str(REPO / "tests" / "fixtures" / "ptq" / folder) for name, folder in PTQ_MODELS.items()}
+    spec.write_text(json.dumps({"models": models, "out": str(out), "cases": CASES}))
     torchrun("tests/shardload_worker.py", spec)
     return {case: [json.loads((out / f"{'-'.join(case)}-rank{k}.json").read_text()) for k in range(2)]
             for case in CASES}
@@ -178,7 +206,7 @@ def test_sharded_load_never_touches_a_whole_parameter(loads, case):
 
 
 TRAIN_CASES = [("fsdp2", "nf4"), ("zero3", "nf4"), ("fsdp2", "none"), ("zero3", "none"), ("zero3", "nf4-bf16"),
-               ("zero3_offload", "nf4")]
+               ("zero3_offload", "nf4"), ("fsdp2", "gptq"), ("zero3", "gptq")]
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +218,14 @@ def trained(micro_model, tmp_path_factory):
     for engine, method in TRAIN_CASES:
         for on in (True, False):
             name = f"{engine}-{method}-{'sharded' if on else 'whole'}"
-            recipe = recipe_dict(micro_model, data, root / name, max_steps=3, micro_batch_size=2)
-            recipe["model"]["dtype"] = "bfloat16" if method == "none" else "float32"
-            recipe["quantization"]["method"] = method.split("-")[0]
+            if method == "gptq":  # a GPTQ checkpoint kept as it is
+                model = REPO / "tests" / "fixtures" / "ptq" / PTQ_MODELS["gptq"]
+                recipe = recipe_dict(model, data, root / name, max_steps=3, micro_batch_size=2)
+                recipe["model"]["dtype"], recipe["quantization"]["method"] = "auto", "checkpoint"
+            else:
+                recipe = recipe_dict(micro_model, data, root / name, max_steps=3, micro_batch_size=2)
+                recipe["model"]["dtype"] = "bfloat16" if method == "none" else "float32"
+                recipe["quantization"]["method"] = method.split("-")[0]
             if method.endswith("bf16"):  # DeepSpeed casts the model to bf16: the adapters too, however loaded
                 recipe["train"]["precision"] = "bf16"
             recipe["distributed"] = ({"engine": "fsdp2"} if engine == "fsdp2" else
@@ -212,6 +245,9 @@ def test_training_after_a_sharded_load_is_identical(trained, engine, method):
     assert sharded_config == whole_config  # the PEFT adapter folder's config, base model path included
     for sharded, whole in zip(sharded_ranks, whole_ranks):
         assert "error" not in sharded and "error" not in whole
+        if sharded["rank"] == 0:  # the rank that logs
+            assert sharded["load"].startswith("loading the base sharded"), sharded["load"]
+            assert whole["load"].startswith("loading the whole"), whole["load"]
         assert sharded["losses"] == whole["losses"]  # every step, bit for bit (the first included)
         assert sharded["logits"] == whole["logits"]  # the trained model, on a probe batch
         assert sharded["sharding"] == whole["sharding"]  # the same bytes per rank once training runs

@@ -2,6 +2,9 @@
 sharding (FSDP2, ZeRO-3) against a single-process load and the anchor stack, for 1, 2 and 4 ranks.
 
     .venv/bin/python bench/load_memory.py [--model build/bench-400m] [--markdown FILE]
+    # a GPTQ checkpoint kept as it is (bench/ptq_memory.py builds build/ptq-bench-gptq), qshard only:
+    .venv/bin/python bench/load_memory.py --model build/ptq-bench-gptq --configs qshard \
+        --recipe-set quantization.method=checkpoint model.dtype=bfloat16 train.precision=bf16
 
 Every configuration runs in its own processes (gloo, CPU, DS_ACCELERATOR=cpu) on the ~400M Llama of
 bench/recipe-400m.yaml (NF4 with double quant, fp32 compute, LoRA r=16 all-linear):
@@ -17,7 +20,11 @@ Per rank: the baseline is the resident set after imports (every module either st
 /proc/self/clear_refs resets the kernel's high-water mark (VmHWM), the model loads, and VmHWM minus
 the baseline is the exact peak resident memory added *during load* (anonymous memory plus mapped
 file pages: transformers reads safetensors through mmap, so part of its figure is the checkpoint's
-pages). A 5 ms sampler of RssAnon gives the anonymous part alone (approximate). "load + wrap" is the
+pages). A 5 ms sampler of RssAnon gives the anonymous part alone (approximate). "parameter + buffer
+bytes" counts the storage of the rank's own parameters and buffers once the load returns (its shard
+under FSDP2 / ZeRO-3): what a GPU would hold, independent of the CPU allocator and of safetensors'
+mapped pages (on the CPU a whole PTQ load leaves its packed tensors as mapped file pages that nothing
+has read yet, so its RSS understates it until the engine's wrap copies them). "load + wrap" is the
 peak through the engine's own initialisation (DeepSpeed/FSDP2 wrap, optimizer). Raw numbers go to
 <runs>/results.json, the Markdown table to stdout (and --markdown).
 """
@@ -109,16 +116,29 @@ def worker(kind: str, model: str, overrides: list[str], out: Path) -> None:
     with AnonPeak() as anon:
         loaded = load()
     after_load = status()
+    held = held_tensor_bytes(loaded)
     wrap(loaded)
     after_wrap = status()
     result = {"rank": rt.rank, "baseline_rss": base["VmRSS"], "baseline_anon": base["RssAnon"],
               "load_peak": after_load["VmHWM"] - base["VmRSS"], "load_peak_anon": anon.peak - base["RssAnon"],
               "after_load": after_load["VmRSS"] - base["VmRSS"],
-              "load_wrap_peak": after_wrap["VmHWM"] - base["VmRSS"]}
+              "load_wrap_peak": after_wrap["VmHWM"] - base["VmRSS"], "held_tensors": held}
     out.with_name(f"{out.stem}-rank{rt.rank}.json").write_text(json.dumps(result))
     if rt.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def held_tensor_bytes(model) -> int:
+    """Bytes of this rank's own parameter and buffer storage (its shard under FSDP2 / ZeRO-3), each
+    storage once: what the load leaves on the device, whatever the allocator or the page cache do."""
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        t = getattr(t, "ds_tensor", t)  # a ZeRO-3 partition
+        t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 shard
+        if t.device.type != "meta":
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def warm_up() -> None:
@@ -215,14 +235,16 @@ def markdown(results: dict[str, list[dict]], model: str) -> str:
     lines = [f"Model: `{model}`; {date.today()}; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
              f"Python {platform.python_version()}.", "",
              "| configuration | ranks | peak during load above baseline, max over ranks (MiB) | anonymous part (MiB) "
-             "| held after load (MiB) | peak through load + wrap (MiB) | load peak / single process | "
-             "load peak / anchor 2 ranks |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| held after load (MiB) | parameter + buffer bytes after load (MiB) | peak through load + wrap (MiB) "
+             "| load peak / single process | load peak / anchor 2 ranks |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, ranks in results.items():
         peak = max(r["load_peak"] for r in ranks)
         lines.append(f"| {name} | {len(ranks)} | {mib(peak):.0f} | {mib(max(r['load_peak_anon'] for r in ranks)):.0f} "
                      f"| {mib(max(r['after_load'] for r in ranks)):.0f} | "
-                     f"{mib(max(r['load_wrap_peak'] for r in ranks)):.0f} | {peak / single:.2f} | {peak / anchor2:.2f} |")
+                     f"{mib(max(r.get('held_tensors', float('nan')) for r in ranks)):.1f} | "
+                     f"{mib(max(r['load_wrap_peak'] for r in ranks)):.0f} | {peak / single:.2f} | "
+                     f"{f'{peak / anchor2:.2f}' if anchor2 == anchor2 else '-'} |")  # NaN: anchor not run
     return "\n".join(lines)
 
 
@@ -233,6 +255,8 @@ def main() -> None:
     p.add_argument("--configs", nargs="*", help="substrings of configuration names to run (default: all)")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--markdown")
+    p.add_argument("--recipe-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="recipe overrides for every qshard configuration (e.g. for a PTQ checkpoint)")
     p.add_argument("--worker", choices=["qshard", "anchor"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--set", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -249,6 +273,7 @@ def main() -> None:
     for name, (kind, ranks, overrides) in CONFIGS.items():
         if args.configs and not any(s in name for s in args.configs):
             continue
+        overrides = overrides + args.recipe_set * (kind == "qshard")
         results[name] = run_config(name, kind, ranks, overrides, args.model, runs, args.timeout)
     (runs / "results.json").write_text(json.dumps(results, indent=1))
     report = markdown(results, args.model)

@@ -116,8 +116,7 @@ class DistributedSection(Section):
                                                           "forward (the root's stay gathered for backward).")
     fsdp_cpu_offload: bool = Field(False, description="FSDP2: keep sharded parameters on CPU.")
     shard_on_load: bool = Field(True, description="ZeRO-3 / FSDP2: no rank holds the whole base while loading "
-                                                  "(dense checkpoints, and PTQ ones kept as they are; not with "
-                                                  "DoRA); false loads it whole first.")
+                                                  "(not with DoRA); false loads it whole first.")
 
 
 class Recipe(Section):

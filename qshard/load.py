@@ -107,16 +107,43 @@ def swap_in_quantized_shells(model: nn.Module, names: list[str], spec: QuantSpec
         setattr(model.get_submodule(parent_name), leaf, shell)
 
 
+def quantized_like(shell: nn.Module, weight: torch.Tensor, spec: QuantSpec) -> QuantLinear:
+    """A dense weight quantized as the empty shell's layer type and the spec say (a new, filled layer)."""
+    if isinstance(shell, Linear8bit):
+        return Linear8bit.from_float(weight, threshold=spec.int8_threshold)
+    return Linear4bit.from_float(weight, quant_type=spec.method, double_quant=spec.double_quant,
+                                 compute_dtype=spec.compute_dtype)
+
+
 def quantize_into(shell: nn.Module, weight: torch.Tensor, spec: QuantSpec) -> None:
     """Fill an empty quantized shell's parameters from a dense weight."""
-    if isinstance(shell, Linear8bit):
-        filled = Linear8bit.from_float(weight, threshold=spec.int8_threshold)
-    else:
-        filled = Linear4bit.from_float(weight, quant_type=spec.method, double_quant=spec.double_quant,
-                                       compute_dtype=spec.compute_dtype)
-    for pname, p in filled.named_parameters():
+    for pname, p in quantized_like(shell, weight, spec).named_parameters():
         if pname != "bias":
             setattr(shell, pname, p)
+
+
+def converted_ptq(layer: QuantLinear, target: nn.Module, quant: QuantSpec, dtype: torch.dtype,
+                  error: list[float]) -> dict[str, torch.Tensor]:
+    """A PTQ layer's tensors as `target` (a quantized shell, or a dense nn.Linear) stores them: dequantized
+    to `dtype`, then quantized as `quant` says; adds the squared conversion error and the squared
+    weight norm to `error`."""
+    dense = layer.dequantize(dtype)
+    if isinstance(target, QUANT_LAYERS):
+        filled = quantized_like(target, dense, quant)
+        error[0] += float((filled.dequantize().float() - dense.float()).square().sum())
+        error[1] += float(dense.float().square().sum())
+        tensors = {n: p for n, p in filled.named_parameters() if n != "bias"}
+    else:
+        tensors = {"weight": dense}
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.to(dtype)
+    return tensors
+
+
+def log_conversion_error(fmt_name: str, quant: QuantSpec, error: list[float], log) -> None:
+    if error[1]:
+        log(f"converting the {fmt_name} base to {quant.method} added a relative weight error of "
+            f"{(error[0] / error[1]) ** 0.5:.4f} (RMS over all quantized layers)")
 
 
 def open_base(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec()) -> tuple[Path, nn.Module]:
@@ -286,19 +313,9 @@ def _load_ptq(model: nn.Module, model_dir: Path, fmt, quant: QuantSpec, dtype: t
             layer.compute_dtype = dtype
             setattr(model.get_submodule(parent_name), leaf, layer)
             continue
-        dense = layer.dequantize(dtype)
-        bias = None if layer.bias is None else layer.bias.to(dtype)
-        if isinstance(target, QUANT_LAYERS):
-            quantize_into(target, dense, quant)
-            error[0] += float((target.dequantize().float() - dense.float()).square().sum())
-            error[1] += float(dense.float().square().sum())
-        else:
-            target.weight = nn.Parameter(dense, requires_grad=False)
-        if bias is not None:
-            target.bias = nn.Parameter(bias, requires_grad=False)
-    if error[1]:
-        log(f"converting the {fmt.name} base to {quant.method} added a relative weight error of "
-            f"{(error[0] / error[1]) ** 0.5:.4f} (RMS over all quantized layers)")
+        for pname, tensor in converted_ptq(layer, target, quant, dtype, error).items():
+            setattr(target, pname, nn.Parameter(tensor, requires_grad=False))
+    log_conversion_error(fmt.name, quant, error, log)
 
 
 def place_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quant: QuantSpec, dtype: torch.dtype) -> None:

@@ -24,17 +24,17 @@ no communication during load, is exact by construction, and costs N x the disk r
 the page cache on one node) and N x the quantization compute, which is what today's per-rank
 whole-model load costs anyway. Dense tensors are read only where owned.
 
-Post-training-quantized checkpoints kept as they are (`quantization.method: checkpoint`): their packed
-tensors are stored transposed or grouped and some are rewritten when a layer is built (GPTQ v1 zero
-points, missing g_idx, scales kept as bytes), so a rank cannot read its part of a parameter directly.
-The skeleton gets each PTQ layer built from stand-ins of the checkpoint's header (the layer
-`load._load_ptq` builds, moved to the meta device); then one layer at a time is read and built whole (its
-packed tensors: a fraction of a dense layer) and each rank copies out its part. Peak beyond the
-shards: one packed layer.
+Post-training-quantized checkpoints (GPTQ, AWQ, compressed-tensors): their packed tensors are stored
+transposed or grouped and some are rewritten when a layer is built (GPTQ v1 zero points, missing g_idx,
+scales kept as bytes), so a rank cannot read its part of a parameter directly. One layer at a time is
+read and built whole (its packed tensors: a fraction of a dense layer), converted as the whole load
+converts it when `quantization.method` is not `checkpoint` (dequantized, then quantized: one dense
+layer), and each rank copies out its part. Kept as they are, the skeleton first gets each PTQ layer
+built from stand-ins of the checkpoint's header (the layer `load._load_ptq` builds, moved to the meta
+device). Peak beyond the shards: one layer.
 
-Not covered (loaded whole, then sharded, with a log line saying so): converting a PTQ checkpoint to
-another method (dequantize, then quantize) and DoRA (its magnitude is computed from the whole base
-weight when attached).
+Not covered (loaded whole, then sharded, with a log line saying so): DoRA (its magnitude is computed
+from the whole base weight when attached).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ import torch
 from torch import nn
 
 from qshard import _compat
-from qshard.load import CheckpointReader, checkpoint_files, raise_if_missing, release_freed_memory
+from qshard.load import (CheckpointReader, QuantSpec, checkpoint_files, converted_ptq, log_conversion_error,
+                         raise_if_missing, release_freed_memory)
 from qshard.lora import init_adapter
 from qshard.quant import ptq
 from qshard.quant.base import QuantLinear
@@ -61,16 +62,13 @@ Span = Callable[[nn.Parameter], tuple[int, int]]  # the flattened elements [star
 Local = Callable[[nn.Parameter, tuple[int, int]], torch.Tensor]  # the flat tensor that holds them here
 
 
-def why_not(engine_key: str, world_size: int, model_dir: Path, quant_method: str, use_dora: bool, enabled: bool,
+def why_not(engine_key: str, world_size: int, use_dora: bool, enabled: bool,
             deepspeed_config: dict | None = None) -> str | None:
     """None when the base can be loaded sharded, else the reason it is loaded whole first."""
     if engine_key not in ("zero3", "zero3_offload", "fsdp2") or world_size < 2:
         return "the engine does not shard parameters" if world_size > 1 else "one process"
     if not enabled:
         return "distributed.shard_on_load is false"
-    fmt = ptq.detect(model_dir)
-    if fmt is not None and quant_method != "checkpoint":
-        return f"converting the {fmt.name} checkpoint to {quant_method} needs each whole dense weight"
     if use_dora:
         return "DoRA's magnitude is computed from the whole base weight"
     if engine_key.startswith("zero3") and deepspeed_config:
@@ -79,8 +77,9 @@ def why_not(engine_key: str, world_size: int, model_dir: Path, quant_method: str
 
 
 def load_fsdp2(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, seed: int,
-               rank: int, world_size: int, device: torch.device) -> nn.Module:
-    model = engine.shard(attach(_prepared(skeleton, model_dir)))
+               rank: int, world_size: int, device: torch.device, *, quant: QuantSpec, log=print) -> nn.Module:
+    dtype = skeleton.dtype  # the dense dtype a converted PTQ layer is dequantized to, as in the whole load
+    model = engine.shard(attach(_prepared(skeleton, model_dir, quant)))
     buffers = {name: b for name, b in model.named_buffers()}  # real (rotary tables): to_empty would blank them
     # with fsdp_cpu_offload the shards live on the CPU: FSDP2 refuses others at its first forward
     model.to_empty(device=torch.device("cpu") if engine.cpu_offload else device)
@@ -96,25 +95,26 @@ def load_fsdp2(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, see
     def local(param: torch.Tensor, owned: tuple[int, int]) -> torch.Tensor:
         return param.to_local().view(-1)
 
-    return _fill(model, model_dir, seed, world_size, span, local, device)
+    return _fill(model, model_dir, seed, world_size, span, local, device, quant, dtype, log)
 
 
 def load_zero3(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, seed: int, rank: int,
-               world_size: int, device: torch.device) -> nn.Module:
-    model = attach(_prepared(skeleton, model_dir))
+               world_size: int, device: torch.device, *, quant: QuantSpec, log=print) -> nn.Module:
+    dtype = skeleton.dtype  # before the half cast below (see load_fsdp2)
+    model = attach(_prepared(skeleton, model_dir, quant))
     half = engine.half_dtype()  # deepspeed.initialize would cast a whole model's floating parameters
     for p in model.parameters():
         if half is not None and p.is_floating_point():
             p.data = torch.empty(p.shape, dtype=half, device="meta")
     return _fill(model, model_dir, seed, world_size, lambda p: shard_span(p.numel(), rank, world_size),
-                 engine.partition_in_place, device)
+                 engine.partition_in_place, device, quant, dtype, log)
 
 
-def _prepared(skeleton: nn.Module, model_dir: Path) -> nn.Module:
-    """The empty base as the whole load returns it: PTQ layers in place, tied head, frozen, eval mode,
-    named after its folder."""
+def _prepared(skeleton: nn.Module, model_dir: Path, quant: QuantSpec) -> nn.Module:
+    """The empty base as the whole load returns it: PTQ layers in place (when kept), tied head, frozen,
+    eval mode, named after its folder."""
     fmt = ptq.detect(model_dir)
-    if fmt is not None:
+    if fmt is not None and quant.method == "checkpoint":
         reader = CheckpointReader(checkpoint_files(model_dir))
         for name, leaves in _ptq_modules(reader, fmt).items():
             described = {leaf: _described(reader, f"{name}.{leaf}") for leaf in leaves}
@@ -145,10 +145,10 @@ def _described(reader: CheckpointReader, key: str) -> torch.Tensor:
 
 
 def _fill(model: nn.Module, model_dir: Path, seed: int, world_size: int, span: Span, local: Local,
-          device: torch.device) -> nn.Module:
+          device: torch.device, quant: QuantSpec, dtype: torch.dtype, log) -> nn.Module:
     """This rank's part of every parameter of a PeftModel whose parameters are not yet real: the base
     from the checkpoint, the adapters from their seeded starting values (`lora.init_adapter`)."""
-    _stream_shards(model.get_base_model(), model_dir, world_size, span, local, device)
+    _stream_shards(model.get_base_model(), model_dir, world_size, span, local, device, quant, dtype, log)
 
     def write(param: nn.Parameter, full: torch.Tensor) -> None:
         owned = span(param)
@@ -159,7 +159,7 @@ def _fill(model: nn.Module, model_dir: Path, seed: int, world_size: int, span: S
 
 
 def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span, local: Local,
-                   device: torch.device) -> None:
+                   device: torch.device, quant: QuantSpec, dtype: torch.dtype, log=print) -> None:
     """Read the checkpoint into this rank's part of every base parameter: `span(p)` is the range of
     p's flattened elements this rank owns, `local(p, span)` the (flat) tensor that holds them. A dense
     tensor is read only where owned; a quantized weight a row range at a time; a PTQ layer one layer at
@@ -189,15 +189,19 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
             jobs.append((kind, key, module, pname))
             covered |= {id(p) for p in params}
     raise_if_missing(_checkpoint_keys(base, lambda p: id(p) not in covered and not p.requires_grad), model_dir)
+    error = [0.0, 0.0]  # a conversion's squared error and squared weight norm (load.converted_ptq)
     with torch.no_grad():
         for kind, key, module, pname in jobs:
             if kind == "ptq":
-                built = fmt.build({leaf: reader.rows(f"{key}.{leaf}") for leaf in packed[key]}, fmt.config, key)
+                # built (and converted) where the whole load builds it: the device
+                layer = fmt.build({leaf: reader.rows(f"{key}.{leaf}").to(device) for leaf in packed[key]},
+                                  fmt.config, key)
+                whole = (dict(layer.named_parameters()) if quant.method == "checkpoint" else
+                         converted_ptq(layer, module, quant, dtype, error))
                 for name, param in module.named_parameters(recurse=False):
                     owned = span(param)
-                    whole = getattr(built, name).reshape(-1)
-                    _checked(local(param, owned), owned, f"{key}.{name}").copy_(whole[owned[0]:owned[1]])
-                del built
+                    _checked(local(param, owned), owned, f"{key}.{name}").copy_(whole[name].reshape(-1)[owned[0]:owned[1]])
+                del layer, whole
             elif kind == "quantized":
                 owned = {n: span(p) for n, p in _storage(module)}
                 targets = {n: _checked(local(p, owned[n]), owned[n], key) for n, p in _storage(module)}
@@ -213,6 +217,8 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
             else:
                 module._buffers[pname] = reader.rows(key).to(device)
             release_freed_memory()
+    if fmt is not None:
+        log_conversion_error(fmt.name, quant, error, log)
 
 
 def shard_span(rows: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -138,15 +138,13 @@ def build_model(skeleton, model_dir: Path, quant: QuantSpec, targets: list[str],
         return attach_lora(base, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                            targets=targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
 
-    whole = shardload.why_not(_engine_key(recipe), rt.world_size, model_dir, quant.method, recipe.lora.use_dora,
+    whole = shardload.why_not(_engine_key(recipe), rt.world_size, recipe.lora.use_dora,
                               recipe.distributed.shard_on_load, getattr(engine, "config", None))
     if whole is None:
         say(f"loading the base sharded: each of the {rt.world_size} ranks reads and keeps only its part")
-        if recipe.distributed.engine == "fsdp2":
-            return shardload.load_fsdp2(skeleton, model_dir, engine, attach, recipe.train.seed, rt.rank,
-                                        rt.world_size, rt.device)
-        return shardload.load_zero3(skeleton, model_dir, engine, attach, recipe.train.seed, rt.rank,
-                                    rt.world_size, rt.device)
+        load = shardload.load_fsdp2 if recipe.distributed.engine == "fsdp2" else shardload.load_zero3
+        return load(skeleton, model_dir, engine, attach, recipe.train.seed, rt.rank, rt.world_size, rt.device,
+                    quant=quant, log=say)
     if _engine_key(recipe) in ("zero3", "zero3_offload", "fsdp2"):
         say(f"loading the whole base on every rank before sharding it: {whole}")
     return attach(load_base_model(skeleton, model_dir, quant=quant, device=rt.device, log=say))

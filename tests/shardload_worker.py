@@ -7,7 +7,7 @@ For every case each rank loads the base twice: sharded while loading (qshard/sha
 by a TorchDispatchMode that records the largest tensor any op touches, and whole
 (qshard.load.load_base_model + LoRA, the reference). It gathers the sharded model's parameters and writes <out>/<case>-rank<k>.json: the
 names whose gathered value differs from the reference (bit for bit), the largest tensor seen during
-the sharded and the whole load, and the largest full parameter.
+the sharded and the whole load, the largest full parameter and the most elements of any linear layer.
 """
 
 from __future__ import annotations
@@ -67,12 +67,9 @@ def main(spec_file: str) -> None:
                                max_grad_norm=None, zero_stage=3)
         model_dir, skeleton = open_base(spec["models"][model], dtype=dtype, quant=quant)
         with LargestTensor() as sharded_watch:
-            if engine_name == "fsdp2":
-                sharded = shardload.load_fsdp2(skeleton, model_dir, engine, attach, 0, rt.rank, rt.world_size,
-                                               rt.device)
-            else:
-                sharded = shardload.load_zero3(skeleton, model_dir, engine, attach, 0, rt.rank, rt.world_size,
-                                               rt.device)
+            load = shardload.load_fsdp2 if engine_name == "fsdp2" else shardload.load_zero3
+            sharded = load(skeleton, model_dir, engine, attach, 0, rt.rank, rt.world_size, rt.device, quant=quant,
+                           log=lambda *_: None)
         actual = gathered(engine_name, sharded)
         model_dir, skeleton = open_base(spec["models"][model], dtype=dtype, quant=quant)
         with LargestTensor() as whole_watch:
@@ -83,7 +80,9 @@ def main(spec_file: str) -> None:
                   "differ": [n for n in expected if n in actual and not (
                       actual[n].dtype == expected[n].dtype and torch.equal(actual[n], expected[n].detach()))],
                   "largest_sharded_load": sharded_watch.largest, "largest_whole_load": whole_watch.largest,
-                  "largest_param": max(p.untyped_storage().nbytes() for p in expected.values())}
+                  "largest_param": max(p.untyped_storage().nbytes() for p in expected.values()),
+                  "largest_linear_elements": max(m.in_features * m.out_features for m in reference.modules()
+                                                 if hasattr(m, "in_features"))}
         Path(spec["out"], f"{engine_name}-{method}-{dtype}-{model}-rank{rt.rank}.json").write_text(json.dumps(result))
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -116,7 +116,7 @@ def _prepared(skeleton: nn.Module, model_dir: Path, quant: QuantSpec) -> nn.Modu
     fmt = ptq.detect(model_dir)
     if fmt is not None and quant.method == "checkpoint":
         reader = CheckpointReader(checkpoint_files(model_dir))
-        for name, leaves in _ptq_modules(reader, fmt).items():
+        for name, leaves in ptq.quantized_modules(reader.keys(), fmt.marker).items():
             described = {leaf: _described(reader, f"{name}.{leaf}") for leaf in leaves}
             layer = fmt.build(described, fmt.config, name).to("meta")
             layer.compute_dtype = skeleton.dtype  # as load._load_ptq sets it
@@ -125,15 +125,6 @@ def _prepared(skeleton: nn.Module, model_dir: Path, quant: QuantSpec) -> nn.Modu
     skeleton.tie_weights()  # a tied head is the embedding's parameter: sharded and read once
     skeleton.config.name_or_path = str(model_dir)  # PEFT writes it into adapter_config.json
     return skeleton.requires_grad_(False).eval()
-
-
-def _ptq_modules(reader: CheckpointReader, fmt: ptq.PTQFormat) -> dict[str, list[str]]:
-    """{quantized module: its tensors' leaf names}, as `ptq.group_tensors` groups them, from the header."""
-    leaves: dict[str, list[str]] = {}
-    for key in reader.keys():
-        module, _, leaf = key.rpartition(".")
-        leaves.setdefault(module, []).append(leaf)
-    return {module: names for module, names in leaves.items() if fmt.marker in names}
 
 
 def _described(reader: CheckpointReader, key: str) -> torch.Tensor:
@@ -166,7 +157,7 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
     a time. A tensor the checkpoint lacks is named before anything is read."""
     reader, jobs, covered = CheckpointReader(checkpoint_files(model_dir)), [], set()
     fmt = ptq.detect(model_dir)
-    packed = _ptq_modules(reader, fmt) if fmt is not None else {}
+    packed = ptq.quantized_modules(reader.keys(), fmt.marker) if fmt is not None else {}
     for key in reader.keys():
         module_name, _, pname = key.rpartition(".")
         try:

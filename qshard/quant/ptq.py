@@ -64,15 +64,18 @@ def detect(model_dir: Path) -> PTQFormat | None:
     return PTQFormat(name, marker, read_config(qc, where=str(config_file)), build)
 
 
+def quantized_modules(keys, marker: str) -> dict[str, list[str]]:
+    """{quantized module: the leaf names of its tensors} from a checkpoint's tensor names."""
+    leaves: dict[str, list[str]] = {}
+    for key in keys:
+        module, _, leaf = key.rpartition(".")
+        leaves.setdefault(module, []).append(leaf)
+    return {module: names for module, names in leaves.items() if marker in names}
+
+
 def group_tensors(tensors: dict[str, torch.Tensor], marker: str) -> tuple[dict[str, dict], dict]:
     """Split a checkpoint into {quantized module: {tensor leaf name: tensor}} and everything else."""
-    quantized = {key.rpartition(".")[0] for key in tensors if key.rpartition(".")[2] == marker}
-    modules: dict[str, dict[str, torch.Tensor]] = {name: {} for name in quantized}
-    rest: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        module, _, leaf = key.rpartition(".")
-        if module in modules:
-            modules[module][leaf] = tensor
-        else:
-            rest[key] = tensor
+    modules = {name: {leaf: tensors[f"{name}.{leaf}"] for leaf in leaves}
+               for name, leaves in quantized_modules(tensors, marker).items()}
+    rest = {key: t for key, t in tensors.items() if key.rpartition(".")[0] not in modules}
     return modules, rest

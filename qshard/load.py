@@ -315,6 +315,7 @@ def _load_ptq(model: nn.Module, model_dir: Path, fmt, quant: QuantSpec, dtype: t
             continue
         for pname, tensor in converted_ptq(layer, target, quant, dtype, error).items():
             setattr(target, pname, nn.Parameter(tensor, requires_grad=False))
+        release_freed_memory()  # each layer's dense temporaries (else glibc keeps them: 7x the model's RSS)
     log_conversion_error(fmt.name, quant, error, log)
 
 

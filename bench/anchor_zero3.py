@@ -69,7 +69,8 @@ def main() -> None:
     import peft
     from peft import LoraConfig, get_peft_model
 
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")  # one GPU per rank under torchrun
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     if args.engine == "deepspeed":
         import deepspeed

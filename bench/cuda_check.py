@@ -19,8 +19,8 @@ anchor stack on the same card.
 3. The anchor on the same GPU, same rows, batches and steps: transformers + bitsandbytes + peft in a plain
    AdamW loop, one process (`bench/anchor_zero3.py --engine none --precision bf16`).
 
-Step time is the median of the differences of elapsed time between consecutive steps, the first two
-steps (warm-up) dropped. At this size a step is dominated by the host (kernel launches, Python), so
+Step time is the median duration of the steps after the first three (warm-up), from the elapsed
+time logged at each step. At this size a step is dominated by the host (kernel launches, Python), so
 step times vary by tens of percent between runs; memory is deterministic.
 Writes <out>/results.json and <out>/report.md (also printed).
 """
@@ -29,22 +29,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from engines import median_step_s  # bench/engines.py (this folder is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 COMMON = ["model.dtype=bfloat16", "train.precision=bf16", "train.micro_batch_size=8", "train.log_every=1"]
+WARMUP_STEPS = 3  # left out of the median step time (the second step of a ZeRO-3 run took 18 s on an H200)
 ENGINES = {"fsdp2": ["distributed.engine=fsdp2"],
            "zero3": ["distributed.engine=deepspeed", "distributed.zero_stage=3"]}
 
 
 def step_time(elapsed: list[float]) -> float | None:
-    gaps = [b - a for a, b in zip(elapsed[2:], elapsed[3:])]
-    return statistics.median(gaps) if gaps else None
+    step = median_step_s(elapsed, warmup=WARMUP_STEPS)
+    return None if step != step else step  # NaN: too few steps
 
 
 def run(cmd: list[str], log: Path, timeout: float) -> tuple[int, float]:

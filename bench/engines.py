@@ -89,8 +89,9 @@ def run_logged(cmd: list[str], log: Path, timeout: float, extra_env: dict[str, s
     return wall
 
 
-def median_step_s(elapsed: list[float]) -> float:
-    diffs = [b - a for a, b in zip(elapsed, elapsed[1:])]  # step 2.. (step 1 = warm-up, dropped)
+def median_step_s(elapsed: list[float], warmup: int = 1) -> float:
+    """Median duration of the steps after the first `warmup` ones, from elapsed time at each step's end."""
+    diffs = [b - a for a, b in zip(elapsed[warmup - 1:], elapsed[warmup:])]
     return statistics.median(diffs) if diffs else float("nan")
 
 

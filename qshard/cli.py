@@ -31,7 +31,7 @@ def _train(args) -> int:
         return _launch(args)
     outcome = run(recipe, overwrite=args.overwrite, resume=args.resume)
     code = 3 if outcome.stopped_by_signal else 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or recipe.distributed.engine != "none":  # ran a process group
+    if outcome.process_group:
         from qshard import _compat
 
         _compat.exit_without_teardown(code)

@@ -59,6 +59,7 @@ class Outcome:
     sharding: list[dict] = field(default_factory=list)  # per rank, see monitor.sharding_report
     stopped_by_signal: bool = False
     comm: dict = field(default_factory=dict)  # collectives per step, measured and planned (CommCounter.close)
+    process_group: bool = False  # this process ran a torch.distributed group (cli.py ends it without teardown)
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, log=print) -> Outcome:
@@ -111,6 +112,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
         say(_trainable_line(model))
         model, optimizer = engine.wrap(model, lambda params: make_optimizer(params, recipe))
         outcome = fit(model, engine, optimizer, datasets, tokenizer, recipe, rt, precision, resume_from, say)
+        outcome.process_group = rt.distributed
         say(summary(outcome))
         return outcome
     finally:

@@ -62,12 +62,11 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
     import bitsandbytes
     import peft
+    import transformers
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")  # one GPU per rank under torchrun

@@ -34,7 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-from engines import median_step_s  # bench/engines.py (this folder is on sys.path when run as a script)
+from engines import (
+    median_step_s,  # bench/engines.py (this folder is on sys.path when run as a script)
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

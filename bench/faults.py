@@ -66,7 +66,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from qshard.faults import SAVE_POINTS  # noqa: E402
+from qshard.observe.faults import SAVE_POINTS  # noqa: E402
 
 DATA = ROOT / "examples" / "data" / "demo_alpaca.jsonl"
 MAX_STEPS, SAVE_EVERY, KEEP, GLOBAL_BATCH = 8, 2, 3, 4

@@ -95,11 +95,10 @@ def reset_high_water_mark() -> None:
 def worker(kind: str, model: str, overrides: list[str], out: Path) -> None:
     import gc
 
-    import torch
-
     import bitsandbytes  # noqa: F401  (imported by both stacks: part of the baseline)
     import deepspeed  # noqa: F401
     import peft  # noqa: F401
+    import torch
     import transformers  # noqa: F401
 
     from qshard.runtime import init_runtime
@@ -148,7 +147,7 @@ def warm_up() -> None:
 
     import torch
 
-    for name in ("qshard.train", "qshard.shardload", "torch.distributed.fsdp", "torch.distributed.tensor",
+    for name in ("qshard.train", "qshard.model.shardload", "torch.distributed.fsdp", "torch.distributed.tensor",
                  "torch.distributed.checkpoint.state_dict", "deepspeed.runtime.zero.partition_parameters",
                  "deepspeed.runtime.engine", "transformers.models.llama.modeling_llama",
                  "transformers.integrations.bitsandbytes", "transformers.quantizers.quantizer_bnb_4bit",
@@ -161,8 +160,8 @@ def warm_up() -> None:
 
 def _qshard(model: str, overrides: list[str], rt):
     from qshard.config import load_recipe
-    from qshard.load import open_base
-    from qshard.lora import resolve_targets
+    from qshard.model.load import open_base
+    from qshard.model.lora import resolve_targets
     from qshard.precision import resolve_precision
     from qshard.train import build_model, engine_for, make_optimizer, quant_spec
 

@@ -14,7 +14,7 @@ rounding. It sees everything that goes through the dispatcher: the model's ops, 
 (on CPU the engine runs them on the calling thread), the optimizer, bitsandbytes' custom ops.
 
 Each case builds a model with `qshard init-tiny`, loads it with qshard's loader (quantizing on the fly),
-attaches LoRA (r=8, all-linear, dropout 0) with qshard.lora, and runs two optimizer steps of
+attaches LoRA (r=8, all-linear, dropout 0) with qshard.model.lora, and runs two optimizer steps of
 `qshard.train.token_loss_sum` + AdamW; the second step (optimizer state present) is measured.
 """
 
@@ -119,8 +119,8 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def measure(model_dir: Path, quant: str, precision: str, micro_batch: int, seq: int, ckpt: bool) -> dict:
-    from qshard.load import QuantSpec, load_model
-    from qshard.lora import attach_lora, resolve_targets
+    from qshard.model.load import QuantSpec, load_model
+    from qshard.model.lora import attach_lora, resolve_targets
     from qshard.precision import resolve_precision
     from qshard.train import token_loss_sum
 
@@ -161,7 +161,7 @@ def measure(model_dir: Path, quant: str, precision: str, micro_batch: int, seq: 
 
 
 def predict(model_dir: Path, quant: str, precision: str, micro_batch: int, seq: int, ckpt: bool) -> dict:
-    from qshard import plan
+    from qshard.tools import plan
 
     spec = plan.read_model_spec(str(model_dir))
     s = plan.Settings(quant=quant, dense_dtype="float32" if precision == "fp32" else "bfloat16", precision=precision,
@@ -204,7 +204,7 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="write raw numbers here")
     args = parser.parse_args()
     from qshard import _compat
-    from qshard.tiny import init_tiny
+    from qshard.tools.tiny import init_tiny
 
     _compat.quiet_known_noise()
     rows = []

@@ -44,8 +44,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from plan_validation import LiveTensorBytes, mib, pct  # this file's folder is on sys.path when run as a script
+from plan_validation import (  # this file's folder is on sys.path when run as a script
+    LiveTensorBytes,
+    mib,
+    pct,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
@@ -76,8 +79,8 @@ def measure_rank(model_dir: str, label: str, precision: str, micro_batch: int, s
     from qshard import train
     from qshard.config import parse_recipe
     from qshard.engines import create_engine
-    from qshard.load import open_base
-    from qshard.lora import resolve_targets
+    from qshard.model.load import open_base
+    from qshard.model.lora import resolve_targets
     from qshard.precision import resolve_precision
     from qshard.runtime import init_runtime
 
@@ -158,7 +161,7 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def predict(model_dir: Path, label: str, precision: str, micro_batch: int, seq: int, ckpt: bool) -> dict:
     """Per-rank bytes by the same grouping as the measurement (GPU + CPU: on this machine both are RAM)."""
-    from qshard import plan
+    from qshard.tools import plan
 
     spec = plan.read_model_spec(str(model_dir))
     engine, off_opt, off_params = plan.ENGINE_OPTIONS[label.split()[0]]
@@ -214,7 +217,7 @@ def table(rows: list[dict]) -> str:
 
 
 def retable(path: Path) -> int:
-    from qshard.tiny import init_tiny
+    from qshard.tools.tiny import init_tiny
 
     rows = json.loads(path.read_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,7 +248,7 @@ def main() -> int:
         return 0
     if args.retable:  # the planner changed, the measurements did not: predictions are pure functions
         return retable(Path(args.retable))
-    from qshard.tiny import init_tiny
+    from qshard.tools.tiny import init_tiny
 
     cases = [c for c in (QUICK if args.quick else CASES) if not args.only or c[1] in args.only.split(",")]
     rows = []

@@ -81,7 +81,7 @@ def memory() -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- 1. base
 def make_base() -> None:
     """qshard venv: a random bf16 Llama of the SIZE shape (vocab 512, qshard's byte-level tokenizer)."""
-    from qshard import tiny
+    from qshard.tools import tiny
 
     tiny.SIZES.setdefault(SIZE[0], SIZE[1])
     tiny.init_tiny(BASE, arch="llama", size=SIZE[0], seed=0)
@@ -91,8 +91,8 @@ def make_base() -> None:
 # --------------------------------------------------------------------------------------- 2. quantize
 def quantize() -> None:
     """gptqmodel venv: GPTQ 4-bit g128 sym of the base, tiny calibration."""
-    import torch
     import gptqmodel
+    import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
     t = time.time()
@@ -184,10 +184,10 @@ def run_anchor(engines: list[str]) -> None:
 def anchor_worker(engine: str) -> None:
     """gptqmodel venv, one process per rank: gptqmodel torch backend + PEFT LoRA + the engine."""
     phases = {"start": memory()}
-    import torch
-    import torch.distributed as dist
     import gptqmodel
     import peft
+    import torch
+    import torch.distributed as dist
     import transformers
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear

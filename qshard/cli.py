@@ -49,7 +49,7 @@ def _launch(args) -> int:
 
 def _init_tiny(args) -> int:
     from qshard.data import load_rows
-    from qshard.tiny import init_tiny
+    from qshard.tools.tiny import init_tiny
 
     texts = []
     for path in args.data:
@@ -64,8 +64,8 @@ def _init_tiny(args) -> int:
 def _plan(args) -> int:
     from pathlib import Path
 
-    from qshard import plan
     from qshard.config import load_recipe
+    from qshard.tools import plan
 
     recipe = load_recipe(args.recipe, args.set)
     result = plan.make_plan(recipe, plan.read_model_spec(recipe.model.path), gpus=args.gpus, nodes=args.nodes,
@@ -80,13 +80,13 @@ def _plan(args) -> int:
 
 
 def _doctor(args) -> int:
-    from qshard import doctor
+    from qshard.tools import doctor
 
     return doctor.main(args.recipe, args.set)
 
 
 def _report(args) -> int:
-    from qshard.report import write_report
+    from qshard.tools.report import write_report
 
     report = write_report(args.run_dir)
     print(f"wrote {len(report.files)} files to {report.out_dir} (summary: {report.out_dir / 'summary.md'})")
@@ -94,7 +94,7 @@ def _report(args) -> int:
 
 
 def _bench_comm(args) -> int:
-    from qshard import commbench
+    from qshard.tools import commbench
 
     job = commbench.prepare(args.sizes, args.iters, args.recipe, args.set)  # checked before processes start
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -114,7 +114,7 @@ def _strings(obj):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from qshard.tiny import ARCHS, SIZES
+    from qshard.tools.tiny import ARCHS, SIZES
 
     p = argparse.ArgumentParser(prog="qshard", description="LoRA fine-tuning on quantized base models.")
     # the `deepspeed` launcher passes --local_rank before the command; LOCAL_RANK in the environment says the same

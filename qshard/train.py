@@ -19,19 +19,40 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qshard import checkpoint, compat, data, faults, shardload
+from qshard import compat, data
 from qshard.config import Recipe, dump_recipe
 from qshard.engines import create_engine
 from qshard.errors import QShardError
-from qshard.faults import Watchdog
-from qshard.load import DTYPES, QuantSpec, load_base_model, open_base
-from qshard.lora import attach_lora, lora_param_count, resolve_targets, save_adapter
-from qshard.metrics import MetricsLog, memory_all_ranks, truncate_after
-from qshard.monitor import (GradFlowCheck, base_fingerprint, check_base_unchanged, format_sharding,
-                            memory_imbalance, replicated_tensors, sharding_report)
+from qshard.model import shardload
+from qshard.model.load import DTYPES, QuantSpec, load_base_model, open_base
+from qshard.model.lora import (
+    attach_lora,
+    lora_param_count,
+    resolve_targets,
+    save_adapter,
+)
+from qshard.observe import faults
+from qshard.observe.faults import Watchdog
+from qshard.observe.metrics import MetricsLog, memory_all_ranks, truncate_after
+from qshard.observe.monitor import (
+    GradFlowCheck,
+    base_fingerprint,
+    check_base_unchanged,
+    format_sharding,
+    memory_imbalance,
+    replicated_tensors,
+    sharding_report,
+)
 from qshard.precision import Precision, resolve_precision
-from qshard.resume import check_resume_compatible, restore, same_run, save_checkpoint, set_seed
 from qshard.runtime import Runtime, all_reduce_sum, barrier, init_runtime, shutdown
+from qshard.state import checkpoint
+from qshard.state.resume import (
+    check_resume_compatible,
+    restore,
+    same_run,
+    save_checkpoint,
+    set_seed,
+)
 
 
 @dataclass
@@ -157,7 +178,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     """The training loop: global batches -> this rank's micro-batches -> token-mean loss -> step."""
     from tqdm import tqdm
 
-    from qshard.commcount import CommCounter, comm_record
+    from qshard.observe.commcount import CommCounter, comm_record
 
     tr = recipe.train
     out_dir = Path(tr.output_dir)
@@ -312,7 +333,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
 
 def _planned_comm(recipe: Recipe, rt: Runtime, precision: Precision) -> dict[str, int] | None:
     """The planner's bytes per step and kind for this run, or None where it cannot read the model's shapes."""
-    from qshard.commcount import planned_step_bytes
+    from qshard.observe.commcount import planned_step_bytes
 
     try:
         return planned_step_bytes(recipe, rt.world_size, precision.name)
@@ -466,7 +487,7 @@ def _checkpoint_format(recipe: Recipe) -> str | None:
     """gptq / awq / compressed-tensors when the recipe keeps a PTQ checkpoint's own layers (config.json only)."""
     if recipe.quantization.method != "checkpoint":
         return None
-    from qshard.load import resolve_model_dir
+    from qshard.model.load import resolve_model_dir
     from qshard.quant import ptq
 
     fmt = ptq.detect(resolve_model_dir(recipe.model.path))
@@ -519,7 +540,7 @@ def summary(o: Outcome) -> str:
     peak = o.memory.get("gpu_peak_mb") or o.memory.get("peak_rss_mb")
     lines.append(f"peak memory: {peak:,.0f} MB ({'GPU allocated' if 'gpu_peak_mb' in o.memory else 'CPU resident'})")
     if o.comm:
-        from qshard.commcount import format_comm
+        from qshard.observe.commcount import format_comm
 
         lines.append(format_comm(o.comm))
     lines.append(f"adapter: {o.adapter_dir}  (PEFT format; PeftModel.from_pretrained(base, path))")

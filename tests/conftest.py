@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from qshard.tiny import init_tiny
+from qshard.tools.tiny import init_tiny
 from tests.helpers import ROWS, write_rows
+
 
 @pytest.fixture(scope="session")
 def micro_model(tmp_path_factory) -> Path:

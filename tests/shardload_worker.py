@@ -5,7 +5,7 @@
 SPEC: {"models": {name: DIR}, "out": DIR, "cases": [[engine, method, dtype, model name], ...]}.
 For every case each rank loads the base twice: sharded while loading (qshard/shardload.py), watched
 by a TorchDispatchMode that records the largest tensor any op touches, and whole
-(qshard.load.load_base_model + LoRA, the reference). It gathers the sharded model's parameters and writes <out>/<case>-rank<k>.json: the
+(qshard.model.load.load_base_model + LoRA, the reference). It gathers the sharded model's parameters and writes <out>/<case>-rank<k>.json: the
 names whose gathered value differs from the reference (bit for bit), the largest tensor seen during
 the sharded and the whole load, the largest full parameter and the most elements of any linear layer.
 """
@@ -20,10 +20,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from qshard import shardload
 from qshard.engines import create_engine
-from qshard.load import QuantSpec, load_base_model, open_base
-from qshard.lora import attach_lora, resolve_targets
+from qshard.model import shardload
+from qshard.model.load import QuantSpec, load_base_model, open_base
+from qshard.model.lora import attach_lora, resolve_targets
 from qshard.runtime import init_runtime
 
 

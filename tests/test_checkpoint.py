@@ -1,4 +1,4 @@
-"""qshard.checkpoint on real files: atomic commit, verification, fallback, pruning, pickle-free state,
+"""qshard.state.checkpoint on real files: atomic commit, verification, fallback, pruning, pickle-free state,
 and an exact resume of a real training run (same losses, bit-identical adapter)."""
 
 from __future__ import annotations
@@ -12,12 +12,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qshard import checkpoint
-from qshard.checkpoint import CheckpointInvalid, commit, find_resume, load_state, prune, save_state, staging_dir, verify
 from qshard.config import parse_recipe
 from qshard.errors import QShardError
-from qshard.metrics import read_metrics
-from qshard.resume import rng_state, set_rng_state
+from qshard.observe.metrics import read_metrics
+from qshard.state import checkpoint
+from qshard.state.checkpoint import (
+    CheckpointInvalid,
+    commit,
+    find_resume,
+    load_state,
+    prune,
+    save_state,
+    staging_dir,
+    verify,
+)
+from qshard.state.resume import rng_state, set_rng_state
 from qshard.train import run
 from tests.helpers import recipe_dict, write_rows
 

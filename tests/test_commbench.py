@@ -11,11 +11,24 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from qshard import commbench
-from qshard.commbench import Row, bus_factor, estimate, make_row, parse_sizes, step_traffic
 from qshard.config import parse_recipe
 from qshard.errors import QShardError
-from qshard.plan import ModelSpec, Settings, base_bytes, lora_params, read_model_spec
+from qshard.tools import commbench
+from qshard.tools.commbench import (
+    Row,
+    bus_factor,
+    estimate,
+    make_row,
+    parse_sizes,
+    step_traffic,
+)
+from qshard.tools.plan import (
+    ModelSpec,
+    Settings,
+    base_bytes,
+    lora_params,
+    read_model_spec,
+)
 from tests.helpers import recipe_dict
 
 LLAMA_7B = ModelSpec(model_type="llama", hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,

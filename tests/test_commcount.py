@@ -28,7 +28,12 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from qshard.commcount import StepTraffic, _union_seconds, comm_record, format_comm
+from qshard.observe.commcount import (
+    StepTraffic,
+    _union_seconds,
+    comm_record,
+    format_comm,
+)
 from tests.helpers import recipe_dict, run_cells, write_rows
 
 ENGINES = {"ddp": {"engine": "ddp"}, "zero2": {"engine": "deepspeed", "zero_stage": 2},

@@ -31,7 +31,7 @@ def _micro_llama(quantized: bool):
     from transformers import AutoModelForCausalLM
 
     from qshard.quant.bnb4bit import Linear4bit
-    from qshard.tiny import tiny_config
+    from qshard.tools.tiny import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", "micro", vocab_size=64))
@@ -44,11 +44,11 @@ def _micro_llama(quantized: bool):
 
 
 def _peft(model):
-    """PEFT's get_peft_model, with our quantized layers registered as qshard.lora.attach_lora registers them."""
+    """PEFT's get_peft_model, with our quantized layers registered as qshard.model.lora.attach_lora registers them."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners import lora
 
-    from qshard.load import QUANT_LAYERS
+    from qshard.model.load import QUANT_LAYERS
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM")
     config._register_custom_module({cls: lora.Linear for cls in QUANT_LAYERS})
@@ -112,7 +112,7 @@ def test_quiet_peft_custom_layer_warning_silences_it_and_peft_still_wraps_the_la
 
 # quiet_peft_custom_layer_warning: applied where qshard attaches LoRA
 def test_attach_lora_does_not_warn_unsupported_layer_type():
-    from qshard.lora import attach_lora
+    from qshard.model.lora import attach_lora
 
     model = _micro_llama(quantized=True)
     seen = _recorded(lambda: attach_lora(model, r=4, alpha=8, dropout=0.0, targets=["q_proj"], use_dora=False,

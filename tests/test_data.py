@@ -8,10 +8,20 @@ import json
 import pytest
 import torch
 
-from qshard.data import (IGNORE, Example, collate, epoch_order, global_batches, load_rows, pack, pad_token_id,
-                         split_eval, tokenize_rows)
+from qshard.data import (
+    IGNORE,
+    Example,
+    collate,
+    epoch_order,
+    global_batches,
+    load_rows,
+    pack,
+    pad_token_id,
+    split_eval,
+    tokenize_rows,
+)
 from qshard.errors import QShardError
-from qshard.tiny import build_tokenizer
+from qshard.tools.tiny import build_tokenizer
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from qshard import doctor
 from qshard.cli import main
 from qshard.config import load_recipe
-from qshard.doctor import GPU, Environment
+from qshard.tools import doctor
+from qshard.tools.doctor import GPU, Environment
 
 GOOD = {"torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2", "accelerate": "1.15.0",
         "bitsandbytes": "0.50.2", "deepspeed": "0.19.8", "torchao": None}

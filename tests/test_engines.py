@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 
 from qshard import compat
 from qshard.config import parse_recipe
-from qshard.load import QuantSpec, load_model
-from qshard.lora import attach_lora, resolve_targets
+from qshard.model.load import QuantSpec, load_model
+from qshard.model.lora import attach_lora, resolve_targets
 from qshard.train import run
 from tests.helpers import recipe_dict, run_cells, write_rows
 

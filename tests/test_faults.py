@@ -1,5 +1,5 @@
 """Kill any process at any moment, run the same command again, and training continues as if nothing
-happened: real SIGKILLs (qshard.faults injection points), real torchrun restarts, gloo, DeepSpeed."""
+happened: real SIGKILLs (qshard.observe.faults injection points), real torchrun restarts, gloo, DeepSpeed."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from qshard import checkpoint
-from qshard.faults import SAVE_POINTS
+from qshard.observe.faults import SAVE_POINTS
+from qshard.state import checkpoint
 from tests.helpers import recipe_dict, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]

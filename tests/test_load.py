@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qshard.errors import QShardError
-from qshard.load import QuantSpec, load_model, open_base
-from qshard.lora import resolve_targets
+from qshard.model.load import QuantSpec, load_model, open_base
+from qshard.model.lora import resolve_targets
 
 BNB = {
     "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -116,9 +116,9 @@ def test_a_changed_frozen_base_tensor_stops_the_run(micro_model):
     import torch
 
     from qshard.errors import QShardError
-    from qshard.load import QuantSpec, load_model
-    from qshard.lora import attach_lora, resolve_targets
-    from qshard.monitor import base_fingerprint, check_base_unchanged
+    from qshard.model.load import QuantSpec, load_model
+    from qshard.model.lora import attach_lora, resolve_targets
+    from qshard.observe.monitor import base_fingerprint, check_base_unchanged
     from qshard.runtime import init_runtime
 
     base = load_model(str(micro_model), dtype="float32", quant=QuantSpec("nf4"), log=lambda *_: None)

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from qshard import plan
 from qshard.cli import main
 from qshard.config import load_recipe
 from qshard.engines.deepspeed import reduce_bucket_size
-from qshard.plan import GIB, Settings, estimate, model_spec
+from qshard.tools import plan
+from qshard.tools.plan import GIB, Settings, estimate, model_spec
 
 LLAMA3_70B = {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
               "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256, "torch_dtype": "bfloat16",
@@ -43,7 +43,7 @@ def write_recipe(folder: Path, model: Path, **sections) -> Path:
 
 def tiny_spec(size: str) -> plan.ModelSpec:
     """`qshard init-tiny --size SIZE` (Llama, untied head): what bench/plan_validation_dist.py trains."""
-    from qshard.tiny import SIZES
+    from qshard.tools.tiny import SIZES
 
     hidden, inter, layers, heads, kv = SIZES[size]
     return model_spec({"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,

@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 from qshard import cli  # noqa: E402
 from qshard.config import parse_recipe  # noqa: E402
 from qshard.errors import QShardError  # noqa: E402
-from qshard.report import MB, figures, imbalance, segment_total, write_report  # noqa: E402
+from qshard.tools.report import MB, figures, imbalance, segment_total, write_report  # noqa: E402
 from tests.helpers import recipe_dict  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

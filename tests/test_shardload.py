@@ -14,15 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qshard import shardload
 from qshard.errors import QShardError
-from qshard.load import CheckpointReader, QuantSpec, load_base_model, open_base
+from qshard.model import shardload
+from qshard.model.load import CheckpointReader, QuantSpec, load_base_model, open_base
+from qshard.model.shardload import shard_span, why_not
 from qshard.quant.bnb4bit import Linear4bit
 from qshard.quant.bnb8bit import Linear8bit
-from qshard.shardload import shard_span, why_not
 from tests.helpers import REPO, recipe_dict, run_cells, torchrun, write_rows
 from tests.shardload_worker import attach
-
 
 LAYERS = {"nf4-dq": (Linear4bit, {"quant_type": "nf4", "double_quant": True}),
           "nf4": (Linear4bit, {"quant_type": "nf4", "double_quant": False}),

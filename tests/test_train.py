@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qshard.config import load_recipe, parse_recipe
-from qshard.load import QuantSpec, load_model
-from qshard.lora import attach_lora, resolve_targets
+from qshard.model.load import QuantSpec, load_model
+from qshard.model.lora import attach_lora, resolve_targets
 from qshard.train import run
 from tests.helpers import recipe_dict, write_rows
 

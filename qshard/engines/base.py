@@ -66,13 +66,19 @@ def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, 
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True))
@@ -86,7 +92,7 @@ def trainable_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
 def load_adapter_into(peft_model: nn.Module, state: dict[str, torch.Tensor], to_local) -> None:
     """Copy full adapter tensors into the (possibly sharded) parameters; `to_local(param, full)` cuts
     out this rank's piece. Every key must match, both ways."""
-    from qshard.lora import adapter_params_by_file_key
+    from qshard.model.lora import adapter_params_by_file_key
 
     params = adapter_params_by_file_key(peft_model)
     if params.keys() != state.keys():

@@ -168,7 +168,7 @@ class DeepSpeedEngine:
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
-        from qshard.lora import adapter_params_by_file_key
+        from qshard.model.lora import adapter_params_by_file_key
 
         params = adapter_params_by_file_key(self.peft_model)
         # Two copies to set: the module's parameter (what forward uses; under ZeRO-3 partitioned, so

@@ -15,8 +15,13 @@ import torch
 from torch import nn
 
 from qshard import _compat
-from qshard.engines.base import (clip_and_step, full_optimizer_state, load_adapter_into, load_full_optimizer_state,
-                                 trainable_grads)
+from qshard.engines.base import (
+    clip_and_step,
+    full_optimizer_state,
+    load_adapter_into,
+    load_full_optimizer_state,
+    trainable_grads,
+)
 
 
 class FSDP2Engine:
@@ -30,8 +35,14 @@ class FSDP2Engine:
     def shard(self, model: nn.Module) -> nn.Module:
         """`fully_shard` each decoder layer, then the root (embeddings, final norm, head). Works on a
         model whose parameters are still on the meta device (load-time sharding, qshard/shardload.py)."""
-        from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy,
-                                            fully_shard, register_fsdp_forward_method)
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            FSDPModule,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
 
         if isinstance(model, FSDPModule):
             return model

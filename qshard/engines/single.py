@@ -5,9 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qshard.engines.base import (OptimizerFactory, clip_and_step, full_optimizer_state, load_adapter_into,
-                                 load_full_optimizer_state, nullcontext, trainable_grads)
-from qshard.lora import adapter_state_dict
+from qshard.engines.base import (
+    OptimizerFactory,
+    clip_and_step,
+    full_optimizer_state,
+    load_adapter_into,
+    load_full_optimizer_state,
+    nullcontext,
+    trainable_grads,
+)
+from qshard.model.lora import adapter_state_dict
 
 
 class SingleEngine:

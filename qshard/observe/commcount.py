@@ -251,8 +251,8 @@ def planned_step_bytes(recipe, world_size: int, precision: str) -> dict[str, int
     for this recipe at `world_size` ranks and the resolved precision (the planner assumes bf16 for auto)."""
     from dataclasses import replace
 
-    from qshard.commbench import step_traffic
-    from qshard.plan import read_model_spec, settings_from_recipe
+    from qshard.tools.commbench import step_traffic
+    from qshard.tools.plan import read_model_spec, settings_from_recipe
 
     d = recipe.distributed
     engine = f"zero{d.zero_stage}" if d.engine == "deepspeed" else d.engine

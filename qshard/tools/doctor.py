@@ -195,7 +195,8 @@ def check_hardware(env: Environment, recipe=None) -> list[Problem]:
 
 def check_recipe(env: Environment, recipe) -> list[Problem]:
     """The recipe against the compatibility table, its files, the disk and the GPUs' memory."""
-    from qshard import compat, plan
+    from qshard import compat
+    from qshard.tools import plan
 
     problems = []
     d = recipe.distributed
@@ -223,7 +224,7 @@ def check_recipe(env: Environment, recipe) -> list[Problem]:
 
 def _check_disk(env: Environment, recipe, spec) -> list[Problem]:
     """Adapter (fp32) + each kept checkpoint (adapter + AdamW's two fp32 moments) must fit on the disk."""
-    from qshard import plan
+    from qshard.tools import plan
 
     lora = plan.lora_params(spec, plan.settings_from_recipe(recipe, spec, 1, 1))
     need = lora * 4 + recipe.train.keep_checkpoints * lora * 12
@@ -236,7 +237,7 @@ def _check_disk(env: Environment, recipe, spec) -> list[Problem]:
 
 
 def _check_gpu_memory(env: Environment, recipe, spec) -> list[Problem]:
-    from qshard import plan
+    from qshard.tools import plan
 
     world = len(env.gpus) if recipe.distributed.engine != "none" else 1
     smallest = min(g.memory for g in env.gpus)

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qshard import checkpoint, faults
 from qshard.config import Recipe, dump_recipe
 from qshard.errors import QShardError
-from qshard.lora import save_adapter
+from qshard.model.lora import save_adapter
+from qshard.observe import faults
 from qshard.runtime import Runtime, barrier
+from qshard.state import checkpoint
 
 
 def save_checkpoint(out_dir: Path, step: int, epoch: int, offset: int, global_batch: int, engine, scheduler,
@@ -95,7 +96,7 @@ def adapter_digest(adapter: dict[str, torch.Tensor]) -> str:
 def load_file_adapter(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from qshard.lora import ADAPTER_WEIGHTS
+    from qshard.model.lora import ADAPTER_WEIGHTS
 
     return load_file(str(ckpt / "adapter" / ADAPTER_WEIGHTS))
 
@@ -162,7 +163,7 @@ def fingerprints(recipe: Recipe) -> dict[str, str]:
     """sha256 of the base model's config.json and of each data file."""
     import hashlib
 
-    from qshard.load import resolve_model_dir
+    from qshard.model.load import resolve_model_dir
 
     files = {"model config.json": resolve_model_dir(recipe.model.path) / "config.json",
              f"data file {recipe.data.path}": Path(recipe.data.path)}

@@ -48,7 +48,7 @@ def staging_dir(output_dir: Path, step: int) -> Path:
 def commit(stage: Path, output_dir: Path, step: int, fault=lambda name: None) -> Path:
     """Seal a fully written staging folder: manifest, fsync, rename, move `latest`.
 
-    `fault(point)` is the fault-injection hook of the tests (qshard.faults); a no-op otherwise."""
+    `fault(point)` is the fault-injection hook of the tests (qshard.observe.faults); a no-op otherwise."""
     files = sorted(p for p in stage.rglob("*") if p.is_file())
     manifest = {"format_version": FORMAT_VERSION, "step": step,
                 "files": {str(p.relative_to(stage)): {"size": p.stat().st_size, "sha256": _sha256(p)}

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from qshard.errors import QShardError
-from qshard.quant.bnb4bit import Linear4bit
-from qshard.quant.bnb8bit import Linear8bit
 from qshard.quant import ptq
 from qshard.quant.base import QuantLinear
+from qshard.quant.bnb4bit import Linear4bit
+from qshard.quant.bnb8bit import Linear8bit
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANT_LAYERS = (QuantLinear,)

@@ -47,9 +47,16 @@ import torch
 from torch import nn
 
 from qshard import _compat
-from qshard.load import (CheckpointReader, QuantSpec, checkpoint_files, converted_ptq, log_conversion_error,
-                         raise_if_missing, release_freed_memory)
-from qshard.lora import init_adapter
+from qshard.model.load import (
+    CheckpointReader,
+    QuantSpec,
+    checkpoint_files,
+    converted_ptq,
+    log_conversion_error,
+    raise_if_missing,
+    release_freed_memory,
+)
+from qshard.model.lora import init_adapter
 from qshard.quant import ptq
 from qshard.quant.base import QuantLinear
 

@@ -50,8 +50,8 @@ def make_row(op: str, nbytes: int, seconds: float, world: int) -> Row:
 
 
 def parse_sizes(text: str) -> list[int]:
-    """'1KB,1MB,64MiB' -> bytes (qshard.plan.parse_size: KB = 1000, KiB = 1024)."""
-    from qshard.plan import parse_size
+    """'1KB,1MB,64MiB' -> bytes (qshard.tools.plan.parse_size: KB = 1000, KiB = 1024)."""
+    from qshard.tools.plan import parse_size
 
     try:
         sizes = [parse_size(item) for item in text.split(",") if item.strip()]
@@ -126,13 +126,19 @@ class Traffic:
 
 def step_traffic(spec, s, engine: str, reshard_after_forward: bool = True) -> list[Traffic]:
     """Collectives of one optimizer step under `engine` (none | ddp | zero1 | zero2 | zero3 | fsdp2), from
-    the model's shapes (qshard.plan.ModelSpec) and the recipe's settings (qshard.plan.Settings).
+    the model's shapes (qshard.tools.plan.ModelSpec) and the recipe's settings (qshard.tools.plan.Settings).
 
-    The quantized base counts at its packed size (qshard.plan.base_bytes): the engines move its uint8
+    The quantized base counts at its packed size (qshard.tools.plan.base_bytes): the engines move its uint8
     storage. DeepSpeed keeps trainable params and their gradients in the half dtype; qshard's DDP and
     FSDP2 reduce fp32 gradients (FSDP2's reduce_dtype), FSDP2 gathers LoRA params in the compute dtype."""
-    from qshard.plan import (DS_MAX_REUSE_DISTANCE, base_bytes, decoder_layer_bytes, decoder_layer_elements,
-                             lora_params, root_bytes)
+    from qshard.tools.plan import (
+        DS_MAX_REUSE_DISTANCE,
+        base_bytes,
+        decoder_layer_bytes,
+        decoder_layer_elements,
+        lora_params,
+        root_bytes,
+    )
 
     n_lora, base = lora_params(spec, s), sum(base_bytes(spec, s).values())
     half = 4 if s.precision == "fp32" else 2
@@ -185,7 +191,7 @@ def estimate(recipe, spec, rows: list[Row], world: int, flops: float) -> dict:
     """Per rank and optimizer step: bytes and seconds per collective, compute seconds, and the verdict."""
     from dataclasses import replace
 
-    from qshard.plan import lora_params, settings_from_recipe
+    from qshard.tools.plan import lora_params, settings_from_recipe
 
     d = recipe.distributed
     engine = d.engine if d.engine != "deepspeed" else f"zero{d.zero_stage}"
@@ -226,13 +232,13 @@ class Job:
     sizes: list[int]
     iters: int
     recipe: object = None  # qshard.config.Recipe
-    spec: object = None    # qshard.plan.ModelSpec of its model
+    spec: object = None    # qshard.tools.plan.ModelSpec of its model
 
 
 def prepare(sizes: str, iters: int, recipe_path: str | None, overrides: list[str]) -> Job:
     """Every input checked (sizes, recipe, the model's config.json) before any process starts."""
     from qshard.config import load_recipe
-    from qshard.plan import read_model_spec
+    from qshard.tools.plan import read_model_spec
 
     if iters < 1:
         raise QShardError(f"--iters {iters}: nothing would be timed", where="--iters", fix="give 1 or more")
@@ -251,8 +257,8 @@ def launch_command(args) -> list[str]:
 
 def main(job: Job, tflops: float | None = None, json_out: str | None = None) -> int:
     """Runs on every rank (under a launcher, or alone); rank 0 prints and writes."""
-    from qshard.plan import GPU_FLOPS
     from qshard.runtime import init_runtime, shutdown
+    from qshard.tools.plan import GPU_FLOPS
 
     rt = init_runtime(need_group=True)
     try:

@@ -12,7 +12,7 @@ from torch import nn
 
 from qshard import _compat
 from qshard.errors import QShardError
-from qshard.load import QUANT_LAYERS
+from qshard.model.load import QUANT_LAYERS
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qshard.errors import QShardError
-from qshard.metrics import METRICS_FILE
+from qshard.observe.metrics import METRICS_FILE
 
 REPORT_DIR = "report"
 MB = 2 ** 20

@@ -1,0 +1,1 @@
+"""Building the base model: the skeleton, streaming and sharded loading, LoRA."""

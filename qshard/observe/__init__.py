@@ -1,0 +1,1 @@
+"""Watching a run: health checks, metrics, communication counts, faults and the watchdog."""

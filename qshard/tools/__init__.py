@@ -1,0 +1,1 @@
+"""Commands around training: plan, doctor, report, bench-comm, init-tiny."""

@@ -24,7 +24,7 @@ from qshard.config import Recipe, dump_recipe
 from qshard.engines import create_engine
 from qshard.errors import QShardError
 from qshard.model import shardload
-from qshard.model.load import DTYPES, QuantSpec, load_base_model, open_base
+from qshard.model.load import DTYPES, QuantSpec, load_base_model, load_tokenizer, open_base
 from qshard.model.lora import (
     attach_lora,
     lora_param_count,
@@ -344,7 +344,8 @@ def _planned_comm(recipe: Recipe, rt: Runtime, precision: Precision) -> dict[str
 def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over labelled tokens, computed in fp32."""
     batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    inputs = {k: v for k, v in batch.items() if k != "labels"}  # input_ids, attention_mask (+ position_ids)
+    logits = model(**inputs, use_cache=False).logits
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
@@ -438,16 +439,6 @@ def reset_output_dir(out_dir: Path) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise QShardError(f"cannot load a tokenizer from {model_dir}: {e}", where="model.path",
-                          fix="the model folder needs tokenizer files (tokenizer.json / tokenizer_config.json)")
 
 
 def read_rows(recipe: Recipe) -> dict[str, tuple[list[dict], str]]:

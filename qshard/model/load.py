@@ -56,6 +56,16 @@ def resolve_model_dir(path: str) -> Path:
                           where="model.path", fix="give the path of a local model folder") from None
 
 
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise QShardError(f"cannot load a tokenizer from {model_dir}: {e}", where="model.path",
+                          fix="the model folder needs tokenizer files (tokenizer.json / tokenizer_config.json)")
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():

@@ -24,12 +24,41 @@ class Cell:
 SUPPORT: dict[tuple[str, str], Cell] = {(engine, base): Cell(True) for engine in ENGINES for base in BASES}
 
 
-def engine_key(engine: str, zero_stage: int = 2, offload_params: str = "none", offload_optimizer: str = "none") -> str:
-    """The table's name for a distributed configuration (zero3_offload = stage 3 with any CPU offload)."""
+# Engines that partition parameters, the quantized base's included (each rank holds 1/N of it).
+SHARDS_BASE = ("zero3", "zero3_offload", "fsdp2")
+
+
+def engine_key(engine: str, zero_stage: int = 2, offload_params: str = "none", offload_optimizer: str = "none",
+               ds_config: dict | None = None) -> str:
+    """The table's name for a distributed configuration (zero3_offload = stage 3 with any CPU offload).
+
+    With a user's DeepSpeed JSON (`ds_config`, already read), its `zero_optimization` decides the
+    stage and the offloads: it is what DeepSpeed will run, whatever the recipe's own keys say."""
     if engine != "deepspeed":
         return engine
+    if ds_config is not None:
+        zero_stage, offload_params, offload_optimizer = deepspeed_json_identity(ds_config)
     offload = "_offload" if stage_offloads(zero_stage, offload_params, offload_optimizer) else ""
     return f"zero{zero_stage}{offload}"
+
+
+def deepspeed_json_identity(ds_config: dict) -> tuple[int, str, str]:
+    """(stage, offload_params, offload_optimizer) as DeepSpeed reads them from a config dict
+    (a missing stage is DeepSpeed's default, 0, which qshard does not run: refused by the caller)."""
+    zero = ds_config.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise QShardError("zero_optimization must be a JSON object", where="distributed.deepspeed_config",
+                          fix='write it as "zero_optimization": {"stage": 2, ...}')
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (1, 2, 3):
+        raise QShardError(f"zero_optimization.stage is {stage!r}; qshard runs ZeRO stages 1, 2 and 3",
+                          where="distributed.deepspeed_config: zero_optimization.stage", fix="set it to 1, 2 or 3")
+
+    def device(section: str) -> str:
+        value = zero.get(section) or {}
+        return "cpu" if isinstance(value, dict) and value.get("device") in ("cpu", "nvme") else "none"
+
+    return stage, device("offload_param"), device("offload_optimizer")
 
 
 def stage_offloads(zero_stage: int, offload_params: str, offload_optimizer: str) -> bool:

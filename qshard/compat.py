@@ -96,13 +96,17 @@ OPTION_RULES = [
     (("zero1", "zero2", "zero3", "zero3_offload"), "train.on_nonfinite: skip",
      "DeepSpeed's step() must run every step to keep its accumulation counters",
      "train.on_nonfinite: stop, or distributed.engine ddp / fsdp2"),
+    (("fsdp2",), "train.precision: fp16",
+     "FSDP2 has no sharded gradient scaler here, and fp16 without loss scaling underflows small gradients to 0",
+     "train.precision: bf16 (or fp32), or distributed.engine ddp / deepspeed, which scale fp16 losses"),
 ]
 
 
 def check_options(engine: str, *, use_dora: bool, device: str, fsdp_cpu_offload: bool,
-                  on_nonfinite: str = "stop") -> None:
-    """Refuse option combinations that cannot work, before any loading."""
-    chosen = {"lora.use_dora": use_dora, "train.on_nonfinite: skip": on_nonfinite == "skip"}
+                  on_nonfinite: str = "stop", precision: str = "fp32") -> None:
+    """Refuse option combinations that cannot work, before any loading (`precision`: the resolved one)."""
+    chosen = {"lora.use_dora": use_dora, "train.on_nonfinite: skip": on_nonfinite == "skip",
+              "train.precision: fp16": precision == "fp16"}
     for engines, option, why, instead in OPTION_RULES:
         if engine in engines and chosen.get(option):
             raise QShardError(f"{option} cannot be used with {engine}: {why}", where=option, fix=f"use {instead}")

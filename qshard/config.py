@@ -99,6 +99,9 @@ class TrainSection(Section):
     watchdog_s: float | None = Field(600.0, gt=0, description="A step that takes longer than this (a hung rank "
                                                               "or collective) dumps every thread's stack and exits; "
                                                               "null = off.")
+    count_comm: bool = Field(True, description="With several processes, count each step's collectives (bytes, "
+                                               "calls, time) into metrics.jsonl; false = do not hook torch's "
+                                               "collectives at all.")
     sample_prompt: str | None = Field(None, description="Prompt to generate from at the end of training "
                                                         "(default: the first training example's prompt).")
     sample_tokens: int = Field(40, ge=0, le=4096, description="Tokens to generate for the end-of-run sample; 0 = "

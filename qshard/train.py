@@ -98,7 +98,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, l
         precision = resolve_precision(recipe.train.precision, rt.device)
         compat.check(_engine_key(recipe), compat.base_key(recipe.quantization.method, _checkpoint_format(recipe)))
         compat.check_options(_engine_key(recipe), use_dora=recipe.lora.use_dora, device=rt.device.type,
-                             on_nonfinite=recipe.train.on_nonfinite,
+                             on_nonfinite=recipe.train.on_nonfinite, precision=precision.name,
                              fsdp_cpu_offload=recipe.distributed.fsdp_cpu_offload)
         out_dir = Path(recipe.train.output_dir)
         resume_from = checkpoint.resolve_resume(resume, out_dir, warn=say) if resume else None
@@ -214,7 +214,7 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
     metrics = MetricsLog(out_dir, enabled=rt.is_main)
     stop = _StopFlag()
     grad_flow = GradFlowCheck(rt, every=tr.grad_flow_every, fresh=step == 0)
-    comm = CommCounter(enabled=rt.distributed)  # the engine's collectives per step (qshard/commcount.py)
+    comm = CommCounter(enabled=rt.distributed and tr.count_comm)  # the engine's collectives per step (qshard/commcount.py)
     planned_comm = _planned_comm(recipe, rt, precision) if rt.distributed else None
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_main, unit="step", dynamic_ncols=True)
     start = time.perf_counter()

@@ -104,7 +104,7 @@ def test_overrides_set_nested_keys_with_yaml_typed_values(tmp_path):
 
 
 def test_override_creates_a_section_absent_from_the_file(tmp_path):
-    recipe = load_recipe(write_recipe(tmp_path, MINIMAL), ["distributed.zero_stage=3"])
+    recipe = load_recipe(write_recipe(tmp_path, MINIMAL), ["distributed.engine=deepspeed", "distributed.zero_stage=3"])
     assert recipe.distributed.zero_stage == 3
 
 

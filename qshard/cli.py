@@ -22,6 +22,43 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _count(minimum: int):
+    """An argparse type: an integer >= minimum (argparse names the option and exits 2 otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {minimum}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive, finite number")
+    return value
+
+
+def _size(text: str, option: str) -> int:
+    """A memory size such as 24GiB, which must be positive and finite."""
+    from qshard.tools import plan
+
+    try:
+        value = plan.parse_size(text)
+    except (OverflowError, ValueError):
+        value = 0
+    if value <= 0:
+        raise QShardError(f"{option} {text!r} is not a positive memory size", where=option,
+                          fix="write it like 24GiB, 80GB or 512MiB")
+    return value
+
+
 def _train(args) -> int:
     from qshard.config import load_recipe
     from qshard.train import run
@@ -68,9 +105,10 @@ def _plan(args) -> int:
     from qshard.tools import plan
 
     recipe = load_recipe(args.recipe, args.set)
+    gpu_mem = _size(args.gpu_mem, "--gpu-mem")
+    cpu_mem = _size(args.cpu_mem, "--cpu-mem") if args.cpu_mem else None
     result = plan.make_plan(recipe, plan.read_model_spec(recipe.model.path), gpus=args.gpus, nodes=args.nodes,
-                            gpu_mem=plan.parse_size(args.gpu_mem),
-                            cpu_mem=plan.parse_size(args.cpu_mem) if args.cpu_mem else None)
+                            gpu_mem=gpu_mem, cpu_mem=cpu_mem)
     print(plan.report(result))
     if result.best is None:
         return 1
@@ -82,7 +120,7 @@ def _plan(args) -> int:
 def _doctor(args) -> int:
     from qshard.tools import doctor
 
-    return doctor.main(args.recipe, args.set)
+    return doctor.main(args.recipe, args.set, overwrite=args.overwrite, resume=args.resume)
 
 
 def _report(args) -> int:
@@ -127,10 +165,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a recipe key, e.g. --set train.max_steps=50 (repeatable)")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty train.output_dir")
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint (auto) or PATH")
-    t.add_argument("--nproc", type=int, default=1, metavar="N",
+    t.add_argument("--nproc", type=_count(1), default=1, metavar="N",
                    help="start N processes on this machine (through torchrun); for several machines run "
                         "torchrun yourself (see README)")
-    t.add_argument("--max-restarts", type=int, default=0, metavar="K",
+    t.add_argument("--max-restarts", type=_count(0), default=0, metavar="K",
                    help="with --nproc: restart all processes up to K times after a failure; each restart "
                         "resumes from the newest checkpoint")
     t.set_defaults(func=_train)
@@ -139,8 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--arch", default="llama", choices=ARCHS)
     i.add_argument("--size", default="tiny", choices=list(SIZES))
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 512; 32000 for 400m)")
+    i.add_argument("--seed", type=_count(0), default=0)
+    i.add_argument("--vocab-size", type=_count(8), default=None, help="BPE vocabulary size (default 512; 32000 for 400m)")
     i.add_argument("--data", action="append", default=[], metavar="FILE",
                    help="train the tokenizer on this dataset's text too (repeatable)")
     i.set_defaults(func=_init_tiny)
@@ -148,8 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="predict memory per GPU and recommend an engine/quantization/batch setup")
     pl.add_argument("recipe", help="YAML recipe (only the model's config.json is read, no weights)")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    pl.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs per node")
-    pl.add_argument("--nodes", type=int, default=1, metavar="M")
+    pl.add_argument("--gpus", type=_count(1), default=1, metavar="N", help="GPUs per node")
+    pl.add_argument("--nodes", type=_count(1), default=1, metavar="M")
     pl.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU, e.g. 24GiB")
     pl.add_argument("--cpu-mem", default=None, help="CPU memory per node (limits offloading), e.g. 512GiB")
     pl.add_argument("--out", default="plan", metavar="DIR", help="where the recommended recipe is written")
@@ -158,6 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("doctor", help="check the environment (and a recipe against it)")
     dr.add_argument("recipe", nargs="?", help="YAML recipe to validate against this machine")
     dr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    dr.add_argument("--overwrite", action="store_true", help="check as `qshard train --overwrite` would")
+    dr.add_argument("--resume", metavar="auto|PATH", help="check as `qshard train --resume` would")
     dr.set_defaults(func=_doctor)
 
     rp = sub.add_parser("report", help="plots and a Markdown summary of a run folder (RUN_DIR/report/)")
@@ -168,10 +208,10 @@ def _parser() -> argparse.ArgumentParser:
                                            "say whether a recipe's steps are communication- or compute-bound")
     bc.add_argument("recipe", nargs="?", help="YAML recipe whose per-step communication is estimated")
     bc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    bc.add_argument("--nproc", type=int, default=1, metavar="N", help="start N processes (through torchrun)")
+    bc.add_argument("--nproc", type=_count(1), default=1, metavar="N", help="start N processes (through torchrun)")
     bc.add_argument("--sizes", default="1KB,64KB,1MB,16MB,256MB", help="message sizes, comma-separated")
-    bc.add_argument("--iters", type=int, default=10, metavar="K", help="timed iterations per size")
-    bc.add_argument("--tflops", type=float, default=None,
+    bc.add_argument("--iters", type=_count(1), default=10, metavar="K", help="timed iterations per size")
+    bc.add_argument("--tflops", type=_positive_float, default=None,
                     help="compute throughput per process for the recipe estimate (default: 396 on GPU, 1 on CPU)")
     bc.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     bc.set_defaults(func=_bench_comm)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -19,16 +17,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qshard import compat, data
+from qshard import compat, data, validate
 from qshard.config import Recipe, dump_recipe
 from qshard.engines import create_engine
 from qshard.errors import QShardError
 from qshard.model import shardload
-from qshard.model.load import DTYPES, QuantSpec, load_base_model, load_tokenizer, open_base
+from qshard.model.load import QuantSpec, load_base_model
 from qshard.model.lora import (
     attach_lora,
-    lora_param_count,
-    resolve_targets,
     save_adapter,
 )
 from qshard.observe import faults
@@ -43,23 +39,15 @@ from qshard.observe.monitor import (
     replicated_tensors,
     sharding_report,
 )
-from qshard.precision import Precision, resolve_precision
+from qshard.precision import Precision
 from qshard.runtime import Runtime, all_reduce_sum, barrier, init_runtime, shutdown
-from qshard.state import checkpoint
+from qshard.state import checkpoint, rundir
 from qshard.state.resume import (
-    check_resume_compatible,
     restore,
-    same_run,
     save_checkpoint,
     set_seed,
 )
-
-
-@dataclass
-class Datasets:
-    train: list[data.Example]
-    eval: list[data.Example]
-    reports: list[data.DataReport]
+from qshard.validate import quant_spec  # noqa: F401  (the benchmarks build specs as a run does)
 
 
 @dataclass
@@ -84,55 +72,33 @@ class Outcome:
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, log=print) -> Outcome:
-    """The whole job. Every check that can fail on user input runs before the model is loaded."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        # torchrun restarted this job after a failure: continue from the newest checkpoint; the
-        # output folder is this job's own, so starting it afresh (no checkpoint yet) is safe.
-        resume, overwrite = resume or "auto", True
+    """The whole job. Every check that can fail on user input runs before any process group, folder
+    change or weight read (qshard/validate.py); only then is the run folder touched, by rank 0."""
+    launch = validate.launch_from_env()
+    say = log if launch.rank == 0 else (lambda *_: None)
+    checked = validate.check_run(recipe, launch, overwrite=overwrite, resume=resume, say=say)
+    validate.raise_problems(checked.problems)
+    for report in checked.datasets.reports:
+        say(report.summary())
     rt = init_runtime(need_group=recipe.distributed.engine != "none")
-    say = log if rt.is_main else (lambda *_: None)
     try:
-        if rt.world_size > 1 and recipe.distributed.engine == "none":
-            raise QShardError(f"{rt.world_size} processes were launched but distributed.engine is none, so each "
-                              "would train alone", where="distributed.engine", fix="choose ddp, deepspeed or fsdp2")
-        precision = resolve_precision(recipe.train.precision, rt.device)
-        compat.check(_engine_key(recipe), compat.base_key(recipe.quantization.method, _checkpoint_format(recipe)))
-        compat.check_options(_engine_key(recipe), use_dora=recipe.lora.use_dora, device=rt.device.type,
-                             on_nonfinite=recipe.train.on_nonfinite, precision=precision.name,
-                             fsdp_cpu_offload=recipe.distributed.fsdp_cpu_offload)
-        out_dir = Path(recipe.train.output_dir)
-        resume_from = checkpoint.resolve_resume(resume, out_dir, warn=say) if resume else None
-        if resume == "auto" and resume_from is None and same_run(out_dir, recipe):
-            say(f"no checkpoint in {out_dir} yet: the run that wrote it died before its first save; starting afresh")
-            overwrite = True
-        if resume_from is None:
-            check_output_dir(out_dir, overwrite)
-        else:
-            check_resume_compatible(resume_from, recipe, rt.world_size, say)
-        rows = read_rows(recipe)
-        quant = quant_spec(recipe, precision)
-        model_dir, skeleton = open_base(recipe.model.path, dtype=recipe.model.dtype, quant=quant)
-        targets = resolve_targets(skeleton, recipe.lora.target_modules)
-        if rt.is_main:
-            check_disk(out_dir, lora_param_count(skeleton, targets, recipe.lora.r), recipe.train.keep_checkpoints)
-        tokenizer = load_tokenizer(model_dir)
-        datasets = build_datasets(recipe, rows, tokenizer)
-        for report in datasets.reports:
-            say(report.summary())
-        # every check passed (on every rank: they see the same inputs): only now is anything in the
-        # output folder replaced, by rank 0 alone
         barrier(rt)
+        out_dir = Path(recipe.train.output_dir)
         if rt.is_main:
-            if resume_from is None:
-                reset_output_dir(out_dir)
+            if checked.start_fresh:
+                rundir.start(out_dir, launch.job)
+            else:  # a resumed run becomes this job's: a torchrun restart of it continues it
+                rundir.mark(out_dir, launch.job)
             (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
         barrier(rt)
 
+        precision, quant = checked.precision, quant_spec(recipe, checked.precision)
         engine = engine_for(recipe, rt, precision)
-        model = build_model(skeleton, model_dir, quant, targets, engine, recipe, rt, say)
+        model = build_model(checked, quant, engine, recipe, rt, say)
         say(_trainable_line(model))
         model, optimizer = engine.wrap(model, lambda params: make_optimizer(params, recipe))
-        outcome = fit(model, engine, optimizer, datasets, tokenizer, recipe, rt, precision, resume_from, say)
+        outcome = fit(model, engine, optimizer, checked.datasets, checked.tokenizer, recipe, rt, precision,
+                      checked.resume_from, say)
         outcome.process_group = rt.distributed
         say(summary(outcome))
         return outcome
@@ -152,55 +118,40 @@ def engine_for(recipe: Recipe, rt: Runtime, precision: Precision):
                          fsdp_cpu_offload=d.fsdp_cpu_offload)
 
 
-def build_model(skeleton, model_dir: Path, quant: QuantSpec, targets: list[str], engine, recipe: Recipe,
-                rt: Runtime, say):
-    """The base, loaded sharded where the engine shards parameters (qshard/shardload.py), with LoRA."""
+def build_model(checked: validate.Checked, quant: QuantSpec, engine, recipe: Recipe, rt: Runtime, say):
+    """The base, loaded sharded where the engine shards parameters (qshard/model/shardload.py), with LoRA."""
     def attach(base):
         if recipe.model.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return attach_lora(base, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
-                           targets=targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
+                           targets=checked.targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
 
-    whole = shardload.why_not(_engine_key(recipe), rt.world_size, recipe.lora.use_dora,
+    skeleton, model_dir = checked.skeleton, checked.model_dir
+    whole = shardload.why_not(checked.engine, rt.world_size, recipe.lora.use_dora,
                               recipe.distributed.shard_on_load, getattr(engine, "config", None))
     if whole is None:
         say(f"loading the base sharded: each of the {rt.world_size} ranks reads and keeps only its part")
         load = shardload.load_fsdp2 if recipe.distributed.engine == "fsdp2" else shardload.load_zero3
         return load(skeleton, model_dir, engine, attach, recipe.train.seed, rt.rank, rt.world_size, rt.device,
                     quant=quant, log=say)
-    if _engine_key(recipe) in ("zero3", "zero3_offload", "fsdp2"):
+    if checked.engine in compat.SHARDS_BASE:
         say(f"loading the whole base on every rank before sharding it: {whole}")
     return attach(load_base_model(skeleton, model_dir, quant=quant, device=rt.device, log=say))
 
 
-def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe, rt: Runtime,
+def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe: Recipe, rt: Runtime,
         precision: Precision, resume_from: Path | None, say) -> Outcome:
     """The training loop: global batches -> this rank's micro-batches -> token-mean loss -> step."""
-    from tqdm import tqdm
-
-    from qshard.observe.commcount import CommCounter, comm_record
+    from qshard.observe.commcount import comm_record
 
     tr = recipe.train
     out_dir = Path(tr.output_dir)
-    global_batch = tr.micro_batch_size * tr.gradient_accumulation_steps * rt.world_size
-    steps_per_epoch = len(datasets.train) // global_batch
-    if steps_per_epoch == 0:
-        raise QShardError(f"{len(datasets.train)} training examples cannot fill one global batch of {global_batch}",
-                          where="train.micro_batch_size / train.gradient_accumulation_steps",
-                          fix="lower the batch size or add data")
-    total_steps = tr.max_steps or tr.epochs * steps_per_epoch
+    global_batch, steps_per_epoch, total_steps = validate.schedule(len(datasets.train), recipe, rt.world_size)
     scheduler = make_scheduler(optimizer, tr.lr_scheduler, tr.warmup_steps, total_steps)
     pad_id = data.pad_token_id(tokenizer)
-    outcome = Outcome(output_dir=out_dir, model=engine.peft_model, sharding=sharding_report(engine.peft_model, rt))
-    say(format_sharding(outcome.sharding))
+    outcome = Outcome(output_dir=out_dir, model=engine.peft_model)
     warnings_log = WarningsLog(out_dir, rt.is_main, say)
-    if rt.is_main:
-        checkpoint.write_json(out_dir / "sharding.json", outcome.sharding)
-    if _engine_key(recipe) in SHARDS_BASE:
-        whole = replicated_tensors(engine.peft_model, rt)
-        if whole:
-            warnings_log.warn(0, "replicated", f"{len(whole)} large frozen tensor(s) are held whole on rank "
-                              f"{rt.rank} although {_engine_key(recipe)} shards the base: {', '.join(whole[:4])}")
+    outcome.sharding = report_sharding(engine, recipe, rt, warnings_log, say)
     step = 0
     if resume_from is not None:
         step = restore(resume_from, engine, scheduler, rt, say)
@@ -211,108 +162,102 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
         set_seed(tr.seed)
     if datasets.eval:
         outcome.eval_before = evaluate(model, datasets.eval, pad_id, tr.micro_batch_size, precision, rt)
-    metrics = MetricsLog(out_dir, enabled=rt.is_main)
-    stop = _StopFlag()
     grad_flow = GradFlowCheck(rt, every=tr.grad_flow_every, fresh=step == 0)
-    comm = CommCounter(enabled=rt.distributed and tr.count_comm)  # the engine's collectives per step (qshard/commcount.py)
     planned_comm = _planned_comm(recipe, rt, precision) if rt.distributed else None
-    bar = tqdm(total=total_steps, initial=step, disable=not rt.is_main, unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     tokens_seen = 0
     mem = ""
     warned_imbalance = False
-
-    watchdog = Watchdog(tr.watchdog_s, rt.rank)
     batches: dict[int, list[list[int]]] = {}
-    while step < total_steps:
-        watchdog.arm(step + 1)
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in batches:
-            batches = {epoch: data.global_batches(len(datasets.train), global_batch, tr.seed, epoch)}
-        examples = [datasets.train[i] for i in batches[epoch][index]]
-        # Every rank knows the whole global batch, so the token count that normalises the loss is
-        # the same everywhere without communication: the mean over all loss tokens of the step.
-        loss_tokens = sum(_loss_tokens(ex) for ex in examples)
-        mine = examples[rt.rank * len(examples) // rt.world_size:(rt.rank + 1) * len(examples) // rt.world_size]
-        micro_batches = [mine[i:i + tr.micro_batch_size] for i in range(0, len(mine), tr.micro_batch_size)]
+    # everything the loop leans on is released however it ends, an exception included
+    with LoopServices(out_dir, tr, rt, total_steps, step) as services:
+        metrics, stop, watchdog, comm, bar = (services.metrics, services.stop, services.watchdog, services.comm,
+                                              services.bar)
+        while step < total_steps:
+            watchdog.arm(step + 1)
+            epoch, index = divmod(step, steps_per_epoch)
+            if epoch not in batches:
+                batches = {epoch: data.global_batches(len(datasets.train), global_batch, tr.seed, epoch)}
+            examples = [datasets.train[i] for i in batches[epoch][index]]
+            # Every rank knows the whole global batch, so the token count that normalises the loss is
+            # the same everywhere without communication: the mean over all loss tokens of the step.
+            loss_tokens = sum(_loss_tokens(ex) for ex in examples)
+            mine = examples[rt.rank * len(examples) // rt.world_size:(rt.rank + 1) * len(examples) // rt.world_size]
+            micro_batches = [mine[i:i + tr.micro_batch_size] for i in range(0, len(mine), tr.micro_batch_size)]
 
-        comm.start()
-        model.train()
-        loss_sum = torch.zeros((), device=rt.device)
-        for k, micro in enumerate(micro_batches):
-            last = k == len(micro_batches) - 1
-            with (engine.accumulating() if not last else contextlib.nullcontext()):
-                with precision.autocast():
-                    micro_loss = token_loss_sum(model, data.collate(micro, pad_id), rt.device)
-                if faults.poisoned(step + 1, rt.rank):
-                    micro_loss = micro_loss * float("nan")
-                # Engines average gradients over ranks; multiplying by world_size undoes that, so the
-                # gradient is exactly d(global token-mean loss), whatever the number of ranks.
-                engine.backward(micro_loss * rt.world_size / loss_tokens)
-            loss_sum += micro_loss.detach()
-        faults.point("step", step + 1, rt.rank)
-        # One collective, before the optimizer step, for the global loss, "is any rank's loss
-        # non-finite" and "did any rank get SIGTERM/SIGINT" (so that every rank stops together).
-        flags = torch.tensor([float(not torch.isfinite(loss_sum)), float(stop.requested is not None)],
-                             dtype=torch.float64, device=rt.device)
-        with comm.paused():  # the loop's own collective, not the engine's: left out of comm_bytes
-            totals = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), flags]), rt)
-        loss, nonfinite_ranks, stopping = float(totals[0]) / loss_tokens, int(totals[1]), bool(totals[2] > 0)
-        if nonfinite_ranks and tr.on_nonfinite == "stop":
-            raise nonfinite_error(step + 1, rt.rank, bool(flags[0]), engine.local_grads())
-        if nonfinite_ranks:  # on_nonfinite: skip -- drop this step's gradients, keep the data moving
-            engine.skip_step()
+            comm.start()
+            model.train()
+            loss_sum = torch.zeros((), device=rt.device)
+            for k, micro in enumerate(micro_batches):
+                last = k == len(micro_batches) - 1
+                with (engine.accumulating() if not last else contextlib.nullcontext()):
+                    with precision.autocast():
+                        micro_loss = token_loss_sum(model, data.collate(micro, pad_id), rt.device)
+                    if faults.poisoned(step + 1, rt.rank):
+                        micro_loss = micro_loss * float("nan")
+                    # Engines average gradients over ranks; multiplying by world_size undoes that, so the
+                    # gradient is exactly d(global token-mean loss), whatever the number of ranks.
+                    engine.backward(micro_loss * rt.world_size / loss_tokens)
+                loss_sum += micro_loss.detach()
+            faults.point("step", step + 1, rt.rank)
+            # One collective, before the optimizer step, for the global loss, "is any rank's loss
+            # non-finite" and "did any rank get SIGTERM/SIGINT" (so that every rank stops together).
+            flags = torch.tensor([float(not torch.isfinite(loss_sum)), float(stop.requested is not None)],
+                                 dtype=torch.float64, device=rt.device)
+            with comm.paused():  # the loop's own collective, not the engine's: left out of comm_bytes
+                totals = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), flags]), rt)
+            loss, nonfinite_ranks, stopping = float(totals[0]) / loss_tokens, int(totals[1]), bool(totals[2] > 0)
+            if nonfinite_ranks and tr.on_nonfinite == "stop":
+                raise nonfinite_error(step + 1, rt.rank, bool(flags[0]), engine.local_grads())
+            if nonfinite_ranks:  # on_nonfinite: skip -- drop this step's gradients, keep the data moving
+                engine.skip_step()
+                scheduler.step()
+                step += 1
+                warnings_log.warn(step, "skipped", f"step {step} skipped: non-finite loss on {nonfinite_ranks} rank(s)")
+                continue
+            checking = grad_flow.due(step + 1)
+            if checking:
+                with comm.paused():  # gathering full gradients (ZeRO) is the check's traffic, not the step's
+                    grad_flow.inspect(engine.local_grads(), step + 1)
+                base_before = base_fingerprint(model)
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            grad_norm = engine.step(tr.max_grad_norm)
+            traffic = comm.stop()
+            if checking:
+                check_base_unchanged(base_before, base_fingerprint(model), step + 1, rt)
             scheduler.step()
             step += 1
-            warnings_log.warn(step, "skipped", f"step {step} skipped: non-finite loss on {nonfinite_ranks} rank(s)")
-            continue
-        checking = grad_flow.due(step + 1)
-        if checking:
-            with comm.paused():  # gathering full gradients (ZeRO) is the check's traffic, not the step's
-                grad_flow.inspect(engine.local_grads(), step + 1)
-            base_before = base_fingerprint(model)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        grad_norm = engine.step(tr.max_grad_norm)
-        traffic = comm.stop()
-        if checking:
-            check_base_unchanged(base_before, base_fingerprint(model), step + 1, rt)
-        scheduler.step()
-        step += 1
 
-        tokens_seen += sum(len(ex.input_ids) for ex in examples)
-        outcome.losses.append(loss)
-        elapsed = time.perf_counter() - start
-        record = {"step": step, "epoch": epoch, "loss": round(loss, 6), "lr": lr,
-                  "grad_norm": round(grad_norm, 6), "tokens": tokens_seen,
-                  "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 3),
-                  **comm_record(traffic, planned_comm)}
-        evaluating = bool(tr.eval_every and step % tr.eval_every == 0 and datasets.eval and step < total_steps)
-        if evaluating:
-            record["eval_loss"] = evaluate(model, datasets.eval, pad_id, tr.micro_batch_size, precision, rt)
-        if evaluating or step % tr.log_every == 0 or step == total_steps:
-            ranks = memory_all_ranks(rt.device)
-            metrics.log({**record, **ranks[0], "rank_memory": ranks})
-            imbalance = memory_imbalance(ranks, tr.imbalance_warn)
-            if imbalance and not warned_imbalance:
-                warnings_log.warn(step, "imbalance", imbalance)
-                warned_imbalance = True
-            mem = f"{max(r.get('gpu_peak_mb', r['rss_mb']) for r in ranks):.0f}MB"
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=mem,
-                        **({"comm": f"{traffic.total / 1e6:.2f}MB"} if traffic else {}))
-        bar.update(1)
-        if (tr.save_every and step % tr.save_every == 0) or stopping or step == total_steps:
-            save_checkpoint(out_dir, step, epoch, index + 1, global_batch, engine, scheduler, recipe, rt,
-                            protect=resume_from)
-        if stopping:
-            say(f"\nstopped by {stop.requested or 'a signal to another rank'} after step {step}; checkpoint saved. "
-                f"Resume with the same command plus --resume auto")
-            outcome.stopped_by_signal = True
-            break
-    watchdog.disarm()
-    bar.close()
-    metrics.close()
-    stop.restore()
-    outcome.comm = comm.close(planned_comm)
+            tokens_seen += sum(len(ex.input_ids) for ex in examples)
+            outcome.losses.append(loss)
+            elapsed = time.perf_counter() - start
+            record = {"step": step, "epoch": epoch, "loss": round(loss, 6), "lr": lr,
+                      "grad_norm": round(grad_norm, 6), "tokens": tokens_seen,
+                      "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 3),
+                      **comm_record(traffic, planned_comm)}
+            evaluating = bool(tr.eval_every and step % tr.eval_every == 0 and datasets.eval and step < total_steps)
+            if evaluating:
+                record["eval_loss"] = evaluate(model, datasets.eval, pad_id, tr.micro_batch_size, precision, rt)
+            if evaluating or step % tr.log_every == 0 or step == total_steps:
+                ranks = memory_all_ranks(rt.device)
+                metrics.log({**record, **ranks[0], "rank_memory": ranks})
+                imbalance = memory_imbalance(ranks, tr.imbalance_warn)
+                if imbalance and not warned_imbalance:
+                    warnings_log.warn(step, "imbalance", imbalance)
+                    warned_imbalance = True
+                mem = f"{max(r.get('gpu_peak_mb', r['rss_mb']) for r in ranks):.0f}MB"
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}", mem=mem,
+                            **({"comm": f"{traffic.total / 1e6:.2f}MB"} if traffic else {}))
+            bar.update(1)
+            if (tr.save_every and step % tr.save_every == 0) or stopping or step == total_steps:
+                save_checkpoint(out_dir, step, epoch, index + 1, global_batch, engine, scheduler, recipe, rt,
+                                protect=resume_from)
+            if stopping:
+                say(f"\nstopped by {stop.requested or 'a signal to another rank'} after step {step}; checkpoint saved. "
+                    f"Resume with the same command plus --resume auto")
+                outcome.stopped_by_signal = True
+                break
+        outcome.comm = comm.close(planned_comm)
 
     outcome.steps, outcome.tokens = step, tokens_seen
     outcome.seconds = time.perf_counter() - start
@@ -330,6 +275,56 @@ def fit(model, engine, optimizer, datasets: Datasets, tokenizer, recipe: Recipe,
 
 
 # -- pieces of the loop ----------------------------------------------------------------------------
+
+class LoopServices:
+    """What the loop leans on and must release however it ends, an exception included: the metrics
+    writers, the SIGTERM/SIGINT handlers, the watchdog's timer (which would otherwise end the process
+    with os._exit long after the run), the collective counter's hooks and the progress bar."""
+
+    def __init__(self, out_dir: Path, tr, rt: Runtime, total_steps: int, step: int):
+        self.out_dir, self.tr, self.rt, self.total_steps, self.step = out_dir, tr, rt, total_steps, step
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "LoopServices":
+        from tqdm import tqdm
+
+        from qshard.observe.commcount import CommCounter
+
+        tr, rt, stack = self.tr, self.rt, self._stack
+        with stack:  # a failure while opening them releases the ones already open
+            self.metrics = MetricsLog(self.out_dir, enabled=rt.is_main)
+            stack.callback(self.metrics.close)
+            self.stop = _StopFlag()
+            stack.callback(self.stop.restore)
+            self.watchdog = Watchdog(tr.watchdog_s, rt.rank)
+            stack.callback(self.watchdog.disarm)
+            self.comm = CommCounter(enabled=rt.distributed and tr.count_comm)  # the engine's collectives per step
+            stack.callback(self.comm.close)
+            self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not rt.is_main, unit="step",
+                            dynamic_ncols=True)
+            stack.callback(self.bar.close)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
+def report_sharding(engine, recipe: Recipe, rt: Runtime, warnings_log: "WarningsLog", say) -> list[dict]:
+    """What each rank holds (sharding.json, printed), and a warning for large tensors held whole under
+    an engine that shards the base."""
+    rows = sharding_report(engine.peft_model, rt)
+    say(format_sharding(rows))
+    if rt.is_main:
+        checkpoint.write_json(Path(recipe.train.output_dir) / "sharding.json", rows)
+    engine_key = validate.engine_identity(recipe)
+    if engine_key in compat.SHARDS_BASE:
+        whole = replicated_tensors(engine.peft_model, rt)
+        if whole:
+            warnings_log.warn(0, "replicated", f"{len(whole)} large frozen tensor(s) are held whole on rank "
+                              f"{rt.rank} although {engine_key} shards the base: {', '.join(whole[:4])}")
+    return rows
+
 
 def _planned_comm(recipe: Recipe, rt: Runtime, precision: Precision) -> dict[str, int] | None:
     """The planner's bytes per step and kind for this run, or None where it cannot read the model's shapes."""
@@ -408,91 +403,6 @@ def make_scheduler(optimizer, kind: str, warmup: int, total: int):
 
 # -- set-up ----------------------------------------------------------------------------------------
 
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into an existing one unless asked (--overwrite); deletes nothing."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise QShardError(f"output folder {out_dir} is not empty", where="train.output_dir",
-                          fix="choose another train.output_dir, resume it with --resume auto, "
-                              "or pass --overwrite to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise QShardError(f"{out_dir} exists and is not a folder", where="train.output_dir")
-
-
-def check_disk(out_dir: Path, lora_params: int, keep: int) -> None:
-    """Refuse a folder we cannot write to, or without room for the checkpoints the run keeps.
-
-    A checkpoint holds the fp32 adapter and AdamW's two fp32 moments (12 bytes per parameter); one
-    more than `keep` exists while the newest is being written, and the final adapter is extra."""
-    need = 12 * lora_params * (keep + 1) + 4 * lora_params + (1 << 20)
-    existing = next(p for p in [out_dir, *out_dir.absolute().parents] if p.exists())
-    if not os.access(existing, os.W_OK):
-        raise QShardError(f"cannot write to {existing}", where="train.output_dir",
-                          fix="choose a folder you can write to")
-    free = shutil.disk_usage(existing).free
-    if free < need:
-        raise QShardError(f"{existing} has {free / 2**20:.0f} MB free; the checkpoints need about "
-                          f"{need / 2**20:.0f} MB", where="train.output_dir",
-                          fix="free space, choose another disk, or lower train.keep_checkpoints")
-
-
-def reset_output_dir(out_dir: Path) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-
-
-def read_rows(recipe: Recipe) -> dict[str, tuple[list[dict], str]]:
-    """Parse the data files (cheap, and where most user mistakes are) before the model is touched."""
-    d = recipe.data
-    rows = {d.path: data.load_rows(d.path, d.format, d.text_field)}
-    if d.eval_path:
-        rows[d.eval_path] = data.load_rows(d.eval_path, d.format, d.text_field)
-    return rows
-
-
-def build_datasets(recipe: Recipe, rows: dict[str, tuple[list[dict], str]], tokenizer) -> Datasets:
-    d = recipe.data
-    train_rows, fmt = rows[d.path]
-    train, report = data.tokenize_rows(train_rows, fmt, tokenizer, d.max_length, d.template, source=d.path)
-    reports = [report]
-    if d.eval_path:
-        eval_rows, eval_fmt = rows[d.eval_path]
-        evals, eval_report = data.tokenize_rows(eval_rows, eval_fmt, tokenizer, d.max_length, d.template,
-                                                source=d.eval_path)
-        reports.append(eval_report)
-    else:
-        train, evals = data.split_eval(train, d.eval_fraction, recipe.train.seed)
-    if d.packing:
-        train = data.pack(train, d.max_length)
-    return Datasets(train, evals, reports)
-
-
-def quant_spec(recipe: Recipe, precision: Precision) -> QuantSpec:
-    q = recipe.quantization
-    compute = precision.dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
-    return QuantSpec(method=q.method, double_quant=q.double_quant, compute_dtype=compute,
-                     int8_threshold=q.int8_threshold, skip_modules=tuple(q.skip_modules))
-
-
-def _checkpoint_format(recipe: Recipe) -> str | None:
-    """gptq / awq / compressed-tensors when the recipe keeps a PTQ checkpoint's own layers (config.json only)."""
-    if recipe.quantization.method != "checkpoint":
-        return None
-    from qshard.model.load import resolve_model_dir
-    from qshard.quant import ptq
-
-    fmt = ptq.detect(resolve_model_dir(recipe.model.path))
-    if fmt is None:
-        raise QShardError(f"{recipe.model.path} is not a GPTQ/AWQ/compressed-tensors checkpoint",
-                          where="quantization.method", fix="use nf4 (or fp4 / int8 / none) for a dense checkpoint")
-    return fmt.name
-
-
-def _engine_key(recipe: Recipe) -> str:
-    d = recipe.distributed
-    return compat.engine_key(d.engine, d.zero_stage, d.offload_params, d.offload_optimizer)
-
-
 def _trainable_line(model) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"LoRA: {trainable:,} trainable parameters"
@@ -501,7 +411,7 @@ def _trainable_line(model) -> str:
 # -- the end of a run ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def generate_sample(model, tokenizer, prompt: str | None, datasets: Datasets, precision: Precision,
+def generate_sample(model, tokenizer, prompt: str | None, datasets: validate.Datasets, precision: Precision,
                     device: torch.device, max_new_tokens: int) -> str:
     """Greedy continuation of a chat prompt, so the user sees what the adapter learned."""
     prompt = prompt or tokenizer.decode(_prompt_part(datasets.train[0]), skip_special_tokens=False)
@@ -538,9 +448,6 @@ def summary(o: Outcome) -> str:
     if o.sample is not None:
         lines.append(f"sample:\n{o.sample}")
     return "\n".join(lines)
-
-
-SHARDS_BASE = ("zero3", "zero3_offload", "fsdp2")
 
 
 class WarningsLog:

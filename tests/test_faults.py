@@ -233,12 +233,21 @@ def test_skip_is_refused_with_deepspeed_before_loading(micro_model, tmp_path):
         run(parse_recipe(recipe), log=lambda *_: None)
 
 
-def test_resume_auto_after_a_death_before_the_first_checkpoint_starts_afresh(micro_model, references, tmp_path):
+def test_resume_auto_after_a_death_before_the_first_checkpoint_refuses_then_overwrite_restarts(micro_model, references,
+                                                                                               tmp_path):
+    """--resume auto never wipes a folder: with no checkpoint it refuses (exit 2, the folder as it was);
+    --overwrite then replaces the run qshard made, and the new run equals an uninterrupted one."""
+    from tests.hostile import changed, snapshot
+
     run = _write_recipe(tmp_path, micro_model, tmp_path / "early", None, nproc=1)
     assert _qshard(str(run), fault="step@1").returncode == -9  # killed before checkpoint-2
+    before = snapshot(tmp_path / "early")
     proc = _qshard(str(run), "--resume", "auto")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "found no valid checkpoint" in proc.stderr and "nothing was changed" in proc.stderr
+    assert changed(before, snapshot(tmp_path / "early")) == []
+    proc = _qshard(str(run), "--overwrite")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "died before its first save; starting afresh" in proc.stdout
     _assert_same_run(references["none"], tmp_path / "early")
 
 

@@ -17,16 +17,6 @@ from qshard.errors import QShardError
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "torchao")
 
-# (package, first good version, when it matters, symptom). `when` is "always", "zero3+4bit", "fsdp2",
-# "deepspeed" or "bitsandbytes" (the recipe needs bitsandbytes).
-KNOWN_BAD = [
-    ("transformers", "4.45", "zero3+4bit", "`ValueError: Model was not initialized with Zero-3 despite being "
-                                           "configured for DeepSpeed Zero-3` (the loader skipped zero.Init for "
-                                           "quantized models)"),
-    ("accelerate", "0.33", "zero3+4bit", "ZeRO-3 with a 4-bit base fails at preparation"),
-    ("peft", "0.12.1", "zero3+4bit", "ZeRO-3 with a 4-bit base fails when adapters are attached"),
-    ("torch", "2.6", "fsdp2", "`torch.distributed.fsdp.fully_shard` does not exist (FSDP2 was private before 2.6)"),
-]
 NEEDED = {"always": ("torch", "transformers", "peft", "accelerate"), "deepspeed": ("deepspeed",),
           "bitsandbytes": ("bitsandbytes",)}
 
@@ -149,13 +139,26 @@ def check_versions(env: Environment, recipe=None) -> list[Problem]:
         for p in packages:
             if when in used and not env.versions.get(p):
                 problems.append(Problem(f"{p} is not installed", f"pip install {p}", where=p))
-    for package, good, when, symptom in KNOWN_BAD:
+    for package, minimum in minimum_versions().items():
         have = env.versions.get(package)
-        if have and parse_version(have) < parse_version(good):
-            relevant = when in used
-            problems.append(Problem(f"{package} {have} < {good}: {symptom}", f"pip install '{package}>={good}'",
-                                    where=f"{package} (matters for {when})", fatal=relevant))
+        if have and parse_version(have) < parse_version(minimum):
+            problems.append(Problem(f"{package} {have} is older than qshard supports (>= {minimum})",
+                                    f"pip install '{package}>={minimum}'", where=package))
     return problems
+
+
+def minimum_versions() -> dict[str, str]:
+    """The lower bounds qshard declares for its dependencies (pyproject.toml, as installed): one list
+    for pip and for doctor."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        declared = [Requirement(r) for r in requires("qshard") or []]
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return {}
+    return {r.name: s.version for r in declared for s in r.specifier if s.operator == ">="}
 
 
 def check_hardware(env: Environment, recipe=None) -> list[Problem]:
@@ -193,47 +196,32 @@ def check_hardware(env: Environment, recipe=None) -> list[Problem]:
     return problems
 
 
-def check_recipe(env: Environment, recipe) -> list[Problem]:
-    """The recipe against the compatibility table, its files, the disk and the GPUs' memory."""
-    from qshard import compat
+def check_recipe(env: Environment, recipe, overwrite: bool = False, resume: str | None = None) -> list[Problem]:
+    """Every problem `qshard train` would refuse the recipe for (qshard.validate.check_run, the same
+    function), the disk against this environment, and the GPUs' predicted memory."""
+    import torch
+
+    from qshard import validate
     from qshard.tools import plan
 
-    problems = []
-    d = recipe.distributed
-    key = compat.engine_key(d.engine, d.zero_stage, d.offload_params, d.offload_optimizer)
-    device = "cuda" if env.gpus else "cpu"
-    for run_check in (lambda: compat.check(key, compat.base_key(recipe.quantization.method)),
-                      lambda: compat.check_options(key, use_dora=recipe.lora.use_dora, device=device,
-                                                   fsdp_cpu_offload=d.fsdp_cpu_offload)):
-        try:
-            run_check()
-        except QShardError as e:
-            problems.append(Problem(e.what, e.fix or "", where=e.where or "distributed"))
-    for option, path in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
-        if path and not Path(path).is_file():
-            problems.append(Problem(f"data file {path} does not exist", "fix the path", where=option))
-    try:
-        spec = plan.read_model_spec(recipe.model.path)
-    except QShardError as e:
-        return problems + [Problem(e.what, e.fix or "", where=e.where or "model.path")]
-    problems += _check_disk(env, recipe, spec)
+    device = torch.device("cuda", 0) if env.gpus and torch.cuda.is_available() else torch.device("cpu")
+    world = max(1, len(env.gpus)) if recipe.distributed.engine != "none" else 1
+    checked = validate.check_run(recipe, validate.Launch(world_size=world, device=device), overwrite=overwrite,
+                                 resume=resume, say=lambda *_: None)
+    problems = [Problem(e.what, e.fix or "", where=e.where or "recipe") for e in checked.problems]
+    if checked.skeleton is not None and checked.targets is not None and env.free_disk is not None:
+        need = validate.checkpoint_disk_bytes(checked.skeleton, checked.targets, recipe)
+        if env.free_disk < need and not any(p.where == "train.output_dir" for p in problems):
+            problems.append(Problem(f"{plan.gib(env.free_disk)} GiB free where {recipe.train.output_dir} goes; the "
+                                    f"adapter and {recipe.train.keep_checkpoints} checkpoint(s) need about "
+                                    f"{plan.gib(need)} GiB", "free disk space, lower train.keep_checkpoints, or "
+                                    "choose another train.output_dir", where="train.output_dir"))
     if env.gpus:
-        problems += _check_gpu_memory(env, recipe, spec)
+        try:
+            problems += _check_gpu_memory(env, recipe, plan.read_model_spec(recipe.model.path))
+        except QShardError:
+            pass  # the model folder's problem is already listed above
     return problems
-
-
-def _check_disk(env: Environment, recipe, spec) -> list[Problem]:
-    """Adapter (fp32) + each kept checkpoint (adapter + AdamW's two fp32 moments) must fit on the disk."""
-    from qshard.tools import plan
-
-    lora = plan.lora_params(spec, plan.settings_from_recipe(recipe, spec, 1, 1))
-    need = lora * 4 + recipe.train.keep_checkpoints * lora * 12
-    if env.free_disk is not None and env.free_disk < need:
-        return [Problem(f"{plan.gib(env.free_disk)} GiB free where {recipe.train.output_dir} goes; the adapter and "
-                        f"{recipe.train.keep_checkpoints} checkpoint(s) need about {plan.gib(need)} GiB",
-                        "free disk space, lower train.keep_checkpoints, or choose another train.output_dir",
-                        where="train.output_dir")]
-    return []
 
 
 def _check_gpu_memory(env: Environment, recipe, spec) -> list[Problem]:
@@ -254,9 +242,12 @@ def _check_gpu_memory(env: Environment, recipe, spec) -> list[Problem]:
                     "distributed / quantization")]
 
 
-def diagnose(env: Environment, recipe=None) -> list[Problem]:
+def diagnose(env: Environment, recipe=None, overwrite: bool = False, resume: str | None = None) -> list[Problem]:
     problems = check_versions(env, recipe) + check_hardware(env, recipe)
-    return problems + (check_recipe(env, recipe) if recipe is not None else [])
+    if recipe is not None:
+        seen = {p.what for p in problems}  # the GPU's precision is checked by both check_hardware and validate
+        problems += [p for p in check_recipe(env, recipe, overwrite, resume) if p.what not in seen]
+    return problems
 
 
 # -- the command --------------------------------------------------------------------------------------
@@ -289,7 +280,7 @@ def format_problems(problems: list[Problem]) -> str:
     return "\n".join(lines)
 
 
-def main(recipe_path: str | None, overrides: list[str] = ()) -> int:
+def main(recipe_path: str | None, overrides: list[str] = (), overwrite: bool = False, resume: str | None = None) -> int:
     """Print the environment and every problem; 1 when something would fail."""
     from qshard.config import load_recipe
 
@@ -301,6 +292,6 @@ def main(recipe_path: str | None, overrides: list[str] = ()) -> int:
             problems.append(Problem(e.what, e.fix or "", where=e.where or recipe_path))
     env = gather(recipe.train.output_dir if recipe else None)
     print(describe(env) + "\n")
-    problems += diagnose(env, recipe)
+    problems += diagnose(env, recipe, overwrite=overwrite, resume=resume)
     print(format_problems(problems))
     return 1 if any(p.fatal for p in problems) else 0

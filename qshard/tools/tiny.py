@@ -95,9 +95,13 @@ def init_tiny(out_dir: str | Path, arch: str = "llama", size: str = "tiny", seed
     """Write a random model + tokenizer folder to `out_dir` and return its path."""
     from transformers import AutoModelForCausalLM
 
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise QShardError(f"{out} exists and is not a folder", where=str(out), fix="choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise QShardError(f"{out} is not empty", where=str(out), fix="choose a new folder or delete this one")
+    if not 8 <= (vocab_size or 8) <= 1_000_000:
+        raise QShardError(f"vocabulary size {vocab_size} is outside 8..1,000,000", where="--vocab-size")
     vocab_size = vocab_size or (32000 if size == "400m" else 512)
     tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
     # the embedding may be larger than the trained vocabulary (e.g. 32k rows for the 400m benchmark model)

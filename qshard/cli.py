@@ -66,7 +66,7 @@ def _train(args) -> int:
     recipe = load_recipe(args.recipe, args.set)  # validated here, before any process is started
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _launch(args)
-    outcome = run(recipe, overwrite=args.overwrite, resume=args.resume)
+    outcome = run(recipe, overwrite=args.overwrite, resume=args.resume, recipe_file=args.recipe)
     code = 3 if outcome.stopped_by_signal else 0
     if outcome.process_group:
         from qshard import _compat

@@ -45,7 +45,7 @@ def engine_key(engine: str, zero_stage: int = 2, offload_params: str = "none", o
 def deepspeed_json_identity(ds_config: dict) -> tuple[int, str, str]:
     """(stage, offload_params, offload_optimizer) as DeepSpeed reads them from a config dict
     (a missing stage is DeepSpeed's default, 0, which qshard does not run: refused by the caller)."""
-    zero = ds_config.get("zero_optimization") or {}
+    zero = ds_config.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise QShardError("zero_optimization must be a JSON object", where="distributed.deepspeed_config",
                           fix='write it as "zero_optimization": {"stage": 2, ...}')

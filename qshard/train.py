@@ -71,12 +71,13 @@ class Outcome:
     process_group: bool = False  # this process ran a torch.distributed group (cli.py ends it without teardown)
 
 
-def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, log=print) -> Outcome:
+def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, recipe_file: str | None = None,
+        log=print) -> Outcome:
     """The whole job. Every check that can fail on user input runs before any process group, folder
     change or weight read (qshard/validate.py); only then is the run folder touched, by rank 0."""
     launch = validate.launch_from_env()
     say = log if launch.rank == 0 else (lambda *_: None)
-    checked = validate.check_run(recipe, launch, overwrite=overwrite, resume=resume, say=say)
+    checked = validate.check_run(recipe, launch, overwrite=overwrite, resume=resume, recipe_file=recipe_file, say=say)
     validate.raise_problems(checked.problems)
     for report in checked.datasets.reports:
         say(report.summary())

@@ -78,8 +78,9 @@ class Checked:
 
 
 def check_run(recipe: Recipe, launch: Launch, *, overwrite: bool = False, resume: str | None = None,
-              say=print) -> Checked:
-    """Every problem of this recipe on this machine, and the inputs the checks built."""
+              recipe_file: str | None = None, say=print) -> Checked:
+    """Every problem of this recipe on this machine, and the inputs the checks built (`recipe_file`:
+    where the recipe was read from, which the run folder must not hold either)."""
     c = Checked()
     with c.check():
         c.engine = engine_identity(recipe)
@@ -103,7 +104,10 @@ def check_run(recipe: Recipe, launch: Launch, *, overwrite: bool = False, resume
     with c.check():
         from qshard.state import rundir
 
-        rundir.check_location(Path(recipe.train.output_dir), protected_inputs(recipe))
+        inputs = protected_inputs(recipe)
+        if recipe_file:
+            inputs["the recipe"] = Path(recipe_file)
+        rundir.check_location(Path(recipe.train.output_dir), inputs)
     rows = None
     with c.check():
         rows = read_rows(recipe)

@@ -75,8 +75,12 @@ def not_a_run(out_dir: Path) -> str | None:
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         return f"holds files qshard did not write: {shown}"
-    if not (out_dir / "recipe.yaml").is_file() and not (out_dir / MARKER).is_file():
-        return "has neither a recipe.yaml nor qshard's marker"
+    # a run made before the marker existed: its recipe.yaml beside what a run writes
+    # (a recipe.yaml alone is as likely to be the user's own recipe folder)
+    made_by_a_run = (out_dir / "recipe.yaml").is_file() and any(p.name not in ("recipe.yaml", "report")
+                                                               for p in entries)
+    if not (out_dir / MARKER).is_file() and not made_by_a_run:
+        return "is not a run folder qshard made (no marker, and nothing a run writes beside recipe.yaml)"
     return None
 
 

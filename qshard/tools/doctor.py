@@ -196,7 +196,8 @@ def check_hardware(env: Environment, recipe=None) -> list[Problem]:
     return problems
 
 
-def check_recipe(env: Environment, recipe, overwrite: bool = False, resume: str | None = None) -> list[Problem]:
+def check_recipe(env: Environment, recipe, overwrite: bool = False, resume: str | None = None,
+                 recipe_file: str | None = None) -> list[Problem]:
     """Every problem `qshard train` would refuse the recipe for (qshard.validate.check_run, the same
     function), the disk against this environment, and the GPUs' predicted memory."""
     import torch
@@ -207,7 +208,7 @@ def check_recipe(env: Environment, recipe, overwrite: bool = False, resume: str 
     device = torch.device("cuda", 0) if env.gpus and torch.cuda.is_available() else torch.device("cpu")
     world = max(1, len(env.gpus)) if recipe.distributed.engine != "none" else 1
     checked = validate.check_run(recipe, validate.Launch(world_size=world, device=device), overwrite=overwrite,
-                                 resume=resume, say=lambda *_: None)
+                                 resume=resume, recipe_file=recipe_file, say=lambda *_: None)
     problems = [Problem(e.what, e.fix or "", where=e.where or "recipe") for e in checked.problems]
     if checked.skeleton is not None and checked.targets is not None and env.free_disk is not None:
         need = validate.checkpoint_disk_bytes(checked.skeleton, checked.targets, recipe)
@@ -242,11 +243,12 @@ def _check_gpu_memory(env: Environment, recipe, spec) -> list[Problem]:
                     "distributed / quantization")]
 
 
-def diagnose(env: Environment, recipe=None, overwrite: bool = False, resume: str | None = None) -> list[Problem]:
+def diagnose(env: Environment, recipe=None, overwrite: bool = False, resume: str | None = None,
+             recipe_file: str | None = None) -> list[Problem]:
     problems = check_versions(env, recipe) + check_hardware(env, recipe)
     if recipe is not None:
         seen = {p.what for p in problems}  # the GPU's precision is checked by both check_hardware and validate
-        problems += [p for p in check_recipe(env, recipe, overwrite, resume) if p.what not in seen]
+        problems += [p for p in check_recipe(env, recipe, overwrite, resume, recipe_file) if p.what not in seen]
     return problems
 
 
@@ -292,6 +294,6 @@ def main(recipe_path: str | None, overrides: list[str] = (), overwrite: bool = F
             problems.append(Problem(e.what, e.fix or "", where=e.where or recipe_path))
     env = gather(recipe.train.output_dir if recipe else None)
     print(describe(env) + "\n")
-    problems += diagnose(env, recipe, overwrite=overwrite, resume=resume)
+    problems += diagnose(env, recipe, overwrite=overwrite, resume=resume, recipe_file=recipe_path)
     print(format_problems(problems))
     return 1 if any(p.fatal for p in problems) else 0

@@ -43,8 +43,6 @@ def write_synthetic_run(run: Path) -> list[dict]:
          "buffers_full": MB * r} for r in (0, 1)]))
     (run / "warnings.jsonl").write_text(json.dumps({"step": 1, "kind": "memory_imbalance",
                                                     "message": "rank 1 holds 40% more than rank 0"}) + "\n")
-    (run / "plan.json").write_text(json.dumps({"per_gpu_bytes": {"base_weights": 5 * MB, "lora_params": MB,
-                                                                 "activations": 20 * MB}}))
     return records
 
 
@@ -66,7 +64,7 @@ def test_synthetic_two_rank_run_plots_exactly_its_metrics(tmp_path):
 
     pngs = sorted(p.name for p in report.files if p.suffix == ".png")
     assert pngs == ["grad_norm.png", "loss.png", "lr.png", "memory.png", "memory_breakdown.png",
-                    "planned_vs_measured.png", "tokens_per_s.png"]
+                    "tokens_per_s.png"]
     assert_valid_pngs([p for p in report.files if p.suffix == ".png"])
 
     s = json.loads((report.out_dir / "series.json").read_text())
@@ -81,10 +79,6 @@ def test_synthetic_two_rank_run_plots_exactly_its_metrics(tmp_path):
                                                              for k in (0, 1)]
     assert s["memory_breakdown"]["base_quantized"] == [4.0, 4.0]
     assert s["memory_breakdown"]["buffers"] == [0.0, 1.0]
-    pvm = s["planned_vs_measured"]
-    assert pvm["component"] == ["base_weights", "lora_params", "activations", "total"]
-    assert pvm["planned_mb"] == [5.0, 1.0, 20.0, 26.0]
-    assert pvm["measured_mb"] == [4.5, 0.25, None, 160.0 + 3 * 5]
 
 
 def test_figures_draw_the_series_they_are_given(tmp_path):
@@ -100,8 +94,6 @@ def test_figures_draw_the_series_they_are_given(tmp_path):
     assert [list(line.get_ydata()) for line in mem_lines] == [r["mb"] for r in data["memory"]["ranks"]]
     heights = [patch.get_height() for patch in figs["memory_breakdown"].axes[0].patches]
     assert heights[:2] == data["memory_breakdown"]["base_quantized"]  # one bar per rank, stacked by kind
-    planned = [patch.get_height() for patch in figs["planned_vs_measured"].axes[0].patches][:4]
-    assert planned == data["planned_vs_measured"]["planned_mb"]
 
 
 def test_summary_figures_match_the_metrics_file(tmp_path):

@@ -1,22 +1,20 @@
 """`qshard report RUN_DIR`: PNG plots and a Markdown summary of a run folder.
 
 Data first, pictures second: `read_run` parses the folder (every malformed file is a QShardError
-naming the file and line), `series`, `memory_breakdown`, `planned_vs_measured` and `summarize` are pure
+naming the file and line), `series`, `memory_breakdown` and `summarize` are pure
 functions of what was read, and `figures` draws exactly those series. The series are also written
 next to the PNGs (report/series.json), so what a plot shows can be checked without looking at pixels.
 
-What a run folder holds: metrics.jsonl (qshard/metrics.py, one record per logged step, with
+What a run folder holds: metrics.jsonl (qshard/observe/metrics.py, one record per logged step, with
 `rank_memory`: one memory dict per rank and, on several ranks, `comm_bytes` / `comm_planned_bytes`:
-bytes per collective kind measured in the step and estimated by the planner, qshard/commcount.py),
-recipe.yaml, and when present sharding.json (a list of per-rank dicts, qshard/monitor.py::sharding_report),
-warnings.jsonl (`step`, `kind`, `message`) and plan.json (`per_gpu_bytes`: component -> bytes, from
-`qshard plan`).
+bytes per collective kind measured in the step and estimated by the planner, qshard/observe/commcount.py),
+recipe.yaml, and when present sharding.json (a list of per-rank dicts,
+qshard/observe/monitor.py::sharding_report) and warnings.jsonl (`step`, `kind`, `message`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +24,6 @@ from qshard.observe.metrics import METRICS_FILE
 REPORT_DIR = "report"
 MB = 2 ** 20
 KINDS = ("base_quantized", "base_dense", "lora", "buffers")  # monitor.sharding_report's kinds
-# a plan's component -> the sharding.json kinds that measure the same bytes
-PLAN_TO_SHARDING = {"base_weights": ("base_quantized", "base_dense"), "lora_params": ("lora",)}
 
 
 @dataclass
@@ -37,7 +33,6 @@ class RunData:
     recipe: dict | None
     sharding: list[dict] | None
     warnings: list[dict]
-    plan: dict | None
 
 
 @dataclass
@@ -65,8 +60,7 @@ def read_run(run_dir: str | Path) -> RunData:
     warnings_file = run_dir / "warnings.jsonl"
     return RunData(run_dir=run_dir, metrics=metrics, recipe=_read_recipe(run_dir / "recipe.yaml"),
                    sharding=_read_json(run_dir / "sharding.json", list),
-                   warnings=read_jsonl(warnings_file, required=("message",)) if warnings_file.is_file() else [],
-                   plan=_read_json(run_dir / "plan.json", dict))
+                   warnings=read_jsonl(warnings_file, required=("message",)) if warnings_file.is_file() else [])
 
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
@@ -195,21 +189,6 @@ def memory_breakdown(sharding: list[dict]) -> dict:
             "full": {kind: max(r.get(f"{kind}_full", 0) for r in rows) / MB for kind in KINDS}}
 
 
-def planned_vs_measured(plan: dict, sharding: list[dict] | None, peak_mb: list[float]) -> dict:
-    """The plan's MB per GPU by component, next to what the run measured where it measured the same thing:
-    base and LoRA bytes from sharding.json (the largest rank), and the sum against the largest rank's peak."""
-    planned = {k: v / MB for k, v in plan.get("per_gpu_bytes", {}).items()}
-    measured: dict[str, float | None] = {}
-    for component in planned:
-        kinds = PLAN_TO_SHARDING.get(component)
-        measured[component] = (max(sum(r.get(f"{k}_local", 0) for k in kinds) for r in sharding) / MB
-                               if kinds and sharding else None)
-    planned["total"] = sum(planned.values())
-    measured["total"] = max(peak_mb) if peak_mb else None
-    return {"component": list(planned), "planned_mb": list(planned.values()),
-            "measured_mb": [measured[c] for c in planned]}
-
-
 # -- the summary -----------------------------------------------------------------------------------
 
 def summarize(run: RunData) -> dict:
@@ -328,8 +307,6 @@ def figures(data: dict) -> dict:
         out["communication"] = _comm_figure(data["comm"])
     if "memory_breakdown" in data:
         out["memory_breakdown"] = _breakdown_figure(data["memory_breakdown"])
-    if "planned_vs_measured" in data:
-        out["planned_vs_measured"] = _plan_figure(data["planned_vs_measured"])
     return out
 
 
@@ -364,22 +341,6 @@ def _breakdown_figure(b: dict):
     return fig
 
 
-def _plan_figure(p: dict):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 4))
-    ax = fig.add_subplot()
-    x = range(len(p["component"]))
-    ax.bar([i - 0.2 for i in x], p["planned_mb"], width=0.4, label="planned")
-    ax.bar([i + 0.2 for i in x], [math.nan if v is None else v for v in p["measured_mb"]], width=0.4,
-           label="measured")
-    ax.set_xticks(list(x), p["component"], rotation=30, ha="right", fontsize="small")
-    ax.legend()
-    _labels(ax, "planned vs measured per GPU (measured: largest rank)", "", "MB")
-    fig.tight_layout()
-    return fig
-
-
 def _labels(ax, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -394,8 +355,6 @@ def report_data(run: RunData, summary: dict) -> dict:
     data = series(run.metrics)
     if run.sharding:
         data["memory_breakdown"] = memory_breakdown(run.sharding)
-    if run.plan is not None:
-        data["planned_vs_measured"] = planned_vs_measured(run.plan, run.sharding, summary["peak_mb"])
     return data
 
 

@@ -26,10 +26,6 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def grad_scaler(self) -> torch.amp.GradScaler | None:
-        """fp16 gradients underflow without loss scaling; bf16 and fp32 need none."""
-        return torch.amp.GradScaler(self.device.type) if self.name == "fp16" else None
-
 
 def resolve_precision(requested: str, device: torch.device, gpu_capability: tuple[int, int] | None = None,
                       gpu_name: str = "") -> Precision:

@@ -49,8 +49,8 @@ def torchrun(script: str, spec: Path, nproc: int = 2, timeout: float = 900) -> N
     assert proc.returncode == 0, proc.stderr[-5000:]
 
 
-def run_cells(root: Path, cells: list[dict], probe: list[list[int]]) -> None:
-    """Train every cell in one 2-rank launch of tests/dist_worker.py (spec written to root/spec.json)."""
+def run_cells(root: Path, cells: list[dict], probe: list[list[int]], nproc: int = 2) -> None:
+    """Train every cell in one `nproc`-rank launch of tests/dist_worker.py (spec written to root/spec.json)."""
     spec = root / "spec.json"
     spec.write_text(json.dumps({"cells": cells, "probe": probe}))
-    torchrun("tests/dist_worker.py", spec)
+    torchrun("tests/dist_worker.py", spec, nproc)

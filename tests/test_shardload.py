@@ -92,12 +92,14 @@ def test_a_tensor_the_checkpoint_lacks_is_named_before_anything_is_read(micro_mo
     weights = load_file(str(micro_model / "model.safetensors"))
     del weights["model.layers.1.mlp.down_proj.weight"]
     save_file(weights, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
-    model_dir, skeleton = open_base(str(tmp_path / "m"), quant=QuantSpec("nf4"))
+    missing = r"lacks 1 tensor\(s\) the architecture needs: model\.layers\.1\.mlp\.down_proj\.weight\n"
+    with pytest.raises(QShardError, match=missing):  # open_base compares the headers with the skeleton
+        open_base(str(tmp_path / "m"), quant=QuantSpec("nf4"))
+    _, skeleton = open_base(str(micro_model), quant=QuantSpec("nf4"))  # the tensor went missing after open_base
     model = attach(skeleton.requires_grad_(False))
     touched = []
-    with pytest.raises(QShardError, match=r"lacks 1 tensor\(s\) the architecture needs: model\.layers\.1\.mlp\."
-                                          r"down_proj\.weight\n"):
-        shardload._stream_shards(model.get_base_model(), model_dir, 2, lambda p: (0, p.numel()),
+    with pytest.raises(QShardError, match=missing):
+        shardload._stream_shards(model.get_base_model(), tmp_path / "m", 2, lambda p: (0, p.numel()),
                                  lambda p, owned: touched.append(p), torch.device("cpu"), QuantSpec("nf4"),
                                  torch.float32)
     assert touched == []  # no shard was allocated or read
@@ -111,9 +113,11 @@ def test_a_ptq_layer_missing_a_tensor_is_named_while_the_skeleton_is_built(tmp_p
     weights = load_file(str(fixture / "model.safetensors"))
     del weights["model.layers.0.self_attn.k_proj.qzeros"]
     save_file(weights, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
-    model_dir, skeleton = open_base(str(tmp_path / "m"), quant=QuantSpec("checkpoint"))
     with pytest.raises(QShardError, match=r"qzeros missing for model\.layers\.0\.self_attn\.k_proj"):
-        shardload._prepared(skeleton, model_dir, QuantSpec("checkpoint"))
+        open_base(str(tmp_path / "m"), quant=QuantSpec("checkpoint"))
+    _, skeleton = open_base(str(fixture), quant=QuantSpec("checkpoint"))  # the tensor went missing after open_base
+    with pytest.raises(QShardError, match=r"qzeros missing for model\.layers\.0\.self_attn\.k_proj"):
+        shardload._prepared(skeleton, tmp_path / "m", QuantSpec("checkpoint"))
 
     model_dir, skeleton = open_base(str(fixture), quant=QuantSpec("checkpoint"))
     shells = dict(shardload._prepared(skeleton, model_dir, QuantSpec("checkpoint")).named_parameters())

@@ -4,11 +4,16 @@ The skeleton is created with parameters on the meta device (no memory), the line
 be quantized are swapped for empty quantized shells, and each tensor of the safetensors checkpoint is
 read, cast, quantized and placed one at a time. Peak memory is the quantized model plus one dense
 tensor, never the dense model.
+
+Opening a base (`open_base`) reads no weight but checks everything else first: the folder's files
+(qshard/model/folder.py: no code of the folder runs, nothing outside it is read, every header is well
+formed), then the checkpoint against the architecture config.json describes (`check_checkpoint_fits`):
+every tensor it needs is there, with the shape the config implies. A tensor the architecture has no
+place for is ignored and named in the log, as transformers does.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from qshard.errors import QShardError
+from qshard.model import folder
 from qshard.quant import ptq
 from qshard.quant.base import QuantLinear
 from qshard.quant.bnb4bit import Linear4bit
@@ -24,6 +30,9 @@ from qshard.quant.bnb8bit import Linear8bit
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANT_LAYERS = (QuantLinear,)
+# The tokenizer files that are JSON: each is checked (an object, no custom code) before transformers reads it.
+TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -38,61 +47,108 @@ class QuantSpec:
 
 
 def resolve_model_dir(path: str) -> Path:
-    """A local folder with config.json, or a hub id downloaded where a network exists."""
+    """A local folder with config.json, or a hub id downloaded where a network exists; either way the
+    files qshard may read from it are checked first (folder.check_entries)."""
     local = Path(path).expanduser()
     if local.exists():
-        if not (local / "config.json").is_file():
+        if not local.is_dir() or not (local / "config.json").exists():
             raise QShardError(f"{local} has no config.json, so it is not a Hugging Face model folder",
                               where="model.path", fix="point model.path at the folder that holds config.json "
                                                       "(create one with `qshard init-tiny DIR`)")
+        folder.check_entries(local)
         return local
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja",
-                                                            "*.txt"]))
+        local = Path(snapshot_download(path, allow_patterns=list(folder.READ_PATTERNS)))
     except Exception as e:  # any hub failure is a user-facing "cannot find the model"
         raise QShardError(f"model {path!r} is not a local folder and could not be fetched from the hub ({e})",
                           where="model.path", fix="give the path of a local model folder") from None
+    folder.check_entries(local)
+    return local
 
 
 def load_tokenizer(model_dir: Path):
+    """The folder's tokenizer, built by transformers without running any code of the folder."""
     from transformers import AutoTokenizer
 
+    folder.check_entries(model_dir)  # as resolve_model_dir does: for a caller that did not go through it
+    present = [model_dir / name for name in TOKENIZER_JSON if (model_dir / name).exists()]
+    for file in present:
+        data = folder.read_json(file)
+        if file.name == "tokenizer_config.json":
+            folder.refuse_custom_code(data, file)
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise QShardError(f"cannot load a tokenizer from {model_dir}: {e}", where="model.path",
-                          fix="the model folder needs tokenizer files (tokenizer.json / tokenizer_config.json)")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as e:  # transformers and tokenizers refuse a bad file with many exception types
+        names = ", ".join(f.name for f in present) or "none of tokenizer.json, tokenizer_config.json"
+        raise QShardError(f"transformers cannot build a tokenizer from the files of {model_dir} ({names}): "
+                          f"{type(e).__name__}: {str(e)[:300]}", where=str(present[0] if present else model_dir),
+                          fix="the model folder needs intact tokenizer files, as save_pretrained writes them "
+                              "(tokenizer.json / tokenizer_config.json)") from None
+    check_ids_fit(tokenizer, model_dir, present)
+    return tokenizer
+
+
+def check_ids_fit(tokenizer, model_dir: Path, files: list[Path]) -> None:
+    """The ids any text can produce (the base vocabulary) and those qshard inserts (bos, eos, pad) have a
+    row in the embedding (config.json's vocab_size): a larger id fails inside the first forward pass,
+    after the output folder was written. Added tokens beyond it are left alone: some published
+    tokenizers carry unused ones, and they appear only where the data spells them."""
+    config = folder.read_json(model_dir / "config.json")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    size = config.get("vocab_size") or text.get("vocab_size")
+    added = tokenizer.get_added_vocab()
+    used = {token: i for token, i in tokenizer.get_vocab().items() if token not in added}
+    for special in ("bos", "eos", "pad"):
+        if getattr(tokenizer, f"{special}_token_id") is not None:
+            used[getattr(tokenizer, f"{special}_token")] = getattr(tokenizer, f"{special}_token_id")
+    token, top = max(used.items(), key=lambda item: item[1], default=(None, -1))
+    if isinstance(size, int) and top >= size:
+        file = next((f for f in files if f.name == "tokenizer.json"), files[0] if files else model_dir)
+        raise QShardError(f"the tokenizer gives {token!r} the id {top} but config.json's vocab_size is {size}: "
+                          f"ids from {size} on have no embedding row", where=str(file),
+                          fix="use the tokenizer that belongs to this model")
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / n for n in names]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise QShardError(f"no safetensors weights in {model_dir}", where="model.path",
-                      fix="qshard reads model.safetensors (or a sharded index); convert .bin weights with "
-                          "`model.save_pretrained(dir, safe_serialization=True)`")
+    """The checkpoint's safetensors files: the index's (plain file names of the folder) or model.safetensors."""
+    return folder.weight_files(model_dir)
 
 
 def checkpoint_dtype(model_dir: Path) -> torch.dtype:
-    config = json.loads((model_dir / "config.json").read_text())
+    config = folder.read_json(model_dir / "config.json")
     name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     return DTYPES.get(name, torch.float32)
 
 
 def build_skeleton(model_dir: Path, dtype: torch.dtype) -> nn.Module:
-    """The architecture with every parameter on meta; buffers (rotary tables) are real and small."""
+    """The architecture with every parameter on meta; buffers (rotary tables) are real and small.
+
+    Whatever transformers refuses while reading config.json or building the model from it (a field of
+    the wrong type, a zero head count) is config.json's fault: a QShardError naming it."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.from_pretrained(model_dir)
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    file = model_dir / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as e:
+        raise QShardError(f"transformers cannot read config.json ({type(e).__name__}: {e})", where=str(file),
+                          fix="restore config.json from the model's source") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise QShardError(f"config.json's model_type {config.model_type!r} is not a causal language model "
+                          "transformers implements", where=f"{file}: model_type",
+                          fix="qshard fine-tunes decoder-only language models (Llama, Qwen2, Mistral, ...): use one")
+    try:
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    except Exception as e:
+        raise QShardError(f"transformers cannot build a causal language model from config.json "
+                          f"({type(e).__name__}: {e})", where=str(file),
+                          fix="restore config.json from the model's source (qshard trains the decoder-only "
+                              "models transformers implements)") from None
 
 
 def quantized_linear_names(model: nn.Module, spec: QuantSpec) -> list[str]:
@@ -157,12 +213,16 @@ def log_conversion_error(fmt_name: str, quant: QuantSpec, error: list[float], lo
 
 
 def open_base(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec()) -> tuple[Path, nn.Module]:
-    """Find the checkpoint and build its empty skeleton (quantized shells in place): cheap, so every
-    check that needs the architecture (LoRA targets) runs before any weight is read."""
+    """Find the checkpoint, check it, and build its empty skeleton (quantized shells in place): cheap, so
+    every check that needs the files or the architecture (LoRA targets) runs before any weight is read."""
     model_dir = resolve_model_dir(path)
-    checkpoint_files(model_dir)
+    folder.read_config(model_dir)  # a JSON object that asks for no code of its own
+    fmt = ptq.detect(model_dir)
+    reader = CheckpointReader(checkpoint_files(model_dir))  # every header checked; no tensor read
+    folder.check_index(model_dir, {key: entry[0] for key, entry in reader.entries.items()})
     torch_dtype = checkpoint_dtype(model_dir) if dtype == "auto" else DTYPES[dtype]
     skeleton = build_skeleton(model_dir, torch_dtype)
+    check_checkpoint_fits(skeleton, reader, fmt, model_dir)  # on the dense linears, before shells replace them
     swap_in_quantized_shells(skeleton, quantized_linear_names(skeleton, quant), quant, torch_dtype)
     return model_dir, skeleton
 
@@ -175,13 +235,16 @@ def load_base_model(skeleton: nn.Module, model_dir: Path, *, quant: QuantSpec = 
     quantization.method `checkpoint`, is converted (dequantized, then quantized by bitsandbytes) with
     nf4/fp4/int8, or dequantized to dense with none."""
     fmt = ptq.detect(model_dir)
+    if fmt is None and quant.method == "checkpoint":
+        raise QShardError(f"{model_dir} is not a GPTQ/AWQ/compressed-tensors checkpoint", where="quantization.method",
+                          fix="use nf4 (or fp4 / int8 / none) for a dense checkpoint")
+    reader = CheckpointReader(checkpoint_files(model_dir))
+    layers = ptq_layers(skeleton, reader.keys(), fmt)
+    log_ignored(skeleton, reader.keys(), layers, log)
     if fmt is None:
-        if quant.method == "checkpoint":
-            raise QShardError(f"{model_dir} is not a GPTQ/AWQ/compressed-tensors checkpoint", where="quantization.method",
-                              fix="use nf4 (or fp4 / int8 / none) for a dense checkpoint")
-        _stream_tensors(skeleton, checkpoint_files(model_dir), quant, skeleton.dtype, device)
+        _stream_tensors(skeleton, reader, quant, skeleton.dtype, device)
     else:
-        _load_ptq(skeleton, model_dir, fmt, quant, skeleton.dtype, device, log)
+        _load_ptq(skeleton, reader, layers, fmt, quant, skeleton.dtype, device, log)
     skeleton.tie_weights()
     check_materialised(skeleton, model_dir)
     skeleton.requires_grad_(False)
@@ -196,9 +259,8 @@ def load_model(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec()
     return load_base_model(skeleton, model_dir, quant=quant, device=device, log=log)
 
 
-def _stream_tensors(model: nn.Module, files: list[Path], quant: QuantSpec, dtype: torch.dtype,
+def _stream_tensors(model: nn.Module, reader: CheckpointReader, quant: QuantSpec, dtype: torch.dtype,
                     device: torch.device) -> None:
-    reader = CheckpointReader(files)
     for key in reader.keys():
         place_tensors(model, {key: reader.rows(key, dtype=dtype).to(device)}, quant, dtype)  # one tensor at a time
         release_freed_memory()
@@ -230,27 +292,21 @@ class CheckpointReader:
 
     safetensors' `safe_open` maps the file: every page it reads stays in the process's resident set
     until the file is closed, so a loader's memory looks like the checkpoint's size. Reading into
-    our own tensors keeps resident memory to what is held, and lets a rank read only its rows."""
+    our own tensors keeps resident memory to what is held, and lets a rank read only its rows.
+    Every header is checked when the reader is made (folder.read_header), so a read stays inside the
+    file and inside its tensor."""
 
     CHUNK_BYTES = 4 * 2**20  # rows converted to another dtype are read this much at a time
-    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-               "BOOL": torch.bool}
 
     def __init__(self, files: list[Path]):
         self.entries: dict[str, tuple[Path, int, torch.dtype, list[int]]] = {}
         for file in files:
-            with open(file, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size))
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                if info["dtype"] not in self._DTYPES:
-                    raise QShardError(f"{file.name}: tensor {key} has dtype {info['dtype']}, which qshard cannot read",
-                                      where=str(file), fix="save the checkpoint in bf16, fp16 or fp32")
-                self.entries[key] = (file, 8 + size + info["data_offsets"][0], self._DTYPES[info["dtype"]],
-                                     info["shape"])
+            for key, (offset, dtype, shape) in folder.read_header(file).items():
+                if key in self.entries:
+                    raise QShardError(f"tensor {key} is in both {self.entries[key][0].name} and {file.name}",
+                                      where=f"{file}: tensor {key}", fix="the checkpoint's files do not belong "
+                                                                         "together: download it again")
+                self.entries[key] = (file, offset, dtype, shape)
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -303,20 +359,16 @@ class CheckpointReader:
         return buffer
 
 
-def _load_ptq(model: nn.Module, model_dir: Path, fmt, quant: QuantSpec, dtype: torch.dtype, device: torch.device,
-              log) -> None:
-    """PTQ tensors are compact (the packed model): read them all, then build layer by layer."""
-    from safetensors import safe_open
-
-    tensors = {}
-    for file in checkpoint_files(model_dir):
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            tensors.update({key: f.get_tensor(key) for key in f.keys()})
-    modules, rest = ptq.group_tensors(tensors, fmt.marker)
-    place_tensors(model, rest, quant, dtype)
+def _load_ptq(model: nn.Module, reader: CheckpointReader, layers: dict[str, list[str]], fmt, quant: QuantSpec,
+              dtype: torch.dtype, device: torch.device, log) -> None:
+    """PTQ tensors are compact (the packed model): the other tensors are placed, then each layer is read
+    whole and built (kept, or converted)."""
+    for key in reader.keys():
+        if tensor_role(model, key, layers)[0] != "ptq":
+            place_tensors(model, {key: reader.rows(key).to(device)}, quant, dtype)
     error = [0.0, 0.0]  # squared error of a conversion, squared norm of the PTQ weights
-    for name, layer_tensors in modules.items():
-        layer = fmt.build(layer_tensors, fmt.config, name)
+    for name, leaves in layers.items():
+        layer = fmt.build({leaf: reader.rows(f"{name}.{leaf}").to(device) for leaf in leaves}, fmt.config, name)
         parent_name, _, leaf = name.rpartition(".")
         target = model.get_submodule(name)
         if quant.method == "checkpoint":
@@ -331,17 +383,149 @@ def _load_ptq(model: nn.Module, model_dir: Path, fmt, quant: QuantSpec, dtype: t
 
 def place_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quant: QuantSpec, dtype: torch.dtype) -> None:
     for key, tensor in tensors.items():
-        module_name, _, pname = key.rpartition(".")
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            continue
-        if isinstance(module, QUANT_LAYERS) and pname == "weight":
+        role, module, leaf = tensor_role(model, key, {})
+        if role == "quantized":
             quantize_into(module, tensor.to(dtype), quant)
-        elif pname in module._parameters:
-            module._parameters[pname] = nn.Parameter(tensor.to(dtype), requires_grad=False)
-        elif pname in module._buffers:
-            module._buffers[pname] = tensor
+        elif role == "dense":
+            module._parameters[leaf] = nn.Parameter(tensor.to(dtype), requires_grad=False)
+        elif role == "buffer":
+            module._buffers[leaf] = tensor
+
+
+# -- what a checkpoint tensor is to the model, and whether the checkpoint fits it ----------------------
+
+def ptq_layers(model: nn.Module, keys, fmt) -> dict[str, list[str]]:
+    """{module: the leaf names of its tensors} of each post-training-quantized layer of the checkpoint
+    that `model` has a linear layer for (none for a dense checkpoint)."""
+    if fmt is None:
+        return {}
+    return {name: leaves for name, leaves in ptq.quantized_modules(keys, fmt.marker).items()
+            if isinstance(_submodule(model, name), (nn.Linear, *QUANT_LAYERS))}
+
+
+def tensor_role(model: nn.Module, key: str, layers: dict[str, list[str]]) -> tuple[str, nn.Module | None, str]:
+    """What checkpoint tensor `key` is to `model` (empty or loaded; quantized shells, PTQ layers or LoRA
+    wrappers in place), with its module and leaf name. The one answer of the whole and the sharded load:
+    ptq (a tensor of a PTQ layer in `layers`), quantized (the dense weight of a quantized layer), dense (a
+    parameter), buffer, or ignored (no place in this architecture: logged, as transformers does)."""
+    module_name, _, leaf = key.rpartition(".")
+    module = _submodule(model, module_name)
+    if module is None:
+        return "ignored", None, leaf
+    if module_name in layers:
+        return "ptq", module, leaf
+    if isinstance(module, QUANT_LAYERS) and leaf == "weight":
+        return "quantized", module, leaf
+    if module._parameters.get(leaf) is not None:
+        return "dense", module, leaf
+    if leaf in module._buffers:
+        return "buffer", module, leaf
+    return "ignored", module, leaf
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return getattr(module, "base_layer", module)  # under a LoRA wrapper
+
+
+def log_ignored(model: nn.Module, keys, layers: dict[str, list[str]], log) -> None:
+    ignored = [key for key in keys if tensor_role(model, key, layers)[0] == "ignored"]
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        log(f"ignoring {len(ignored)} checkpoint tensor(s) this architecture has no place for: {shown}")
+
+
+def check_checkpoint_fits(skeleton: nn.Module, reader: CheckpointReader, fmt, model_dir: Path) -> None:
+    """The checkpoint's headers against the empty dense skeleton, before any weight is read: every tensor
+    with the skeleton's shape and kind of dtype, every PTQ layer of its linear's size, every parameter
+    present (a tied output embedding may be absent). A refusal names the tensor, both shapes, the file
+    and the config.json key that probably disagrees."""
+    layers = ptq_layers(skeleton, reader.keys(), fmt)
+    order = {name: i for i, name in enumerate(skeleton.state_dict())}  # the first disagreement in model order
+    for key in sorted(reader.keys(), key=lambda k: order.get(k, len(order))):
+        role, module, leaf = tensor_role(skeleton, key, layers)
+        expected = getattr(module, leaf, None) if role != "ignored" else None  # a PTQ layer's bias, not its codes
+        if isinstance(expected, torch.Tensor):
+            file, _, stored, shape = reader.entries[key]
+            if list(expected.shape) != shape:
+                raise _mismatch(f"tensor {key}", shape, list(expected.shape), file, skeleton.config)
+            if expected.is_floating_point() != stored.is_floating_point:
+                raise QShardError(f"{file.name}: tensor {key} is stored as {stored}, but {key} of the architecture "
+                                  f"is {expected.dtype}", where=f"{file}: tensor {key}",
+                                  fix="the weights do not belong to this config.json: use the model's own files")
+    for name, leaves in layers.items():
+        layer, linear = ptq_layout(reader, fmt, name, leaves), skeleton.get_submodule(name)
+        got, want = [layer.out_features, layer.in_features], [linear.out_features, linear.in_features]
+        if got != want:
+            file = reader.entries[f"{name}.{leaves[0]}"][0]
+            raise _mismatch(f"{fmt.name} layer {name} [out, in]", got, want, file, skeleton.config)
+    provided = set(reader.keys()) | {f"{name}.weight" for name in layers}
+    optional = _tied_output_names(skeleton)
+    raise_if_missing([n for n, _ in skeleton.named_parameters() if n not in provided and n not in optional],
+                     model_dir)
+
+
+def ptq_layout(reader: CheckpointReader, fmt, name: str, leaves: list[str]) -> QuantLinear:
+    """A PTQ layer built from stand-ins of its checkpoint tensors and moved to meta, its dequantization
+    traced there: the format's own builder and dequantizer check the layout, and no tensor is read."""
+    file = reader.entries[f"{name}.{leaves[0]}"][0]
+    try:
+        layer = fmt.build({leaf: stand_in(reader, f"{name}.{leaf}") for leaf in leaves}, fmt.config, name).to("meta")
+        dense_shape = list(layer.dequantize(torch.float32).shape)
+    except QShardError as e:
+        raise QShardError(e.what, where=f"{file}: {name}", fix=e.fix) from None
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:  # shapes the format's code cannot combine
+        raise QShardError(f"the {fmt.name} tensors of {name} ({', '.join(leaves)}) do not form a layer ({e})",
+                          where=f"{file}: {name}", fix="the checkpoint does not match its quantization_config: "
+                                                       "export it again") from None
+    if dense_shape != [layer.out_features, layer.in_features]:
+        raise QShardError(f"the {fmt.name} tensors of {name} describe a [{layer.out_features}, {layer.in_features}] "
+                          f"layer but dequantize to {dense_shape}", where=f"{file}: {name}",
+                          fix="the checkpoint does not match its quantization_config: export it again")
+    return layer
+
+
+def stand_in(reader: CheckpointReader, key: str) -> torch.Tensor:
+    """A stand-in for a checkpoint tensor when only a layer's layout is wanted: uninitialised, of its
+    shape and dtype (builders rewrite values, e.g. GPTQ v1 zero points, so meta tensors would not do);
+    read when tiny, since a layer's shape may be stored as values (compressed-tensors' weight_shape)."""
+    shape = reader.shape(key)
+    return reader.rows(key) if math.prod(shape) <= 16 else torch.empty(shape, dtype=reader.entries[key][2])
+
+
+def _mismatch(what: str, stored: list[int], expected: list[int], file: Path, config) -> QShardError:
+    keys = [] if len(stored) != len(expected) else \
+        [k for s, e in zip(stored, expected) if s != e for k in _config_keys_of_size(config, e)]
+    blame = (f"config.json's {' or '.join(dict.fromkeys(keys))} probably disagrees with the weights" if keys
+             else "config.json probably describes another model")
+    return QShardError(f"{file.name}: {what} is {stored} but config.json makes it {expected}: {blame}",
+                       where=f"{file}: {what}", fix="use the config.json that belongs to these weights")
+
+
+def _config_keys_of_size(config, size: int) -> list[str]:
+    """The config.json sizes (or products of them) a skeleton dimension of `size` may come from."""
+    text = config.get_text_config()
+    get = lambda name: getattr(text, name, None) or 0
+    head_dim = get("head_dim") or get("hidden_size") // max(get("num_attention_heads"), 1)
+    sizes = {"vocab_size": get("vocab_size"), "hidden_size": get("hidden_size"),
+             "intermediate_size": get("intermediate_size"),
+             "num_attention_heads x head_dim": get("num_attention_heads") * head_dim,
+             "num_key_value_heads x head_dim": get("num_key_value_heads") * head_dim}
+    return [key for key, value in sizes.items() if value == size]
+
+
+def _tied_output_names(model: nn.Module) -> set[str]:
+    """The output embedding's parameter name when config.json ties it to the input embedding (the
+    checkpoint may then omit it)."""
+    config = model.config
+    if not (getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings",
+                                                                     False)):
+        return set()
+    out = model.get_output_embeddings()
+    return {name for name, p in model.named_parameters() if out is not None and p is out.weight}
 
 
 def check_materialised(model: nn.Module, model_dir: Path) -> None:
@@ -357,5 +541,7 @@ def check_materialised(model: nn.Module, model_dir: Path) -> None:
 def raise_if_missing(missing: list[str], model_dir: Path) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        files = ", ".join(f.name for f in checkpoint_files(model_dir))
         raise QShardError(f"the checkpoint lacks {len(missing)} tensor(s) the architecture needs: {shown}",
-                          where=str(model_dir), fix="check that the weights belong to this config.json")
+                          where=f"{model_dir}: {files} (against config.json)",
+                          fix="check that the weights belong to this config.json")

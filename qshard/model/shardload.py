@@ -53,8 +53,12 @@ from qshard.model.load import (
     checkpoint_files,
     converted_ptq,
     log_conversion_error,
+    log_ignored,
+    ptq_layers,
+    ptq_layout,
     raise_if_missing,
     release_freed_memory,
+    tensor_role,
 )
 from qshard.model.lora import init_adapter
 from qshard.quant import ptq
@@ -123,23 +127,14 @@ def _prepared(skeleton: nn.Module, model_dir: Path, quant: QuantSpec) -> nn.Modu
     fmt = ptq.detect(model_dir)
     if fmt is not None and quant.method == "checkpoint":
         reader = CheckpointReader(checkpoint_files(model_dir))
-        for name, leaves in ptq.quantized_modules(reader.keys(), fmt.marker).items():
-            described = {leaf: _described(reader, f"{name}.{leaf}") for leaf in leaves}
-            layer = fmt.build(described, fmt.config, name).to("meta")
+        for name, leaves in ptq_layers(skeleton, reader.keys(), fmt).items():
+            layer = ptq_layout(reader, fmt, name, leaves)  # the layer load._load_ptq builds, on meta
             layer.compute_dtype = skeleton.dtype  # as load._load_ptq sets it
             parent, _, leaf = name.rpartition(".")
             setattr(skeleton.get_submodule(parent), leaf, layer)
     skeleton.tie_weights()  # a tied head is the embedding's parameter: sharded and read once
     skeleton.config.name_or_path = str(model_dir)  # PEFT writes it into adapter_config.json
     return skeleton.requires_grad_(False).eval()
-
-
-def _described(reader: CheckpointReader, key: str) -> torch.Tensor:
-    """A stand-in for a checkpoint tensor when only the layer's layout is wanted: uninitialised, of its
-    shape and dtype (builders rewrite values, e.g. GPTQ v1 zero points, so meta tensors would not do);
-    read when tiny, since a layer's shape may be stored as values (compressed-tensors' weight_shape)."""
-    shape = reader.shape(key)
-    return reader.rows(key) if math.prod(shape) <= 16 else torch.empty(shape, dtype=reader.entries[key][2])
 
 
 def _fill(model: nn.Module, model_dir: Path, seed: int, world_size: int, span: Span, local: Local,
@@ -161,28 +156,24 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
     """Read the checkpoint into this rank's part of every base parameter: `span(p)` is the range of
     p's flattened elements this rank owns, `local(p, span)` the (flat) tensor that holds them. A dense
     tensor is read only where owned; a quantized weight a row range at a time; a PTQ layer one layer at
-    a time. A tensor the checkpoint lacks is named before anything is read."""
+    a time. A tensor the checkpoint lacks is named before anything is read; what each checkpoint tensor
+    is, is decided as in the whole load (`load.tensor_role`)."""
     reader, jobs, covered = CheckpointReader(checkpoint_files(model_dir)), [], set()
     fmt = ptq.detect(model_dir)
-    packed = ptq.quantized_modules(reader.keys(), fmt.marker) if fmt is not None else {}
+    packed = ptq_layers(base, reader.keys(), fmt)
+    log_ignored(base, reader.keys(), packed, log)
     for key in reader.keys():
-        module_name, _, pname = key.rpartition(".")
-        try:
-            module = base.get_submodule(module_name)
-        except AttributeError:
+        kind, module, pname = tensor_role(base, key, packed)
+        if kind == "ignored":
             continue
-        module = getattr(module, "base_layer", module)  # under a LoRA wrapper
-        if module_name in packed:  # a PTQ layer: built whole from all its tensors, once
-            kind, params = "ptq", list(module.parameters(recurse=False))
-            key = module_name
-        elif isinstance(module, QuantLinear) and pname == "weight":
-            kind, params = "quantized", [p for _, p in _storage(module)]
-        elif module._parameters.get(pname) is not None:
-            kind, params = "dense", [module._parameters[pname]]
-        elif pname in module._buffers:
-            kind, params = "buffer", []
-        else:  # a tensor this architecture has no place for
-            continue
+        if kind == "ptq":  # a PTQ layer: built whole from all its tensors, once
+            params, key = list(module.parameters(recurse=False)), key.rpartition(".")[0]
+        elif kind == "quantized":
+            params = [p for _, p in _storage(module)]
+        elif kind == "dense":
+            params = [module._parameters[pname]]
+        else:
+            params = []
         if kind == "buffer" or (params and id(params[0]) not in covered):  # once if tied (or one PTQ layer)
             jobs.append((kind, key, module, pname))
             covered |= {id(p) for p in params}

@@ -6,14 +6,12 @@ that marks a quantized module, and how to turn that module's checkpoint tensors 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from qshard.errors import QShardError
+from qshard.model.folder import read_config
 from qshard.quant import awq, compressed_tensors, gptq
 from qshard.quant.base import QuantLinear
 
@@ -52,16 +50,26 @@ def detect(model_dir: Path) -> PTQFormat | None:
     """The checkpoint's PTQ format from config.json (None for a dense checkpoint). Unsupported
     formats and variants are refused here, before anything is loaded."""
     config_file = model_dir / "config.json"
-    qc = json.loads(config_file.read_text()).get("quantization_config")
+    qc = read_config(model_dir).get("quantization_config")
     if not qc:
         return None
+    if not isinstance(qc, dict):
+        raise QShardError(f"config.json's quantization_config is a JSON {type(qc).__name__}, not an object",
+                          where=f"{config_file}: quantization_config",
+                          fix="restore config.json from the model's source")
     method = str(qc.get("quant_method", "")).lower()
     if method not in FORMATS:
         raise QShardError(f"checkpoint quantization {method!r} is not supported", where=f"{config_file}: "
                           "quantization_config.quant_method", fix="use a GPTQ, AWQ (gemm) or compressed-tensors "
                           "(pack-quantized) checkpoint, or the original model with quantization.method nf4")
-    name, marker, read_config, build = FORMATS[method]
-    return PTQFormat(name, marker, read_config(qc, where=str(config_file)), build)
+    name, marker, read_format_config, build = FORMATS[method]
+    try:
+        config = read_format_config(qc, where=str(config_file))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # "bits": "four", a list for a mapping, ...
+        raise QShardError(f"config.json's quantization_config cannot be read ({type(e).__name__}: {e})",
+                          where=f"{config_file}: quantization_config", fix="restore config.json from the model's "
+                                                                          "source") from None
+    return PTQFormat(name, marker, config, build)
 
 
 def quantized_modules(keys, marker: str) -> dict[str, list[str]]:
@@ -71,11 +79,3 @@ def quantized_modules(keys, marker: str) -> dict[str, list[str]]:
         module, _, leaf = key.rpartition(".")
         leaves.setdefault(module, []).append(leaf)
     return {module: names for module, names in leaves.items() if marker in names}
-
-
-def group_tensors(tensors: dict[str, torch.Tensor], marker: str) -> tuple[dict[str, dict], dict]:
-    """Split a checkpoint into {quantized module: {tensor leaf name: tensor}} and everything else."""
-    modules = {name: {leaf: tensors[f"{name}.{leaf}"] for leaf in leaves}
-               for name, leaves in quantized_modules(tensors, marker).items()}
-    rest = {key: t for key, t in tensors.items() if key.rpartition(".")[0] not in modules}
-    return modules, rest

@@ -30,12 +30,44 @@ from qshard.state.resume import rng_state, set_rng_state
 from qshard.train import run
 from tests.helpers import recipe_dict, write_rows
 
-FILES = {"adapter/adapter_model.safetensors": b"\x00\x01weights" * 100, "trainer_state.json": b'{"step": 1}'}
+LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-def save(out, step: int, files: dict[str, bytes] = FILES):
+def write_contents(stage, step: int) -> None:
+    """What resume.save_checkpoint writes, for a one-layer rank-2 adapter (verify reads the contents)."""
+    from safetensors.torch import save_file
+
+    from qshard.config import dump_recipe
+    from qshard.state.resume import rng_state
+
+    torch.manual_seed(step)
+    adapter = {f"{LAYER}.lora_A.weight": torch.randn(2, 8), f"{LAYER}.lora_B.weight": torch.randn(8, 2)}
+    (stage / "adapter").mkdir()
+    save_file(adapter, str(stage / "adapter/adapter_model.safetensors"))
+    (stage / "adapter/adapter_config.json").write_text('{"r": 2, "peft_type": "LORA"}')
+    params = [torch.nn.Parameter(t.clone()) for t in adapter.values()]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    for _ in range(step):
+        sum(p.sum() for p in params).backward()
+        optimizer.step()
+        scheduler.step()
+    names = [k.replace(".weight", ".default.weight") for k in adapter]
+    state = optimizer.state_dict()
+    save_state(stage, "optimizer", {"state": {names[i]: v for i, v in state["state"].items()},
+                                    "param_groups": [{**state["param_groups"][0], "params": names}]})
+    save_state(stage, "rng-rank0", rng_state())
+    (stage / "trainer_state.json").write_text(json.dumps({
+        "step": step, "epoch": 0, "offset_in_epoch": step, "seed": 0, "world_size": 1, "global_batch": 4,
+        "scheduler": scheduler.state_dict(), "grad_scaler": None, "fingerprints": {}}))
+    recipe = parse_recipe(recipe_dict(stage / "model", stage / "data.jsonl", stage.parent))
+    (stage / "recipe.yaml").write_text(dump_recipe(recipe))
+
+
+def save(out, step: int, extra: dict[str, bytes] | None = None):
     stage = staging_dir(out, step)
-    for name, content in files.items():
+    write_contents(stage, step)
+    for name, content in (extra or {}).items():
         (stage / name).parent.mkdir(parents=True, exist_ok=True)
         (stage / name).write_bytes(content)
     return commit(stage, out, step)
@@ -45,6 +77,16 @@ def rewrite_manifest(ckpt, change):
     manifest = json.loads((ckpt / "manifest.json").read_text())
     change(manifest["files"])
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def rehash(ckpt):
+    """Bring the manifest in line with the files, as a careless tool might after changing one."""
+    def update(files):
+        files.clear()
+        files.update({p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size,
+                                                       "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                      for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != "manifest.json"})
+    rewrite_manifest(ckpt, update)
 
 
 def reason(ckpt) -> str:
@@ -61,8 +103,11 @@ def test_commit_writes_a_manifest_of_sizes_and_hashes_and_moves_latest(tmp_path)
     assert not (tmp_path / ".staging-checkpoint-7").exists()
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["step"] == 7 and manifest["format_version"] == 1
-    assert manifest["files"] == {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                                 for name, data in FILES.items()}
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert len(files) == 8
+    assert manifest["files"] == {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size,
+                                                                  "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                                 for p in files}
     assert (tmp_path / "latest").read_text() == "checkpoint-7"
     save(tmp_path, 9)
     assert (tmp_path / "latest").read_text() == "checkpoint-9"
@@ -76,9 +121,10 @@ def test_staging_dir_discards_leftovers_of_a_dead_save(tmp_path):
 
 
 def test_resaving_a_step_replaces_the_old_folder(tmp_path):
-    save(tmp_path, 4, {"a.bin": b"old"})
-    ckpt = save(tmp_path, 4, {"b.bin": b"new"})
-    assert sorted(p.name for p in ckpt.iterdir()) == ["b.bin", "manifest.json"]
+    save(tmp_path, 4, {"old.bin": b"old"})
+    ckpt = save(tmp_path, 4)
+    assert not (ckpt / "old.bin").exists() and verify(ckpt)["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "latest"]
 
 
 # -- verify ----------------------------------------------------------------------------------------
@@ -98,16 +144,17 @@ def test_unreadable_manifest_is_refused(tmp_path):
 def test_truncated_file_is_refused_with_both_sizes(tmp_path):
     ckpt = save(tmp_path, 1)
     weights = ckpt / "adapter/adapter_model.safetensors"
+    size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes()[:-10])
-    assert reason(ckpt) == ("checkpoint-1: adapter/adapter_model.safetensors has 890 bytes, manifest says 900 "
-                            "(truncated?)")
+    assert reason(ckpt) == (f"checkpoint-1: adapter/adapter_model.safetensors has {size - 10} bytes, manifest says "
+                            f"{size} (truncated?)")
 
 
 def test_one_flipped_byte_is_refused(tmp_path):
     ckpt = save(tmp_path, 1)
     weights = ckpt / "adapter/adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
-    data[500] ^= 0x01
+    data[-5] ^= 0x01
     weights.write_bytes(bytes(data))
     assert reason(ckpt) == "checkpoint-1: adapter/adapter_model.safetensors does not match its sha256 (corrupted)"
 
@@ -138,7 +185,8 @@ def test_find_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path):
     save(tmp_path, 2)
     save(tmp_path, 4)
     newest = save(tmp_path, 6)
-    (newest / "trainer_state.json").write_bytes(b'{"step": 7}')  # same size, different bytes
+    state = newest / "trainer_state.json"
+    state.write_text(state.read_text().replace('"step": 6', '"step": 7'))  # same size, different bytes
     warnings = []
     assert find_resume(tmp_path, warn=warnings.append) == tmp_path / "checkpoint-4"
     assert warnings == ["skipping checkpoint: checkpoint-6: trainer_state.json does not match its sha256 (corrupted)"]
@@ -342,15 +390,14 @@ def test_resume_of_a_killed_cosine_run_is_exact(cosine_run, micro_model, tmp_pat
     assert_bit_identical(adapter(killed), adapter(run_dir))
 
 
-def test_resume_without_the_rng_state_is_not_exact(cosine_run, micro_model, tmp_path):
+def test_resume_with_another_rng_state_is_not_exact(cosine_run, micro_model, tmp_path):
     """The control for the tests above: dropout 0.1 makes the losses depend on the restored RNG."""
     straight, run_dir, data = cosine_run
     killed = killed_after(run_dir, tmp_path / "b", step=3, logged_steps=3)
     ckpt = killed / "checkpoint-3"
-    for name in ("rng-rank0.json", "rng-rank0.safetensors"):
-        (ckpt / name).unlink()
-    rewrite_manifest(ckpt, lambda files: [files.pop(n) for n in ("rng-rank0.json", "rng-rank0.safetensors")])
     torch.manual_seed(999)
+    save_state(ckpt, "rng-rank0", rng_state())  # another RNG state, re-hashed: it verifies
+    rehash(ckpt)
     resumed = train(micro_model, data, killed, 6, resume="auto", quantization="none")
     assert resumed.steps == 6
     assert resumed.losses[0] != straight.losses[3]

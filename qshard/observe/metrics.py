@@ -1,4 +1,7 @@
-"""What a run reports: one JSON object per logged step in metrics.jsonl (+ TensorBoard if installed)."""
+"""What a run reports: one JSON object per logged step in metrics.jsonl (+ TensorBoard if installed).
+
+A run killed inside a write leaves a partial last line, and a file in a run folder may be edited or
+damaged: readers skip any line that is not a record (a JSON object with an integer `step`)."""
 
 from __future__ import annotations
 
@@ -40,7 +43,10 @@ class MetricsLog:
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.enabled = enabled
-        self.file = open(out_dir / METRICS_FILE, "a") if enabled else None
+        path = out_dir / METRICS_FILE
+        if enabled and path.is_symlink():
+            path.unlink()  # a link in the run folder is replaced, never appended through
+        self.file = open(path, "a") if enabled else None
         self.tb = _tensorboard(out_dir / "tensorboard") if enabled else None
 
     def log(self, record: dict) -> None:
@@ -73,13 +79,32 @@ def _tensorboard(log_dir: Path):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl in file order; lines that are not records are skipped."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in map(parse_record, path.read_text(errors="replace").splitlines()) if record]
 
 
-def truncate_after(run_dir: Path, step: int) -> None:
-    """On resume, drop records of steps after the checkpoint (they are about to be redone)."""
+def parse_record(line: str) -> dict | None:
+    """One metrics record, or None for a line that is not one (blank, partial, garbage, no integer step)."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def truncate_after(run_dir: Path, step: int) -> int:
+    """On resume, keep the records of steps up to the checkpoint's (the later ones are about to be
+    redone) and drop every line that is not a record, such as the partial line of a killed write;
+    returns how many such lines were dropped. The file is replaced by rename (checkpoint.write_text):
+    a kill during the rewrite loses nothing, and a link is replaced, not written through."""
+    from qshard.state.checkpoint import write_text
+
     path = Path(run_dir) / METRICS_FILE
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = [parse_record(line) for line in lines]
+    write_text(path, "".join(line + "\n" for line, record in zip(lines, records) if record and record["step"] <= step))
+    return records.count(None)

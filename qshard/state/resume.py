@@ -6,11 +6,13 @@ finite and has the same sha256 on every rank; after the rename, the adapter read
 that sha256 too. It holds the adapter, the optimizer, the scheduler and grad-scaler state, the data
 position, every rank's RNG state, the recipe, and the sha256 of the model's config.json and the data
 files. `check_resume_compatible` refuses a resume that would continue a different run (recipe, global
-batch or fingerprints changed; RESUMABLE_CHANGES may differ); `restore` puts everything back.
+batch or fingerprints changed; RESUMABLE_CHANGES may differ) or has no step left to run; `restore` puts
+everything back. `expected_adapter_shapes` is what checkpoint.verify holds a checkpoint's adapter to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -63,6 +65,25 @@ def save_checkpoint(out_dir: Path, step: int, epoch: int, offset: int, global_ba
                               "space or fix permissions, then rerun with --resume auto") from None
     barrier(rt)
     return out_dir / f"{checkpoint.PREFIX}{step}"
+
+
+def expected_adapter_shapes(skeleton: torch.nn.Module, targets: list[str], r: int,
+                            use_dora: bool) -> dict[str, tuple[int, ...]]:
+    """The adapter tensors a save writes for this model, by file key: lora_A (r, in) and lora_B (out, r)
+    of every linear layer PEFT adapts (a target is a full module name or its dotted suffix, as in
+    PEFT), and DoRA's magnitude (out,). From the skeleton alone: quantized shells carry in/out_features."""
+    from qshard.model.load import QUANT_LAYERS
+
+    shapes = {}
+    for name, module in skeleton.named_modules():
+        if isinstance(module, (torch.nn.Linear, *QUANT_LAYERS)) and any(name == t or name.endswith(f".{t}")
+                                                                        for t in targets):
+            key = f"base_model.model.{name}"  # PeftModel -> LoraModel -> the model
+            shapes[f"{key}.lora_A.weight"] = (r, module.in_features)
+            shapes[f"{key}.lora_B.weight"] = (module.out_features, r)
+            if use_dora:
+                shapes[f"{key}.lora_magnitude_vector"] = (module.out_features,)
+    return shapes
 
 
 def verify_adapter(adapter: dict[str, torch.Tensor], r: int, step: int, rt: Runtime) -> None:
@@ -143,6 +164,12 @@ def check_resume_compatible(ckpt: Path, recipe: Recipe, world_size: int, say) ->
         raise QShardError(f"cannot resume from {ckpt}: the recipe changed in {', '.join(fatal)}",
                           where="--resume", fix="restore those values, or start a new run in another output_dir")
     state = json.loads((ckpt / "trainer_state.json").read_text())
+    max_steps = recipe.train.max_steps
+    if max_steps is not None and state["step"] >= max_steps:
+        raise QShardError(f"cannot resume from {ckpt}: it is at step {state['step']} and train.max_steps is "
+                          f"{max_steps}, so no step is left to run", where="train.max_steps",
+                          fix=f"raise train.max_steps above {state['step']} to train further, or start a new run "
+                              "in another train.output_dir")
     batch = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps * world_size
     if batch != state["global_batch"]:
         raise QShardError(f"cannot resume from {ckpt}: the global batch would be {batch} sequences, the run "
@@ -183,28 +210,52 @@ def _flatten(node: dict, prefix: str = "") -> dict:
 
 
 def restore(ckpt: Path, engine, scheduler, rt: Runtime, say=print) -> int:
-    """Adapter, optimizer, scheduler and this rank's RNG from a verified checkpoint; returns the step."""
+    """Adapter, optimizer, scheduler and this rank's RNG from a verified checkpoint; returns the step.
+
+    checkpoint.verify has checked every file; what it cannot know (the engine's own view of the state)
+    fails here as a QShardError naming the part, never as a traceback."""
     import json
 
-    engine.load_adapter(load_file_adapter(ckpt))
-    engine.load_optimizer_state_dict(checkpoint.load_state(ckpt, "optimizer"))
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    scheduler.load_state_dict(state["scheduler"])
-    # the optimizer state carried the learning rate of the old schedule; set the one the (possibly
-    # longer or shorter) current schedule gives for the next step
-    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    with _loading(ckpt, "the adapter"):
+        engine.load_adapter(load_file_adapter(ckpt))
+    with _loading(ckpt, "the optimizer state"):
+        engine.load_optimizer_state_dict(checkpoint.load_state(ckpt, "optimizer"))
+    with _loading(ckpt, "the scheduler state"):
+        scheduler.load_state_dict(state["scheduler"])
+        if len(scheduler.base_lrs) != len(scheduler.optimizer.param_groups):
+            raise ValueError(f"{len(scheduler.base_lrs)} learning rate(s) for "
+                             f"{len(scheduler.optimizer.param_groups)} parameter group(s)")
+        # the optimizer state carried the learning rate of the old schedule; set the one the (possibly
+        # longer or shorter) current schedule gives for the next step
+        for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
     if state.get("grad_scaler") and getattr(engine, "scaler", None):
-        engine.scaler.load_state_dict(state["grad_scaler"])
+        with _loading(ckpt, "the grad-scaler state"):
+            engine.scaler.load_state_dict(state["grad_scaler"])
     if state["world_size"] != rt.world_size:
         say(f"resuming {state['world_size']} process(es) as {rt.world_size}: adapter, optimizer, schedule and data "
             f"position are kept; per-rank RNG streams cannot be (dropout masks will differ from an unbroken run)")
     rng_file = ckpt / f"rng-rank{rt.rank}.json"
     if rng_file.exists() and state["world_size"] == rt.world_size:
-        set_rng_state(checkpoint.load_state(ckpt, f"rng-rank{rt.rank}"))
+        with _loading(ckpt, f"rng-rank{rt.rank}"):
+            set_rng_state(checkpoint.load_state(ckpt, f"rng-rank{rt.rank}"))
     else:
-        set_seed(int(state["seed"]) + 7919 * (state["step"] + 1) + rt.rank)
+        set_seed((int(state["seed"]) + 7919 * (state["step"] + 1) + rt.rank) % 2**32)  # numpy takes 32 bits
     return int(state["step"])
+
+
+@contextlib.contextmanager
+def _loading(ckpt: Path, part: str):
+    """Turn an engine's refusal of one part of a checkpoint into a QShardError naming that part."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise QShardError(f"cannot resume from {ckpt}: {part} does not fit this run ({type(e).__name__}: {e})",
+                          where=str(ckpt), fix="resume from another checkpoint (--resume PATH) or start a new run "
+                                               "in another train.output_dir") from None
 
 
 def rng_state() -> dict:

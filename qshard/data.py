@@ -7,6 +7,11 @@ One file holds one row shape, detected from its first row (or named with data.fo
             or ShareGPT {"conversations": [{"from": "system" | "human" | "gpt" | ..., "value": ...}, ...]}
     text    {"text": ...}   (the key is data.text_field)
 
+A file is strict UTF-8 JSON without a byte-order mark: NaN/Infinity and duplicate keys are refused,
+and every problem names the file and row (a .jsonl line, or the row of a .json list) before the
+model is touched. A .jsonl file is read a line at a time (memory holds the rows, not the text as
+well); a .json file is read whole, so large data belongs in .jsonl.
+
 Loss is taken on assistant content and on the end marker that closes each assistant turn (so the
 model learns to stop); every system, user and role-marker token is labelled -100. An alpaca row is
 the chat [system?, user = instruction + "\\n\\n" + input, assistant = output]. Text rows train on
@@ -23,6 +28,12 @@ fallback) they are rendered with this FALLBACK template, {eos} being the tokeniz
 The markers are plain text: a tokenizer that lacks them as special tokens splits them into ordinary
 tokens. To prompt a model trained this way, render the conversation and end with "<|assistant|>\\n".
 
+Only what can survive truncation to max_length is tokenized (see _encode_head), so the cost of a
+row is bounded by max_length, not by its size.
+
+Packed sequences (data.pack) keep their examples apart: position ids restart at 0 for each example,
+from which transformers builds block-diagonal causal attention (see collate).
+
 Batching is deterministic from (seed, epoch) alone, so every process of a distributed run builds
 the same global batches without communicating.
 """
@@ -30,13 +41,18 @@ the same global batches without communicating.
 from __future__ import annotations
 
 import json
+import re
+import signal
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from itertools import pairwise
 from pathlib import Path
-from typing import Callable
 
 import torch
-from jinja2 import TemplateError
 
 from qshard.errors import QShardError
 
@@ -52,6 +68,8 @@ CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
                   "gpt": "assistant", "assistant": "assistant", "model": "assistant"}
 FALLBACK_MARKERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+RENDER_LIMIT_S = 10.0  # one chat_template rendering; real templates take milliseconds
+CLIP_SLACK = 64  # tokens tokenized past max_length: a cut changes only the last few tokens of a text
 
 Render = Callable[[dict, str], tuple[list[int], list[int]]]
 
@@ -62,6 +80,7 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss is taken
+    starts: tuple[int, ...] = (0,)  # where each example joined into this sequence by pack() begins
 
 
 @dataclass
@@ -102,60 +121,162 @@ def load_rows(path: str | Path, fmt: str = "auto", text_field: str = "text") -> 
     if fmt != "auto" and fmt not in FORMATS:
         raise QShardError(f"unknown data format {fmt!r}", where="data.format",
                           fix=f"use one of auto, {', '.join(FORMATS)}")
-    records = _read_records(Path(path))
-    if not records:
-        raise QShardError("the dataset has no rows", where=str(path), fix="add rows or point data.path at another file")
-    for record, where in records:
+    rows, normalise = [], None
+    for record, where in _read_records(Path(path)):
         if not isinstance(record, dict):
-            raise QShardError(f"row is a JSON {type(record).__name__}, expected an object", where=where,
-                              fix=_shapes_fix())
-    if fmt == "auto":
-        fmt = _detect(*records[0], text_field)
-    normalise = {"alpaca": _alpaca_row, "chat": _chat_row, "text": partial(_text_row, field=text_field)}[fmt]
-    return [normalise(record, where) for record, where in records], fmt
+            fix = "a .jsonl file holds one object per line, not a list of them" if isinstance(record, list) else ""
+            raise QShardError(f"row is a JSON {_json_type(record)}, expected an object", where=where,
+                              fix=f"{fix}; {_shapes_fix()}" if fix else _shapes_fix())
+        if normalise is None:
+            fmt = _detect(record, where, text_field) if fmt == "auto" else fmt
+            normalise = {"alpaca": _alpaca_row, "chat": _chat_row, "text": partial(_text_row, field=text_field)}[fmt]
+        rows.append(normalise(record, where))  # one row at a time: the parsed record is dropped at once
+    if not rows:
+        raise QShardError("the dataset has no rows", where=str(path), fix="add rows or point data.path at another file")
+    return rows, fmt
 
 
-def _read_records(path: Path) -> list[tuple[object, str]]:
+def _read_records(path: Path) -> Iterator[tuple[object, str]]:
     """Parse the file into (record, where) pairs; `where` is what an error about the record points at."""
-    if not path.is_file():
+    if not path.exists():
         raise QShardError(f"data file not found: {path}", where=str(path),
                           fix="check data.path (a relative path is resolved from the working directory)")
-    if path.suffix not in (".json", ".jsonl"):
-        raise QShardError(f"unsupported data file type {path.suffix!r}", where=str(path),
+    if path.is_dir():
+        raise QShardError(f"{path} is a folder, not a data file", where=str(path),
+                          fix="point data.path at the .jsonl or .json file itself")
+    if not path.is_file():
+        raise QShardError(f"{path} is not a regular file", where=str(path), fix="copy the data into a .jsonl file")
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        kind = f"type {path.suffix!r}" if path.suffix else "without an extension"
+        raise QShardError(f"unsupported data file {kind}", where=str(path),
                           fix="use .jsonl (one object per line) or .json (a list of objects)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise QShardError(f"file is not UTF-8 text: {e.reason} at byte {e.start}", where=str(path),
-                          fix="re-save the file as UTF-8") from None
-    return _read_jsonl(text, path) if path.suffix == ".jsonl" else _read_json(text, path)
+    return _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_json(path)
 
 
-def _read_jsonl(text: str, path: Path) -> list[tuple[object, str]]:
-    records = []
-    # split("\n"), not splitlines(): U+2028 and friends may legally sit inside a JSON string.
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {lineno}"
-        try:
-            records.append((json.loads(line), where))
-        except json.JSONDecodeError as e:
-            raise QShardError(f"invalid JSON: {e.msg} (column {e.colno})", where=where,
-                              fix="write exactly one JSON object per line") from None
-    return records
+def _read_jsonl(path: Path) -> Iterator[tuple[object, str]]:
+    with _open(path) as lines:
+        # bytes split on b"\n" only: U+2028 and friends may legally sit inside a JSON string
+        for lineno, raw in enumerate(lines, 1):
+            where = f"{path} line {lineno}"
+            line = _utf8(raw.rstrip(b"\r\n"), path, lineno)
+            if line and not line.isspace():
+                with _json_errors(where, "write exactly one JSON object per line"):
+                    record = _DECODER.decode(line)
+                yield record, where
 
 
-def _read_json(text: str, path: Path) -> list[tuple[object, str]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise QShardError(f"invalid JSON: {e.msg} (column {e.colno})", where=f"{path} line {e.lineno}",
-                          fix="a .json file holds one list of objects; name a file of one object per line .jsonl") from None
-    if not isinstance(data, list):
-        raise QShardError(f"expected a JSON list of rows, found a {type(data).__name__}", where=str(path),
+def _read_json(path: Path) -> Iterator[tuple[object, str]]:
+    """A list of rows, decoded one row at a time so that an error names its row."""
+    with _open(path) as f:
+        text = _utf8(f.read(), path, 1)
+    fix = "a .json file holds one list of objects; name a file of one object per line .jsonl"
+    pos = _skip_space(text, 0)
+    if not text.startswith("[", pos):
+        with _json_errors(str(path), fix):
+            top = _DECODER.decode(text)
+        raise QShardError(f"expected a JSON list of rows, found {_a(top)}", where=str(path),
                           fix="wrap the rows in [...] or write them one per line to a .jsonl file")
-    return [(row, f"{path} row {i}") for i, row in enumerate(data, 1)]
+    rows, pos = 0, _skip_space(text, pos + 1)
+    closed = text.startswith("]", pos)
+    if closed:
+        pos = _skip_space(text, pos + 1)
+    while not closed:
+        rows += 1
+        where = f"{path} row {rows}"
+        with _json_errors(where, fix):
+            row, pos = _DECODER.raw_decode(text, pos)
+            pos = _skip_space(text, pos)
+            closed = text.startswith("]", pos)
+            if not closed and not text.startswith(",", pos):
+                raise json.JSONDecodeError("Expecting ',' delimiter or ']' after the row", text, pos)
+            pos = _skip_space(text, pos + 1)
+        yield row, where
+    if pos < len(text):
+        with _json_errors(str(path), fix):
+            raise json.JSONDecodeError("Extra data after the list of rows", text, pos)
+
+
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise QShardError(f"cannot read {path}: {e.strerror}", where=str(path),
+                          fix="check the file's permissions") from None
+
+
+def _utf8(raw: bytes, path: Path, first_line: int) -> str:
+    """Strict UTF-8 text of the bytes that begin at line `first_line` of the file."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        column = e.start - raw.rfind(b"\n", 0, e.start)
+        raise QShardError(f"not UTF-8 text: {e.reason} at byte {column} of the line", where=f"{path} line {line}",
+                          fix="re-save the file as UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise QShardError("the line starts with a byte-order mark (BOM, U+FEFF)", where=f"{path} line {first_line}",
+                          fix="save the file as UTF-8 without a BOM ('UTF-8', not 'UTF-8 with BOM')")
+    return text
+
+
+class _NotData(ValueError):
+    """JSON that Python's parser accepts but a data file must not hold."""
+
+
+def _no_constant(name: str):
+    raise _NotData(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        key = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise _NotData(f"duplicate key {_short(key)} in one object (JSON readers would keep only the last)")
+    return row
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+_SPACE = re.compile(r"[ \t\n\r]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    return _SPACE.match(text, pos).end()
+
+
+@contextmanager
+def _json_errors(where: str, fix: str):
+    """Turn what the JSON parser raises into a QShardError at `where`."""
+    try:
+        yield
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno}, column {e.colno}"
+        raise QShardError(f"invalid JSON: {e.msg} ({at})", where=where, fix=fix) from None
+    except _NotData as e:
+        raise QShardError(str(e), where=where,
+                          fix="write standard JSON (null for a missing number, one value per key)") from None
+    except RecursionError:
+        raise QShardError("JSON nested too deeply to read", where=where,
+                          fix="rows are objects of strings and lists of messages; flatten this one") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise QShardError(f"unreadable JSON value: {str(e).split(':')[0]}", where=where, fix=fix) from None
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _a(value: object) -> str:
+    """'an object', 'a list', 'null': the JSON type of a value, for "found ..." in messages."""
+    name = _json_type(value)
+    return name if name == "null" else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """repr of a value from the data, cut so that a huge one cannot flood the error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _shapes_fix() -> str:
@@ -170,7 +291,8 @@ def _detect(row: dict, where: str, text_field: str) -> str:
         return "chat"
     if text_field in row:
         return "text"
-    raise QShardError(f"cannot tell the data format from the keys {sorted(row)}", where=where, fix=_shapes_fix())
+    keys = ", ".join(_short(k, 30) for k in sorted(row)[:8]) + (", ..." if len(row) > 8 else "")
+    raise QShardError(f"cannot tell the data format from the keys [{keys}]", where=where, fix=_shapes_fix())
 
 
 def _require(row: dict, keys: tuple[str, ...], where: str, fmt: str) -> None:
@@ -179,19 +301,27 @@ def _require(row: dict, keys: tuple[str, ...], where: str, fmt: str) -> None:
         raise QShardError(f"row is missing {', '.join(map(repr, missing))} for the {fmt} format", where=where,
                           fix=f"{fmt} rows look like {SHAPES[fmt]}")
     for key in keys:
-        _require_string(row[key], repr(key), where)
+        _check_text(row[key], repr(key), where)
 
 
-def _require_string(value: object, name: str, where: str) -> None:
+def _check_text(value: object, name: str, where: str, empty_ok: bool = False) -> str:
+    """A string a tokenizer can encode: not another JSON type, not empty (unless allowed), no lone surrogate."""
     if not isinstance(value, str):
-        raise QShardError(f"{name} must be a string, found {type(value).__name__}", where=where)
+        raise QShardError(f"{name} must be a string, found {_a(value)}", where=where,
+                          fix="write the text as a JSON string")
+    if not empty_ok and (not value or value.isspace()):
+        raise QShardError(f"{name} is empty", where=where, fix="fill it in or remove the row")
+    if _SURROGATE.search(value):
+        raise QShardError(f"{name} holds an unpaired surrogate escape (\\ud800-\\udfff), which is not text",
+                          where=where, fix="re-export the data: a character was split in half (often an emoji)")
+    return value
 
 
 def _alpaca_row(row: dict, where: str) -> dict:
     _require(row, ("instruction", "output"), where, "alpaca")
-    optional = {key: row.get(key) or "" for key in ("input", "system")}  # null is as good as absent
+    optional = {key: "" if row.get(key) is None else row[key] for key in ("input", "system")}  # null = absent
     for key, value in optional.items():
-        _require_string(value, repr(key), where)
+        _check_text(value, repr(key), where, empty_ok=True)
     return {"instruction": row["instruction"], "output": row["output"], **optional}
 
 
@@ -199,21 +329,23 @@ def _text_row(row: dict, where: str, field: str) -> dict:
     if field not in row:
         raise QShardError(f"row is missing {field!r} for the text format", where=where,
                           fix=f"text rows look like {{{field!r}: ...}}; set data.text_field if the key differs")
-    _require_string(row[field], repr(field), where)
-    return {"text": row[field]}
+    return {"text": _check_text(row[field], repr(field), where)}
 
 
 def _chat_row(row: dict, where: str) -> dict:
     """Normalise role/content and ShareGPT from/value turns to role/content with system/user/assistant."""
     if "messages" in row:
-        turns, keys, roles = row["messages"], ("role", "content"), CHAT_ROLES
+        key, keys, roles = "messages", ("role", "content"), CHAT_ROLES
     elif "conversations" in row:
-        turns, keys, roles = row["conversations"], ("from", "value"), SHAREGPT_ROLES
+        key, keys, roles = "conversations", ("from", "value"), SHAREGPT_ROLES
     else:
         raise QShardError("row is missing 'messages' (or 'conversations') for the chat format", where=where,
                           fix=f"chat rows look like {SHAPES['chat']}")
+    turns = row[key]
     if not isinstance(turns, list) or not turns:
-        raise QShardError("the conversation must be a non-empty list of messages", where=where)
+        found = "an empty list" if isinstance(turns, list) else _a(turns)
+        raise QShardError(f"{key!r} must be a non-empty list of messages, found {found}", where=where,
+                          fix=f"chat rows look like {SHAPES['chat']}")
     messages = [_message(turn, j, keys, roles, where) for j, turn in enumerate(turns, 1)]
     if not any(m["role"] == "assistant" for m in messages):
         raise QShardError("the conversation has no assistant turn, so there is nothing to learn from", where=where,
@@ -227,10 +359,10 @@ def _message(turn: object, j: int, keys: tuple[str, str], roles: dict, where: st
         raise QShardError(f"message {j} must be an object with {role_key!r} and {text_key!r}", where=where)
     role = roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
     if role is None:
-        raise QShardError(f"message {j} has unknown role {turn[role_key]!r}", where=where,
+        raise QShardError(f"message {j} has unknown role {_short(turn[role_key])}", where=where,
                           fix=f"use one of {', '.join(roles)}")
-    _require_string(turn[text_key], f"message {j} {text_key!r}", where)
-    return {"role": role, "content": turn[text_key]}
+    content = _check_text(turn[text_key], f"message {j} {text_key!r}", where, empty_ok=role == "system")
+    return {"role": role, "content": content}
 
 
 # ---- tokenizing ----------------------------------------------------------------------------------
@@ -241,7 +373,7 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer, max_length: int, templa
     if max_length < 1:
         raise QShardError(f"max_length must be at least 1, got {max_length}", where="data.max_length",
                           fix="set data.max_length to the longest sequence to train on, e.g. 2048")
-    render = _renderer(fmt, tokenizer, template)
+    render = _renderer(fmt, tokenizer, template, max_length)
     examples, truncated, dropped = [], 0, 0
     for i, row in enumerate(rows, 1):
         ids, labels = _with_bos(*render(row, f"{source or 'data'} row {i}"), tokenizer.bos_token_id)
@@ -262,7 +394,7 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer, max_length: int, templa
     return examples, report
 
 
-def _renderer(fmt: str, tokenizer, template: str) -> Render:
+def _renderer(fmt: str, tokenizer, template: str, max_length: int) -> Render:
     """Pick how rows become (ids, labels) once, so the per-row loop holds no decisions."""
     if template not in TEMPLATES:
         raise QShardError(f"unknown chat template choice {template!r}", where="data.template",
@@ -271,16 +403,18 @@ def _renderer(fmt: str, tokenizer, template: str) -> Render:
     if template == "tokenizer" and not has_template:
         raise QShardError("data.template is 'tokenizer' but the tokenizer has no chat_template",
                           where="data.template", fix="set data.template: fallback (or auto) to use qshard's template")
+    encode = partial(_encode_head, tokenizer=tokenizer, keep=max_length + CLIP_SLACK,
+                     chars_per_token=max(map(len, tokenizer.get_vocab()), default=1))
     if fmt == "text":
         _require_eos(tokenizer, "end every text row")
-        return partial(_text_ids, tokenizer=tokenizer)
+        return lambda row, where: _text_ids(row["text"], encode, tokenizer.eos_token_id)
     if fmt not in ("alpaca", "chat"):
         raise QShardError(f"unknown data format {fmt!r}", where="data.format", fix=f"use one of {', '.join(FORMATS)}")
     if template == "fallback" or not has_template:
         _require_eos(tokenizer, "close assistant turns in the fallback chat template")
-        chat = partial(_fallback_ids, tokenizer=tokenizer)
+        chat = partial(_fallback_ids, encode=encode, eos=tokenizer.eos_token_id, max_length=max_length)
     else:
-        chat = partial(_template_ids, tokenizer=tokenizer)
+        chat = partial(_template_ids, tokenizer=tokenizer, encode=encode, max_length=max_length)
     if fmt == "alpaca":
         return lambda row, where: chat(_alpaca_messages(row), where=where)
     return lambda row, where: chat(row["messages"], where=where)
@@ -302,24 +436,45 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _text_ids(row: dict, where: str, tokenizer) -> tuple[list[int], list[int]]:
-    ids = _encode(tokenizer, row["text"]) + [tokenizer.eos_token_id]
+def _encode_head(text: str, tokenizer, keep: int, chars_per_token: int) -> list[int]:
+    """The tokens of `text`, or of a prefix of it whose first keep - CLIP_SLACK (max_length) tokens
+    are those of the whole text.
+
+    A prefix of keep x (longest token, in characters) characters holds at least `keep` tokens, so
+    only it is tokenized (doubled while a normalizer that drops characters leaves fewer than that).
+    A cut changes only the tokens of the word it falls in, inside the CLIP_SLACK tokens past
+    max_length (tests/test_hostile_data.py compares with whole texts, multi-byte ones included).
+    One 60 MB row with max_length 64 once took 13 GB and 283 s to tokenize whole.
+    """
+    budget = keep * chars_per_token
+    while budget < len(text):
+        ids = _encode(tokenizer, text[:budget])
+        if len(ids) > keep:
+            return ids
+        budget *= 2
+    return _encode(tokenizer, text)
+
+
+def _text_ids(text: str, encode, eos: int) -> tuple[list[int], list[int]]:
+    ids = encode(text) + [eos]
     return ids, list(ids)
 
 
-def _fallback_ids(messages: list[dict], where: str, tokenizer) -> tuple[list[int], list[int]]:
+def _fallback_ids(messages: list[dict], where: str, encode, eos: int, max_length: int) -> tuple[list[int], list[int]]:
     """Render with FALLBACK_MARKERS. The prompt text between assistant turns is tokenized as one piece,
     exactly as it would be when prompting, and each assistant reply as another."""
     ids, labels, prompt = [], [], ""
     for message in messages:
+        if len(ids) >= max_length:  # the rest lies past the cut (prompt is not empty: truncation is still counted)
+            break
         prompt += FALLBACK_MARKERS[message["role"]]
         if message["role"] != "assistant":
             prompt += message["content"] + "\n"
             continue
-        _extend(ids, labels, _encode(tokenizer, prompt), loss=False)
-        _extend(ids, labels, _encode(tokenizer, message["content"]) + [tokenizer.eos_token_id], loss=True)
+        _extend(ids, labels, encode(prompt), loss=False)
+        _extend(ids, labels, encode(message["content"]) + [eos], loss=True)
         prompt = "\n"
-    _extend(ids, labels, _encode(tokenizer, prompt), loss=False)
+    _extend(ids, labels, encode(prompt), loss=False)
     return ids, labels
 
 
@@ -328,42 +483,80 @@ def _extend(ids: list[int], labels: list[int], new: list[int], loss: bool) -> No
     labels.extend(new if loss else [IGNORE] * len(new))
 
 
-def _template_ids(messages: list[dict], where: str, tokenizer) -> tuple[list[int], list[int]]:
+def _template_ids(messages: list[dict], where: str, tokenizer, encode, max_length: int) -> tuple[list[int], list[int]]:
     """Find each assistant reply as the tokens between rendering the conversation up to it with a
     generation prompt and rendering it including the reply; only those tokens carry loss.
 
     This relies on the invariant that each of those renderings is a token prefix of the whole
-    conversation. Templates that rewrite history (e.g. strip earlier reasoning) break it, and we
-    refuse rather than guess.
+    conversation (checked within max_length, the part that is trained). Templates that rewrite
+    history (e.g. strip earlier reasoning) break it, and we refuse rather than guess.
     """
     if messages[0]["role"] == "assistant":  # an empty conversation cannot be rendered as the prefix
         raise QShardError("the conversation starts with an assistant message, which a chat_template cannot "
                           "locate", where=where, fix="start it with a user or system message, or set "
                           "data.template: fallback")
-    full = _render(tokenizer, messages, False, where)
+    full = encode(_render(tokenizer, messages, False, where))
     labels = [IGNORE] * len(full)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = _render(tokenizer, messages[:i], True, where)
-        end = _render(tokenizer, messages[:i + 1], False, where)
-        if start != end[:len(start)] or end != full[:len(end)]:
+        start = encode(_render(tokenizer, messages[:i], True, where))
+        if len(start) >= max_length:  # this reply and every later one lie past the cut
+            break
+        end = encode(_render(tokenizer, messages[:i + 1], False, where))
+        n = min(len(end), max_length)
+        if start != end[:len(start)] or end[:n] != full[:n]:
             raise QShardError(
                 f"the chat_template of tokenizer {tokenizer.name_or_path!r} does not render a conversation's "
                 f"beginning as a token prefix of the whole, so assistant message {i + 1} cannot be located",
                 where=where, fix="set data.template: fallback to use qshard's template")
-        stop = _end_of_turn(end, len(start), tokenizer.eos_token_id)
+        # a reply longer than the slack was cut by encode: its closing eos lies past max_length
+        clipped = len(end) > max_length + CLIP_SLACK
+        stop = len(end) if clipped else _end_of_turn(end, len(start), tokenizer.eos_token_id)
         labels[len(start):stop] = full[len(start):stop]
     return full, labels
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> list[int]:
+class _RenderTimeout(BaseException):
+    """Raised into a chat_template rendering that ran out of time (BaseException: no `except
+    Exception` inside jinja or transformers may swallow it)."""
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    name = f"the chat_template of tokenizer {tokenizer.name_or_path!r}"
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except TemplateError as e:
-        raise QShardError(f"the tokenizer's chat_template rejected this conversation: {e}", where=where,
-                          fix="fix the row (e.g. alternate user/assistant turns) or set data.template: fallback") from None
-    return _encode(tokenizer, text)
+        with _time_limit(RENDER_LIMIT_S):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except _RenderTimeout:
+        raise QShardError(f"{name} did not finish rendering this conversation within {RENDER_LIMIT_S:g} s "
+                          "(a loop that never ends?)", where=where,
+                          fix="set data.template: fallback to use qshard's template, or fix the template") from None
+    except Exception as e:  # noqa: BLE001 - a template is a program from the model folder: its errors are its own
+        raise QShardError(f"{name} rejected this conversation: {type(e).__name__}: {_short(str(e), 300)}",
+                          where=where, fix="fix the row (e.g. alternate user/assistant turns) or set "
+                                           "data.template: fallback") from None
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Raise _RenderTimeout into this block after `seconds` (of wall time), via SIGALRM.
+
+    Signals reach only the main thread: called from another thread (an embedding application's
+    worker), the block runs without a limit."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(_signum, _frame):
+        raise _RenderTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _end_of_turn(ids: list[int], start: int, eos: int | None) -> int:
@@ -387,17 +580,30 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     """Greedily concatenate whole examples, in order, into sequences of at most max_length tokens.
 
     Examples are never split, so no reply loses its prompt. (An example longer than max_length,
-    which tokenize_rows never produces, would stand alone.)
+    which tokenize_rows never produces, would stand alone.) Each packed sequence records where its
+    examples start, so collate can keep them from attending to each other.
     """
-    packed, ids, labels = [], [], []
+    packed, group, length = [], [], 0
     for example in examples:
-        if ids and len(ids) + len(example.input_ids) > max_length:
-            packed.append(Example(ids, labels))
-            ids, labels = [], []
-        ids, labels = ids + example.input_ids, labels + example.labels
-    if ids:
-        packed.append(Example(ids, labels))
+        if group and length + len(example.input_ids) > max_length:
+            packed.append(_join(group))
+            group, length = [], 0
+        group.append(example)
+        length += len(example.input_ids)
+    if group:
+        packed.append(_join(group))
     return packed
+
+
+def _join(group: list[Example]) -> Example:
+    """One sequence of the group's examples. An example's first token is never a target: unpacked,
+    nothing precedes it; packed, it would be predicted from the end of the previous example."""
+    ids, labels, starts = [], [], []
+    for example in group:
+        starts.append(len(ids))
+        ids += example.input_ids
+        labels += [IGNORE, *example.labels[1:]]
+    return Example(ids, labels, tuple(starts))
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -445,14 +651,29 @@ def pad_token_id(tokenizer) -> int:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: pad_id in input_ids, 0 in attention_mask, IGNORE in labels."""
+    """Right-pad to the longest example: pad_id in input_ids, IGNORE in labels, and either 0 in
+    attention_mask or, when a sequence is packed, position ids that restart at each example.
+
+    transformers (masking_utils.find_packed_sequence_indices, 5.17 and later) reads a restart of
+    the position ids as the start of a new sequence and builds block-diagonal causal attention
+    (eager, sdpa; flash attention uses the same ids) -- but only when no attention_mask is passed.
+    Right padding needs no mask: causal attention never looks right, and padding has no labels.
+    """
     longest = max(len(e.input_ids) for e in examples)
 
     def padded(values: list[int], fill: int) -> list[int]:
         return values + [fill] * (longest - len(values))
 
-    return {
-        "input_ids": torch.tensor([padded(e.input_ids, pad_id) for e in examples], dtype=torch.long),
-        "attention_mask": torch.tensor([padded([1] * len(e.input_ids), 0) for e in examples], dtype=torch.long),
-        "labels": torch.tensor([padded(e.labels, IGNORE) for e in examples], dtype=torch.long),
-    }
+    batch = {"input_ids": torch.tensor([padded(e.input_ids, pad_id) for e in examples], dtype=torch.long),
+             "labels": torch.tensor([padded(e.labels, IGNORE) for e in examples], dtype=torch.long)}
+    if any(len(e.starts) > 1 for e in examples):
+        batch["position_ids"] = torch.tensor([_positions(e.starts, longest) for e in examples], dtype=torch.long)
+    else:
+        batch["attention_mask"] = torch.tensor([padded([1] * len(e.input_ids), 0) for e in examples],
+                                               dtype=torch.long)
+    return batch
+
+
+def _positions(starts: tuple[int, ...], length: int) -> list[int]:
+    """0, 1, ... from each start; the padding continues the last example's count."""
+    return [p for a, b in pairwise([*starts, length]) for p in range(b - a)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from itertools import chain
 
 import pytest
 import torch
@@ -197,7 +198,7 @@ def test_long_sequences_are_cut_to_max_length_and_counted(tok):
 def test_rows_whose_prompt_fills_max_length_are_dropped(tok):
     short = {"instruction": "Hi", "output": "Hello", "input": "", "system": ""}
     long = {**short, "instruction": "word " * 100}
-    examples, report = tokenize_rows([short, long, short, long, long], "alpaca", tok, 32, source="a.jsonl")
+    _, report = tokenize_rows([short, long, short, long, long], "alpaca", tok, 32, source="a.jsonl")
     assert (report.rows, report.examples, report.dropped_no_target, report.truncated) == (5, 2, 3, 0)
     assert "5 rows -> 2 examples" in report.summary() and "3 dropped" in report.summary()
     with pytest.raises(QShardError, match="none of the 2 rows") as err:
@@ -226,8 +227,10 @@ def test_pack_is_greedy_order_preserving_and_loses_nothing():
     examples = make_examples([3, 4, 5, 2, 6, 8])
     packed = pack(examples, 8)
     assert [len(p.input_ids) for p in packed] == [7, 7, 6, 8]
-    assert sum((p.input_ids for p in packed), []) == list(range(28))
-    assert sum((p.labels for p in packed), []) == sum((e.labels for e in examples), [])
+    assert [*chain.from_iterable(p.input_ids for p in packed)] == list(range(28))
+    assert [p.starts for p in packed] == [(0, 3), (0, 5), (0,), (0,)]
+    # each example's first token is never a target (unpacked, nothing precedes it)
+    assert [*chain.from_iterable(p.labels for p in packed)] == [*chain.from_iterable(e.labels for e in examples)]
 
 
 def test_split_eval_is_deterministic_and_sized():
@@ -254,7 +257,7 @@ def test_epoch_order_is_a_seeded_permutation_that_changes_per_epoch():
 def test_global_batches_drop_the_incomplete_tail():
     batches = global_batches(10, 3, seed=0, epoch=2)
     assert [len(b) for b in batches] == [3, 3, 3]
-    assert sum(batches, []) == epoch_order(10, seed=0, epoch=2)[:9]
+    assert [*chain.from_iterable(batches)] == epoch_order(10, seed=0, epoch=2)[:9]
     with pytest.raises(QShardError, match="4 training sequences cannot fill one global batch of 8") as err:
         global_batches(4, 8, seed=0, epoch=0)
     assert "gradient_accumulation_steps" in err.value.where
@@ -277,7 +280,7 @@ GOOD = json.dumps({"instruction": "a", "output": "b"})
 @pytest.mark.parametrize("name, content, where, what", [
     ("bad.jsonl", f"{GOOD}\n{GOOD}\n{{\"instruction\": \n", "bad.jsonl line 3", "invalid JSON"),
     ("bad.jsonl", f"{GOOD}\n\n[1, 2]\n", "bad.jsonl line 3", "row is a JSON list"),
-    ("bad.json", '[\n{"text": "a"},\n{"text": }\n]', "bad.json line 3", "invalid JSON"),
+    ("bad.json", '[\n{"text": "a"},\n{"text": }\n]', "bad.json row 2", r"invalid JSON: .* \(line 3, column 10\)"),
     ("bad.json", '{"text": "a"}', "bad.json", "expected a JSON list"),
     ("bad.jsonl", f'{GOOD}\n{{"instruction": "a"}}\n', "bad.jsonl line 2", "missing 'output' for the alpaca"),
     ("bad.json", json.dumps([{"text": "a"}, {"txt": "b"}]), "bad.json row 2", "missing 'text'"),

@@ -90,7 +90,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, r
                 rundir.start(out_dir, launch.job)
             else:  # a resumed run becomes this job's: a torchrun restart of it continues it
                 rundir.mark(out_dir, launch.job)
-            (out_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+            checkpoint.write_text(out_dir / "recipe.yaml", dump_recipe(recipe))  # replaces a link, never writes through
         barrier(rt)
 
         precision, quant = checked.precision, quant_spec(recipe, checked.precision)
@@ -156,8 +156,9 @@ def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe
     step = 0
     if resume_from is not None:
         step = restore(resume_from, engine, scheduler, rt, say)
-        if rt.is_main:
-            truncate_after(out_dir, step)
+        dropped = truncate_after(out_dir, step) if rt.is_main else 0
+        if dropped:
+            say(f"metrics.jsonl: dropped {dropped} line(s) that were not records (a write cut short by the kill)")
         say(f"resumed from {resume_from} at step {step}")
     else:
         set_seed(tr.seed)

@@ -210,8 +210,20 @@ def _check_run_folder(c: Checked, recipe: Recipe, launch: Launch, overwrite: boo
     elif resume and overwrite:
         raise QShardError("--resume continues a run and --overwrite replaces it: pass one of them",
                           where="--resume / --overwrite")
+    from qshard.state.resume import check_resume_compatible
+
+    if resume == "auto":  # a changed recipe is named as such, not as checkpoints of the wrong shape
+        newest = checkpoint.find_resume(out_dir, warn=lambda *_: None)
+        if newest is not None:
+            check_resume_compatible(newest, recipe, launch.world_size, lambda *_: None)
+    expected = None  # the adapter shapes this model needs: a checkpoint of another shape is not resumable
+    if c.skeleton is not None and c.targets is not None:
+        from qshard.state.resume import expected_adapter_shapes
+
+        expected = expected_adapter_shapes(c.skeleton, c.targets, recipe.lora.r, recipe.lora.use_dora)
     skipped: list[str] = []
-    c.resume_from = checkpoint.resolve_resume(resume, out_dir, warn=skipped.append) if resume else None
+    c.resume_from = (checkpoint.resolve_resume(resume, out_dir, warn=skipped.append, expected=expected)
+                     if resume else None)
     for line in skipped:
         say(line)
     if c.resume_from is None:
@@ -225,8 +237,7 @@ def _check_run_folder(c: Checked, recipe: Recipe, launch: Launch, overwrite: boo
         if resume == "auto" and not launch.restart:
             say(f"--resume auto: {out_dir} holds no run yet; starting one")
         return
-    from qshard.state.resume import check_resume_compatible
-
+    rundir.check_resumable(out_dir)
     check_resume_compatible(c.resume_from, recipe, launch.world_size, say)
     step = json.loads((c.resume_from / "trainer_state.json").read_text())["step"]
     if c.total_steps is not None and step >= c.total_steps:
@@ -296,6 +307,7 @@ def build_datasets(recipe: Recipe, rows: dict[str, tuple[list[dict], str]], toke
         train, evals = data.split_eval(train, d.eval_fraction, recipe.train.seed)
     if d.packing:
         train = data.pack(train, d.max_length)
+        report.packed_sequences = len(train)
     return Datasets(train, evals, reports)
 
 

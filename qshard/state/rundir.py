@@ -23,7 +23,8 @@ from qshard.errors import QShardError
 MARKER = ".qshard-run.json"
 # Every name qshard writes at the top of a run folder (qshard report adds report/).
 RUN_ENTRIES = {"recipe.yaml", "adapter", "metrics.jsonl", "warnings.jsonl", "sharding.json", "latest",
-               ".latest.tmp", "tensorboard", "report", MARKER}
+               "tensorboard", "report", MARKER}
+RUN_ENTRIES |= {f".{name}.tmp" for name in RUN_ENTRIES}  # checkpoint.write_text's staging names
 CHECKPOINT_ENTRY = re.compile(r"^(\.staging-)?checkpoint-\d+$")
 
 
@@ -84,6 +85,15 @@ def not_a_run(out_dir: Path) -> str | None:
     return None
 
 
+def check_resumable(out_dir: Path) -> None:
+    """A run continues by appending to its own files: none of them may be a link to elsewhere."""
+    links = sorted(p.name for p in out_dir.iterdir() if p.is_symlink() and p.name in RUN_ENTRIES)
+    if links:
+        raise QShardError(f"{out_dir} holds symbolic link(s) where the run writes: {', '.join(links)}",
+                          where="train.output_dir", fix="replace the links with the run's own files, or start a "
+                                                        "new run in another train.output_dir")
+
+
 def start(out_dir: Path, job: str | None) -> None:
     """Empty an earlier run (its own entries only: check_fresh_start has proven that is all there is),
     then mark the folder as this job's."""
@@ -97,7 +107,9 @@ def start(out_dir: Path, job: str | None) -> None:
 
 def mark(out_dir: Path, job: str | None) -> None:
     """Record that this job runs the folder (a torchrun restart of the job may then continue it)."""
-    (out_dir / MARKER).write_text(json.dumps({"format": 1, "job": job}) + "\n")
+    from qshard.state.checkpoint import write_text
+
+    write_text(out_dir / MARKER, json.dumps({"format": 1, "job": job}) + "\n")
 
 
 def job_of(out_dir: Path) -> str | None:

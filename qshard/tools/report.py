@@ -64,23 +64,30 @@ def read_run(run_dir: str | Path) -> RunData:
 
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """One JSON object per non-empty line, each with the `required` keys."""
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    """One JSON object per line, each with the `required` keys. Lines that are not JSON objects (the
+    partial last line of a run killed mid-write, damaged lines) are skipped with a note on stderr."""
+    import sys
+
+    records, skipped = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise QShardError(f"line {number} of {path.name} is not valid JSON ({e.msg})", where=f"{path}:{number}",
-                              fix="a run killed mid-write can leave a truncated last line: delete that line "
-                                  "and run the report again") from None
-        missing = [k for k in required if k not in record] if isinstance(record, dict) else list(required)
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        if not isinstance(record, dict):
+            skipped.append(number)
+            continue
+        missing = [k for k in required if k not in record]
         if missing:
             raise QShardError(f"line {number} of {path.name} lacks {', '.join(missing)}", where=f"{path}:{number}",
                               fix=f"each line must be a JSON object with {', '.join(required)}; delete the line "
                                   "if it was not written by qshard")
         records.append(record)
+    if skipped:
+        print(f"qshard report: skipped {len(skipped)} line(s) of {path.name} that are not JSON objects "
+              f"(line {', '.join(map(str, skipped[:5]))})", file=sys.stderr)
     return records
 
 

@@ -10,6 +10,43 @@ import types
 import warnings
 
 
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as torch.__version__ ("2.13.0+cpu", "2.12.0a0+git...")."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+# -- PEFT ------------------------------------------------------------------------------------------
+
+def peft_register_custom_layers(config, mapping: dict) -> None:
+    """Have PEFT wrap layer types it does not know (qshard's quantized layers) with the given LoRA layer.
+
+    PEFT (0.12 - at least 0.21.2) chooses the LoRA wrapper from a fixed dispatch list (nn.Linear, bnb, GPTQ,
+    ...) and raises "Target module ... is not supported" for any other class, even one that exposes
+    in_features / out_features; its only way in is `LoraConfig._register_custom_module`, documented as an
+    experimental API that may change (docs: developer_guides/custom_models). Remove when PEFT offers a public
+    registration (tests/test_compat.py checks the private method is still there and still needed)."""
+    config._register_custom_module(mapping)
+
+
+@contextlib.contextmanager
+def peft_weight_placeholders(layers, active: bool):
+    """While PEFT attaches adapters, let qshard's quantized layers answer `.weight` with an empty tensor of
+    the right device and dtype instead of dequantizing (`weight_is_placeholder`, qshard/quant/base.py).
+
+    PEFT (seen 0.21.2) reads a wrapped layer's `.weight` about 20 times per layer while attaching LoRA, only
+    for its device and dtype; dequantizing each time costs seconds on a small model. Not with DoRA
+    (`active` False), which needs the dense values. Remove when PEFT reads `.weight` at most once per layer
+    (tests/test_compat.py counts the reads)."""
+    for layer in layers:
+        layer.weight_is_placeholder = active
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.weight_is_placeholder = False
+
+
 @contextlib.contextmanager
 def quiet_peft_custom_layer_warning():
     """PEFT (0.12 - at least 0.21) warns "Unsupported layer type ... proceed at your own risk" for every
@@ -21,6 +58,8 @@ def quiet_peft_custom_layer_warning():
         warnings.filterwarnings("ignore", message=r"Unsupported layer type .*qshard\.quant")
         yield
 
+
+# -- messages that bury the progress output --------------------------------------------------------
 
 def quiet_known_noise() -> None:
     """Silence messages that are harmless for qshard and would bury the progress output.
@@ -49,6 +88,8 @@ def quiet_known_noise() -> None:
     # bench-comm) in favour of *_single, which torch 2.6 (our minimum) lacks. Remove with torch >= 2.13.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
 
+
+# -- DeepSpeed -------------------------------------------------------------------------------------
 
 def skip_deepspeed_shm_build() -> None:
     """DeepSpeed (seen in 0.19.8) JIT-compiles its `deepspeed_shm_comm` C++ op in every process's first
@@ -88,77 +129,6 @@ def deepspeed_prepare_optimizer_state(zero_optimizer, torch_optimizer) -> None:
     link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:
         link()
-
-
-def fsdp2_allow_integer_parameters(force: bool = False) -> bool:
-    """Let FSDP2 shard and gather integer parameters (the uint8 storage of qshard's quantized layers) on
-    torch releases that mishandle them; returns whether the fixes were applied.
-
-    Seen with torch 2.11.0+cu130 on an H200 (bench/cuda_check.py), both fixed by torch 2.13:
-    - FSDPParam creates each sharded parameter as `nn.Parameter(dtensor)` and sets requires_grad only
-      afterwards; nn.Parameter defaults to requires_grad=True, which raises "only Tensors of floating
-      point dtype can require gradients" for any uint8 parameter, so `fully_shard` failed
-      (pytorch/pytorch#177844). Fix: FSDPParam's module gets an `nn` whose Parameter leaves integer
-      tensors without gradients (the value the next line sets anyway); every other name is torch.nn's.
-    - `FSDPParam.init_dtype_attrs` gives integer parameters the policy's param_dtype (bf16), so they are
-      all-gathered as bf16 and bitsandbytes then refused the double-quant scales in backward ("A must be
-      uint8, got torch.bfloat16"); torch 2.13 leaves non-floating parameters uncast. Fix: the same clamp
-      after the original method.
-    Applied where FSDPParam's source lacks torch 2.13's code; `force` applies them regardless (tests).
-    Remove when torch >= 2.13 is the minimum."""
-    import inspect
-
-    from torch.distributed.fsdp._fully_shard import _fsdp_param
-
-    cls = _fsdp_param.FSDPParam
-    creation = force or "requires_grad=param.requires_grad" not in inspect.getsource(cls._init_sharded_param)
-    if creation and not isinstance(_fsdp_param.nn, _IntegerSafeNN):
-        _fsdp_param.nn = _IntegerSafeNN("torch.nn")
-    cast = force or "is_floating_point" not in inspect.getsource(cls.init_dtype_attrs)  # ours has it: once
-    if cast:
-        original = cls.init_dtype_attrs
-
-        def init_dtype_attrs(self, mp_policy):
-            original(self, mp_policy)
-            if not self.orig_dtype.is_floating_point:
-                self.param_dtype = None
-
-        cls.init_dtype_attrs = init_dtype_attrs
-    return creation or cast
-
-
-class _IntegerSafeNN(types.ModuleType):
-    """torch.nn, except that Parameter(integer tensor) does not ask for gradients (see above)."""
-
-    def __getattr__(self, name):
-        import torch
-
-        return getattr(torch.nn, name)
-
-    @staticmethod
-    def Parameter(data=None, requires_grad: bool = True):  # noqa: N802 (torch's name)
-        import torch
-
-        if data is not None and not (data.is_floating_point() or data.is_complex()):
-            requires_grad = False
-        return torch.nn.Parameter(data, requires_grad)
-
-
-def exit_without_teardown(code: int) -> None:
-    """End a distributed worker once its run has returned and every file is closed, skipping the
-    interpreter's teardown. Seen with torch 2.13 + DeepSpeed 0.19.8 on CPU: a ZeRO-3 job restarted by
-    torchrun finished training and saving, then a rank aborted at exit ("terminate called without an
-    active exception", SIGABRT: a C++ communication thread destroyed while joinable), which turned a
-    good run into a failed job (1 of 20 trials of bench/faults.py). Seen too in a single process that
-    had run FSDP2 over a one-rank gloo group (CI, tests/test_faults.py, a resume from 2 processes to
-    1), so it ends every process that started a process group. Remove when that no longer happens in
-    the fault benchmark."""
-    import os
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def deepspeed_partition_in_place(init, param, span: tuple[int, int]):
@@ -214,3 +184,167 @@ def deepspeed_in_place_unsupported(config: dict) -> str | None:
     if (zero.get("offload_param") or {}).get("device") == "nvme":
         used.append("offload_param.device=nvme")
     return f"the DeepSpeed config's {', '.join(used)} lays ZeRO-3 partitions out otherwise" if used else None
+
+
+def deepspeed_cpu_fp16() -> bool:
+    """Whether DeepSpeed will run fp16 on this CPU.
+
+    DeepSpeed 0.19.8's CPU accelerator (`CPU_Accelerator.is_fp16_supported`) asks oneDNN through the
+    private `torch.ops.mkldnn._is_mkldnn_fp16_supported()` (x86: AVX512-FP16 or AMX-FP16) and otherwise
+    stops inside `deepspeed.initialize`, after the model is loaded, with "Type fp16 is not supported on
+    your device." Asking the same question here lets the validator refuse before loading. Remove when
+    DeepSpeed exposes the check without importing its accelerator (test: tests/test_compat.py)."""
+    import torch
+
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+# -- torch -----------------------------------------------------------------------------------------
+
+def fsdp2_allow_integer_parameters(force: bool = False) -> bool:
+    """Let FSDP2 shard and gather integer parameters (the uint8 storage of qshard's quantized layers) on
+    torch releases that mishandle them; returns whether the fixes are applied.
+
+    Seen with torch 2.11.0+cu130 on an H200 (bench/cuda_check.py), both fixed by torch 2.13:
+    - FSDPParam creates each sharded parameter as `nn.Parameter(dtensor)` and sets requires_grad only
+      afterwards; nn.Parameter defaults to requires_grad=True, which raises "only Tensors of floating
+      point dtype can require gradients" for any uint8 parameter, so `fully_shard` failed
+      (pytorch/pytorch#177844). Fix: FSDPParam's module gets an `nn` whose Parameter leaves integer
+      tensors without gradients (the value the next line sets anyway); every other name is torch.nn's.
+    - `FSDPParam.init_dtype_attrs` gives integer parameters the policy's param_dtype (bf16), so they are
+      all-gathered as bf16 and bitsandbytes then refused the double-quant scales in backward ("A must be
+      uint8, got torch.bfloat16"); torch 2.13 leaves non-floating parameters uncast. Fix: the same clamp
+      after the original method.
+    Applied on torch < 2.13 (2.12 was not seen either way; both fixes only restate what 2.13 does, so they
+    are harmless where torch already behaves); `force` applies them regardless (tests). tests/test_compat.py
+    runs fully_shard on uint8 parameters without them, to show where torch needs them. Remove when torch
+    >= 2.13 is the minimum."""
+    import torch
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    if not force and release(torch.__version__) >= (2, 13):
+        return False
+    if not isinstance(_fsdp_param.nn, _IntegerSafeNN):
+        _fsdp_param.nn = _IntegerSafeNN("torch.nn")
+    cls = _fsdp_param.FSDPParam
+    if not getattr(cls.init_dtype_attrs, "qshard_integer_safe", False):  # once per process
+        original = cls.init_dtype_attrs
+
+        def init_dtype_attrs(self, mp_policy):
+            original(self, mp_policy)
+            if not self.orig_dtype.is_floating_point:
+                self.param_dtype = None
+
+        init_dtype_attrs.qshard_integer_safe = True
+        cls.init_dtype_attrs = init_dtype_attrs
+    return True
+
+
+class _IntegerSafeNN(types.ModuleType):
+    """torch.nn, except that Parameter(integer tensor) does not ask for gradients (see above)."""
+
+    def __getattr__(self, name):
+        import torch
+
+        return getattr(torch.nn, name)
+
+    @staticmethod
+    def Parameter(data=None, requires_grad: bool = True):  # noqa: N802 (torch's name)
+        import torch
+
+        if data is not None and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False
+        return torch.nn.Parameter(data, requires_grad)
+
+
+def fsdp2_root_options(reshard_after_forward: bool) -> dict:
+    """The `reshard_after_forward` argument for `fully_shard` on the root module (embeddings, final norm,
+    head), which is used again as soon as backward starts, so it should stay gathered from forward to backward.
+
+    torch's default for the root (the argument left out) does that in every release; an explicit value does
+    not mean the same everywhere: torch 2.6 never reshards the root whatever is passed, later releases
+    honour an explicit True (pytorch/pytorch#154704: the root is gathered a second time for backward) and read
+    the default None as "not the root" (#155319). So for True nothing is passed; False is passed as is.
+    tests/test_compat.py checks both behaviours on this torch. Remove when an explicit True keeps the root
+    gathered, or qshard wants the root resharded."""
+    return {} if reshard_after_forward else {"reshard_after_forward": False}
+
+
+def torchrun_attempt_store(rank: int, world: int, timeout):
+    """The launcher's key-value store, namespaced by restart attempt (TORCHELASTIC_RESTART_COUNT).
+
+    torchrun's agent keeps one TCPStore across restarts (torch 2.x, seen 2.13), while torch's env://
+    rendezvous hands it to the workers as is, assuming "a new TCPStore for every retry"
+    (torch/distributed/rendezvous.py, _create_c10d_store). Sub-groups that engines create (DeepSpeed's ZeRO
+    groups) publish their gloo / NCCL addresses under keys that do not include the attempt, so a restarted
+    job read the dead attempt's addresses and failed with "connectFullMesh ... Connection refused"
+    (tests/test_faults.py). Remove when the store torch's rendezvous returns is separate per attempt
+    (tests/test_compat.py checks whether two attempts still share keys)."""
+    import os
+
+    import torch
+
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                       is_master=rank == 0 and not agent_hosts_it, timeout=timeout,
+                                       wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return torch.distributed.PrefixStore(f"qshard/attempt-{attempt}/", store)
+
+
+def install_c10d_kernels(names, make_kernel):
+    """Put a Python kernel in front of each c10d collective op in `names` that this torch has; returns the
+    handle `remove_c10d_kernels` takes. `make_kernel(name, op, below)` returns `kernel(keyset, *args,
+    **kwargs)`, which must call `op.redispatch(keyset & below, *args, **kwargs)` to reach the backend.
+
+    Torch (2.6 - at least 2.13) has no public way to observe every collective: DDP's reducer issues its
+    all-reduce from C++, FSDP2 and DeepSpeed call different Python entry points, and DTensor uses functional
+    collectives; all of them end in the dispatcher ops of the `c10d` library. So this registers an
+    implementation of torch's own `c10d` ops at the BackendSelect key (which every such call passes; autograd
+    wrappers and functional collectives exclude the Autograd key, not this one), using private names:
+    `torch._C._dispatch_keyset_full_after`, `torch._C._dispatch_get_all_op_names`, and Library.impl on a
+    library torch owns. Remove when torch offers a public per-collective hook on every backend
+    (tests/test_compat.py checks that DDP's reducer still reaches the kernels, and that they come off)."""
+    import torch
+
+    lib = torch.library.Library("c10d", "IMPL")
+    below = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.BackendSelect)
+    present = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("c10d::")}
+    for name in sorted(set(names) & present):
+        lib.impl(name, make_kernel(name, getattr(torch.ops.c10d, name).default, below), "BackendSelect",
+                 with_keyset=True)
+    return lib
+
+
+def remove_c10d_kernels(lib) -> None:
+    """Unregister what `install_c10d_kernels` registered: collectives go straight to their backend again."""
+    lib._destroy()
+
+
+def c10d_work_future(work):
+    """The future of a c10d op's Work as the dispatcher returns it (a boxed ScriptObject, opened with the
+    private `Work.unbox`), or None where the backend gives none (gloo's reduce-scatter raises)."""
+    import torch
+
+    try:
+        return torch.distributed.distributed_c10d.Work.unbox(work).get_future()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def exit_without_teardown(code: int) -> None:
+    """End a distributed worker once its run has returned and every file is closed, skipping the
+    interpreter's teardown. Seen with torch 2.13 + DeepSpeed 0.19.8 on CPU: a ZeRO-3 job restarted by
+    torchrun finished training and saving, then a rank aborted at exit ("terminate called without an
+    active exception", SIGABRT: a C++ communication thread destroyed while joinable), which turned a
+    good run into a failed job (1 of 20 trials of bench/faults.py). Seen too in a single process that
+    had run FSDP2 over a one-rank gloo group (CI, tests/test_faults.py, a resume from 2 processes to
+    1), so it ends every process that started a process group. Remove when that no longer happens in
+    the fault benchmark."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qshard import _compat
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -47,24 +49,9 @@ def init_runtime(timeout_s: float = 600.0, need_group: bool = False) -> Runtime:
             torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=rank,
                                                  world_size=world, timeout=timeout)
         else:
-            torch.distributed.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank,
-                                                 world_size=world, timeout=timeout)
+            store = _compat.torchrun_attempt_store(rank, world, timeout)  # not the previous attempt's keys
+            torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return Runtime(rank, world, local, device, owns)
-
-
-def _attempt_store(rank: int, world: int, timeout) -> torch.distributed.Store:
-    """The launcher's key-value store, namespaced by restart attempt.
-
-    torchrun keeps one store across restarts; sub-groups that engines create (DeepSpeed's ZeRO groups)
-    publish their gloo/nccl addresses under keys that do not include the attempt, so a restarted job
-    would read the dead attempt's addresses and fail with "connectFullMesh ... Connection refused".
-    """
-    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                                       is_master=rank == 0 and not agent_hosts_it, timeout=timeout,
-                                       wait_for_workers=False)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return torch.distributed.PrefixStore(f"qshard/attempt-{attempt}/", store)
 
 
 def _free_port() -> int:

@@ -14,20 +14,17 @@ import yaml
 from qshard.config import parse_recipe
 from qshard.errors import QShardError
 from qshard.tools import commbench
-from qshard.tools.commbench import (
-    Row,
-    bus_factor,
-    estimate,
-    make_row,
-    parse_sizes,
-    step_traffic,
-)
+from qshard.observe.commcount import planned_step_bytes
+from qshard.tools import plan
+from qshard.tools.commbench import Row, estimate, make_row, parse_sizes
 from qshard.tools.plan import (
     ModelSpec,
     Settings,
     base_bytes,
+    bus_factor,
     lora_params,
     read_model_spec,
+    step_traffic,
 )
 from tests.helpers import recipe_dict
 
@@ -51,15 +48,54 @@ def test_sizes_parse_like_the_planner_and_bad_ones_are_refused():
 
 def test_zero3_moves_more_bytes_per_step_than_ddp_and_counts_the_base_packed():
     s = Settings(quant="nf4", lora_r=16, micro_batch=1, seq_len=1024, gpus=8, global_batch=16)  # 2 micro-batches
-    traffic = {e: step_traffic(LLAMA_7B, replace(s, engine=e), e) for e in ("ddp", "zero2", "zero3", "fsdp2")}
+    traffic = {e: step_traffic(LLAMA_7B, replace(s, engine=e)) for e in ("ddp", "zero2", "zero3", "fsdp2")}
     total = {e: sum(t.bytes_per_step for t in ts) for e, ts in traffic.items()}
     n_lora, packed = lora_params(LLAMA_7B, s), sum(base_bytes(LLAMA_7B, s).values())
     assert total["ddp"] == 4 * n_lora  # one fp32 all-reduce of the LoRA gradients
-    assert total["zero3"] > 50 * total["ddp"] and total["fsdp2"] > 50 * total["ddp"]  # 16 GB vs 160 MB
+    assert total["zero3"] > 50 * total["ddp"] and total["fsdp2"] > 50 * total["ddp"]  # 15 GB vs 160 MB
+    # ZeRO-3 keeps the last 4 layers gathered for their backward (2 x the elements after each < 1e9) and
+    # gathers the other 28 again; each micro-batch gathers everything once for forward
+    zero3 = replace(s, engine="zero3")
+    assert plan.zero3_layers_kept(LLAMA_7B, zero3, n_lora) == 4
+    layer = plan.decoder_layer_bytes(LLAMA_7B, zero3) + n_lora // 32 * 2
     gather = next(t for t in traffic["zero3"] if t.op == "all_gather")
-    assert gather.bytes_per_step == 2 * 2 * (packed + 2 * n_lora)  # 2 micro-batches x (forward + backward)
+    assert gather.bytes_per_step == 2 * (packed + 2 * n_lora + 28 * layer)
     assert packed < 0.3 * 2 * LLAMA_7B.params  # NF4 + double quant: ~4.1 bits per base linear weight, not 16
-    assert sum(t.bytes_per_step for t in step_traffic(LLAMA_7B, s, "none")) == 0
+    assert sum(t.bytes_per_step for t in step_traffic(LLAMA_7B, s)) == 0  # engine none
+
+
+@pytest.mark.parametrize("engine, ckpt, reshard", [("ddp", False, True), ("zero1", False, True), ("zero2", True, True),
+                                                   ("zero3", False, True), ("zero3", True, True), ("fsdp2", False, True),
+                                                   ("fsdp2", True, True), ("fsdp2", True, False)])
+def test_planner_bench_comm_and_the_run_read_one_traffic_model(tmp_path, engine, ckpt, reshard):
+    """The planner's step time, `qshard bench-comm`'s estimate and a run's comm_planned_bytes all come from
+    plan.step_traffic: same bytes per kind, the same seconds at the same bandwidth (LLaMA-7B, 8 GPUs, NF4,
+    4 micro-batches). Activation checkpointing moves no more bytes except under ZeRO-3 (measured in
+    tests/test_commcount.py)."""
+    (tmp_path / "llama7b").mkdir()
+    (tmp_path / "llama7b" / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+         "intermediate_size": 11008, "vocab_size": 32000}))
+    distributed = ({"engine": "deepspeed", "zero_stage": int(engine[4])} if engine.startswith("zero")
+                   else {"engine": engine, **({"reshard_after_forward": reshard} if engine == "fsdp2" else {})})
+    recipe = parse_recipe({"model": {"path": str(tmp_path / "llama7b"), "gradient_checkpointing": ckpt},
+                           "data": {"path": "unused", "max_length": 1024},
+                           "train": {"micro_batch_size": 1, "gradient_accumulation_steps": 4},
+                           "distributed": distributed})
+    spec = read_model_spec(recipe.model.path)
+    run = planned_step_bytes(recipe, world_size=8, precision="bf16")
+    rows = [Row(op, 2 ** 20, 1.0, 0.0, plan.INTRA_NODE_BW) for op in commbench.COLLECTIVES]
+    bench = estimate(recipe, spec, rows, world=8, flops=plan.GPU_FLOPS)
+    assert {t["op"]: t["bytes_per_step"] for t in bench["traffic"]} == run and sum(run.values()) > 0
+    s = plan.settings_from_recipe(recipe, spec, gpus=8, nodes=1)
+    assert bench["comm_s"] == pytest.approx(plan.comm_seconds(spec, s), rel=1e-12)
+    lora = lora_params(spec, s)
+    assert bench["compute_s"] == pytest.approx(plan.compute_seconds(spec, s, lora), rel=1e-12)
+    base = sum(base_bytes(spec, s).values())
+    assert plan.step_seconds(spec, s, base, lora) == pytest.approx(bench["comm_s"] + bench["compute_s"], rel=1e-12)
+    if ckpt and engine != "zero3":
+        assert planned_step_bytes(recipe.model_copy(update={"model": recipe.model.model_copy(
+            update={"gradient_checkpointing": False})}), 8, "bf16") == run
 
 
 def test_communication_bound_when_the_link_is_slow():

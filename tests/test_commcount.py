@@ -14,7 +14,11 @@ read from the run's sharding.json, the analytic figures per optimizer step are:
 - fsdp2: each decoder layer all-gathered for forward and again for backward (reshard_after_forward),
   the root (R = embeddings, final norm and head, read from the model's safetensors header) once, kept
   from forward to backward (torch's default for a root): 2 (2 M - R) (no padding: every dim 0 is even);
-  LoRA gradients reduce-scattered once, L; clipping all-reduces the norm (a few bytes).
+  LoRA gradients reduce-scattered once, L; clipping all-reduces the norm (a few bytes). The same with
+  activation checkpointing.
+- zero3 with activation checkpointing: each layer's frozen storage once more (M - L - R per micro-batch);
+  with layers released after forward (a DeepSpeed JSON), 3 gathers of each layer and the embedding again.
+- train.count_comm: false: no comm keys at all.
 The loop's own all-reduce (loss, flags) and the gradient-flow check's gathers are left out: DDP's
 count equals L to the byte. Step 2 is compared (ZeRO-3 traces the module order in step 1).
 """
@@ -41,15 +45,29 @@ ENGINES = {"ddp": {"engine": "ddp"}, "zero2": {"engine": "deepspeed", "zero_stag
 MICRO = 2  # micro-batches per rank and step
 
 
+# a layer's forward is more than 1,000 fetched elements before its backward (the head alone has 32,768), its
+# recomputation (activation checkpointing) none: DeepSpeed releases every layer after forward, not after recompute
+RELEASE_LAYERS = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                        "stage3_max_reuse_distance": 1000, "stage3_prefetch_bucket_size": 0}}
+
+
 @pytest.fixture(scope="module")
 def runs(micro_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("comm")
     data = root / "train.jsonl"
     write_rows(data)
+    (root / "release.json").write_text(json.dumps(RELEASE_LAYERS))
+    variants = {name: (dist, {}, {}) for name, dist in ENGINES.items()}
+    variants |= {"fsdp2-ckpt": (ENGINES["fsdp2"], {"gradient_checkpointing": True}, {}),
+                 "zero3-ckpt": (ENGINES["zero3"], {"gradient_checkpointing": True}, {}),
+                 "zero3-release-ckpt": ({"engine": "deepspeed", "deepspeed_config": str(root / "release.json")},
+                                        {"gradient_checkpointing": True}, {}),
+                 "ddp-uncounted": (ENGINES["ddp"], {}, {"count_comm": False})}
     cells = []
-    for name, dist in ENGINES.items():
+    for name, (dist, model, train) in variants.items():
         r = recipe_dict(micro_model, data, root / name, max_steps=2, micro_batch_size=1,
-                        gradient_accumulation_steps=MICRO, sample_tokens=0)
+                        gradient_accumulation_steps=MICRO, sample_tokens=0, **train)
+        r["model"].update(model)
         r["distributed"] = dist
         cells.append({"name": name, "recipe": r})
     run_cells(root, cells, [[1, 2, 3]])
@@ -116,6 +134,46 @@ def test_fsdp2_gathers_layers_twice_the_root_once_and_reduce_scatters_lora_once(
     assert record["comm_planned_bytes"] == {"all_gather": MICRO * (2 * (model - root) + root), "reduce_scatter": lora}
 
 
+def test_fsdp2_activation_checkpointing_moves_no_more_bytes_and_the_plan_knows(runs):
+    """The forward recomputed in backward uses the weights gathered for that backward: FSDP2 does not reshard
+    during backward (2 gathers per layer and micro-batch, not 3)."""
+    plain, ckpt = _step(runs, "fsdp2"), _step(runs, "fsdp2-ckpt")
+    assert ckpt["comm_bytes"]["all_gather"] == plain["comm_bytes"]["all_gather"] > 0
+    assert ckpt["comm_calls"]["all_gather"] == plain["comm_calls"]["all_gather"]
+    assert ckpt["comm_planned_bytes"] == plain["comm_planned_bytes"] == {k: ckpt["comm_bytes"][k]
+                                                                         for k in ("all_gather", "reduce_scatter")}
+
+
+def test_zero3_activation_checkpointing_gathers_each_layers_frozen_storage_again(runs, micro_model):
+    """Everything kept gathered (below stage3_max_reuse_distance), the recomputed forward still gathers each
+    decoder layer's frozen storage (packed NF4 and norms: (M - L - R) / 2 per layer) once more; the LoRA
+    tensors stay. The plan counts it to the byte."""
+    record, (lora, model), root = _step(runs, "zero3-ckpt"), _sizes(runs, "zero3"), _root_bytes(micro_model)
+    frozen_layers = model - lora - root
+    assert frozen_layers == 2 * (19064 + 2 * 4 * 64)  # per layer: packed NF4 linears, two fp32 norms
+    assert record["comm_bytes"]["all_gather"] == MICRO * (model + frozen_layers)
+    assert record["comm_planned_bytes"]["all_gather"] == record["comm_bytes"]["all_gather"]
+
+
+def test_zero3_gathers_a_released_layer_three_times_with_checkpointing(runs, micro_model):
+    """With layers released after forward (a DeepSpeed JSON with stage3_max_reuse_distance 1,000 elements, what
+    a model of more than ~5e8 elements sees at the default), each layer is gathered for forward, for the
+    recomputed forward and for backward, and the embedding once more for its backward (checkpointing makes its
+    output require a gradient): the plan's rule for released layers, within 2% here (the first layer's
+    attention input needs no gradient, so its q/k/v weights are not gathered for backward)."""
+    record, (lora, model), root = _step(runs, "zero3-release-ckpt"), _sizes(runs, "zero3"), _root_bytes(micro_model)
+    layers, embedding = model - root, 4 * 512 * 64
+    measured = record["comm_bytes"]["all_gather"]
+    assert measured == pytest.approx(MICRO * (model + 2 * layers + embedding), rel=0.02)
+    assert measured > MICRO * (model + layers + embedding) * 1.1  # not 2 gathers
+
+
+def test_count_comm_false_counts_nothing(runs):
+    record = _step(runs, "ddp-uncounted")
+    assert not {"comm_bytes", "comm_calls", "comm_planned_bytes"} & record.keys()
+    assert record["loss"] == _step(runs, "ddp")["loss"]
+
+
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_every_step_records_traffic_and_time_in_flight(runs, engine):
     for step in (1, 2):
@@ -124,6 +182,27 @@ def test_every_step_records_traffic_and_time_in_flight(runs, engine):
         assert 0 < record["comm_s"] <= record["step_s"]  # gloo: completion times are observed
         assert record.get("comm_untimed", []) == (["reduce_scatter"] if "reduce_scatter" in record["comm_bytes"]
                                                   else [])
+
+
+def test_a_disabled_counter_installs_nothing_and_takes_a_leftover_off():
+    """train.count_comm: false (or one process): no Python kernel sits in front of any collective, not even
+    one a previous run in this process left installed."""
+    import torch
+
+    from qshard.observe import commcount
+
+    def installed() -> bool:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("c10d::allreduce_", "BackendSelect")
+
+    assert not installed()
+    commcount.CommCounter(enabled=True)  # a run that ended without close()
+    assert installed()
+    off = commcount.CommCounter(enabled=False)
+    assert not installed() and commcount._installed is None
+    off.start()
+    assert off.stop() is None and off.close() == {}
+    commcount.CommCounter(enabled=True).close()
+    assert not installed()
 
 
 def test_union_of_intervals_counts_overlap_once():

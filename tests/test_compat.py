@@ -51,8 +51,16 @@ def _peft(model):
     from qshard.model.load import QUANT_LAYERS
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM")
-    config._register_custom_module({cls: lora.Linear for cls in QUANT_LAYERS})
+    _compat.peft_register_custom_layers(config, {cls: lora.Linear for cls in QUANT_LAYERS})
     return get_peft_model(model, config)
+
+
+def _in_one_rank_group(body: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run `body` in a fresh interpreter inside a one-rank gloo process group (its stdout is the result)."""
+    code = ("import torch, torch.distributed as dist\nfrom qshard import _compat\nfrom qshard.runtime import _free_port\n"
+            "dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0, world_size=1)\n"
+            + body + "\ndist.destroy_process_group()\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 def _recorded(call) -> list[warnings.WarningMessage]:
@@ -118,6 +126,51 @@ def test_attach_lora_does_not_warn_unsupported_layer_type():
     seen = _recorded(lambda: attach_lora(model, r=4, alpha=8, dropout=0.0, targets=["q_proj"], use_dora=False,
                                          seed=0))
     assert not _messages(seen, UNSUPPORTED)
+
+
+# peft_register_custom_layers: PEFT still refuses a layer type it does not know, unless registered through the
+# private hook, which is still there
+def test_peft_still_needs_its_private_hook_to_wrap_qshard_layers():
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners import lora
+
+    assert callable(getattr(lora.LoraConfig, "_register_custom_module", None)), \
+        "PEFT renamed or removed _register_custom_module: look for its public replacement"
+    config = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match="not supported"):
+        get_peft_model(_micro_llama(quantized=True), config)
+    wrapped = [m for m in _peft(_micro_llama(quantized=True)).modules() if isinstance(m, lora.Linear)]
+    assert len(wrapped) == 4
+
+
+# peft_weight_placeholders: PEFT still reads `.weight` of a wrapped layer many times while attaching (upstream
+# half), and with the placeholders on nothing is dequantized for it (our half)
+def test_peft_still_reads_weight_repeatedly_and_placeholders_spare_the_dequantization():
+    from qshard.quant.bnb4bit import Linear4bit
+
+    reads, dequantized = [], []
+
+    class Counted(Linear4bit):
+        @property
+        def weight(self):
+            reads.append(self)
+            return super().weight
+
+        def dequantize(self):
+            dequantized.append(self)
+            return super().dequantize()
+
+    model = _micro_llama(quantized=False)
+    for name, module in list(model.named_modules()):
+        if name.endswith(("q_proj", "down_proj")):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, Counted.from_float(module.weight.detach()))
+    layers = [m for m in model.modules() if isinstance(m, Counted)]
+    with _compat.peft_weight_placeholders(layers, active=True):
+        _peft(model)
+    assert len(reads) / len(layers) >= 5, \
+        f"PEFT reads .weight {len(reads) / len(layers):.1f} times a layer: peft_weight_placeholders may go"
+    assert dequantized == [] and not any(m.weight_is_placeholder for m in layers)
 
 
 # quiet_known_noise: PEFT calls transformers' deprecated is_gradient_checkpointing, and the filter matches it
@@ -282,25 +335,13 @@ def test_nn_parameter_still_refuses_gradients_for_integer_tensors_and_the_replac
 
 
 def test_fsdp2_integer_fix_is_applied_exactly_on_the_torch_releases_that_need_it():
-    """Seen needed on 2.11 (the GPU image), not on 2.13 (this suite's); 2.12 was not seen either way."""
-    release = tuple(int(n) for n in torch.__version__.split("+")[0].split(".")[:2])
+    """Applied below torch 2.13 (seen needed on 2.11, the GPU image), not from 2.13 (this suite's)."""
     applied = _compat.fsdp2_allow_integer_parameters()
-    if release <= (2, 11):
-        assert applied is True
-    elif release >= (2, 13):
-        assert applied is False, "torch still lacks 2.13's FSDPParam code, or the source check no longer finds it"
+    assert applied is (_compat.release(torch.__version__) < (2, 13))
+    assert _compat.release("2.13.0+cpu") == (2, 13) and _compat.release("2.12.0a0+git1234") == (2, 12)
 
 
-def test_forced_fix_keeps_fully_shard_working_on_uint8_and_float_parameters():
-    """Both fixes forced (as torch 2.11 gets them) shard a module with uint8 storage under a bf16
-    mixed-precision policy: same values, integer parameters frozen and gathered as uint8 (not cast to
-    bf16) in forward and in backward, float ones still trainable."""
-    code = """
-import torch, torch.distributed as dist
-from qshard import _compat
-from qshard.runtime import _free_port
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-assert _compat.fsdp2_allow_integer_parameters(force=True)
+FSDP2_UINT8 = """
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 seen = []
 class Coded(torch.nn.Linear):
@@ -319,8 +360,112 @@ assert not m.codes.requires_grad and m.weight.requires_grad
 m(torch.ones(2, 8)).sum().backward()
 assert m.weight.grad is not None
 assert seen == [torch.uint8] * 3, seen  # forward, and the recomputation in backward
-dist.destroy_process_group()
 print("ok")
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_forced_fix_keeps_fully_shard_working_on_uint8_and_float_parameters():
+    """Both fixes forced (as torch 2.11 gets them) shard a module with uint8 storage under a bf16
+    mixed-precision policy: same values, integer parameters frozen and gathered as uint8 (not cast to
+    bf16) in forward and in backward, float ones still trainable."""
+    proc = _in_one_rank_group("assert _compat.fsdp2_allow_integer_parameters(force=True)\n" + FSDP2_UINT8)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_fully_shard_handles_uint8_parameters_without_the_fix_from_torch_2_13():
+    """The upstream half of fsdp2_allow_integer_parameters' version bound: torch >= 2.13 shards and gathers
+    uint8 parameters correctly on its own; torch 2.11 failed (2.12 was not seen)."""
+    proc = _in_one_rank_group(FSDP2_UINT8)
+    if _compat.release(torch.__version__) >= (2, 13):
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", \
+            "this torch mishandles integer parameters again: apply fsdp2_allow_integer_parameters to it\n" + \
+            proc.stderr[-2000:]
+    elif _compat.release(torch.__version__) <= (2, 11):
+        assert proc.returncode != 0, "torch <= 2.11 handles integer parameters: lower the fix's version bound"
+
+
+# fsdp2_root_options: torch's default keeps the root gathered after forward, an explicit True reshards it
+def test_fsdp2_root_stays_gathered_after_forward_only_without_an_explicit_true():
+    proc = _in_one_rank_group("""
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+def resharded_after_forward(root_options):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 8))
+    fully_shard(m[1])
+    fully_shard(m, **root_options)
+    m(torch.tensor([[1, 2]])).sum().detach()
+    return isinstance(m[0].weight, DTensor)
+print(resharded_after_forward(_compat.fsdp2_root_options(True)), resharded_after_forward({}),
+      resharded_after_forward({"reshard_after_forward": True}), resharded_after_forward(_compat.fsdp2_root_options(False)))
+""")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours, default, explicit, off = proc.stdout.split()
+    assert (ours, default, off) == ("False",) * 3  # qshard's root stays gathered for backward
+    assert explicit == "True", "an explicit reshard_after_forward=True no longer reshards the root: " \
+                               "fsdp2_root_options may pass it as is"
+
+
+# torchrun_attempt_store: torch's env:// rendezvous on torchrun's agent store shares keys across restart
+# attempts (upstream half); the attempt store does not (our half)
+def test_rendezvous_store_is_shared_across_restart_attempts_and_the_attempt_store_is_not(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from qshard.runtime import _free_port
+
+    port, timeout = _free_port(), datetime.timedelta(seconds=30)
+    server = dist.TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)  # torchrun's agent
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(key, value)
+
+    def stores(attempt: int):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        return store, _compat.torchrun_attempt_store(0, 1, timeout)
+
+    (torch_0, ours_0), (torch_1, ours_1) = stores(0), stores(1)
+    torch_0.set("group/1/address", "dead")
+    ours_0.set("group/1/address", "dead")
+    assert torch_1.check(["group/1/address"]), \
+        "torch's rendezvous now separates restart attempts: torchrun_attempt_store may go"
+    assert not ours_1.check(["group/1/address"])
+    del server
+
+
+# install_c10d_kernels / c10d_work_future: the private dispatcher names still work, DDP's reducer (C++) still
+# reaches the kernels, a Work still opens to a future, and removing the kernels takes them off
+def test_c10d_kernels_see_ddps_reducer_and_come_off_again():
+    proc = _in_one_rank_group("""
+seen, futures = [], []
+def make_kernel(name, op, below):
+    def kernel(keyset, *args, **kwargs):
+        result = op.redispatch(keyset & below, *args, **kwargs)
+        seen.append(name)
+        futures.append(_compat.c10d_work_future(result[-1]) is not None)
+        return result
+    return kernel
+lib = _compat.install_c10d_kernels(["allreduce_", "no_such_op_"], make_kernel)
+dist.all_reduce(torch.ones(3))
+ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+ddp(torch.ones(1, 4)).sum().backward()
+counted = len(seen)
+_compat.remove_c10d_kernels(lib)
+dist.all_reduce(torch.ones(3))
+print(counted, len(seen), all(futures))
+""")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["2", "2", "True"]  # ours, then DDP's gradient all-reduce; none once removed
+
+
+def test_deepspeed_cpu_fp16_asks_what_deepspeeds_cpu_accelerator_asks():
+    """_compat.deepspeed_cpu_fp16 mirrors DeepSpeed's CPU_Accelerator.is_fp16_supported (0.19.8); when
+    DeepSpeed changes its question, this test says so and the workaround can go."""
+    import inspect
+
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    assert "_is_mkldnn_fp16_supported" in inspect.getsource(CPU_Accelerator.is_fp16_supported)
+    assert _compat.deepspeed_cpu_fp16() == bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())

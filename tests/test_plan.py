@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,9 +15,11 @@ import yaml
 
 from qshard.cli import main
 from qshard.config import load_recipe
-from qshard.engines.deepspeed import reduce_bucket_size
+from qshard.dsconfig import reduce_bucket_size
 from qshard.tools import plan
 from qshard.tools.plan import GIB, Settings, estimate, model_spec
+
+PTQ = Path(__file__).parent / "fixtures" / "ptq"
 
 LLAMA3_70B = {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
               "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256, "torch_dtype": "bfloat16",
@@ -291,7 +295,8 @@ def test_70b_on_eight_24gb_gpus_recommends_a_sharded_engine(tmp_path):
 
 
 def test_recommendation_is_a_loadable_recipe_and_deepspeed_config(tmp_path):
-    from qshard.engines.deepspeed import deepspeed_config
+    from qshard import compat
+    from qshard.dsconfig import deepspeed_config
 
     model = write_model_dir(tmp_path / "llama3-70b", LLAMA3_70B)
     recipe = load_recipe(write_recipe(tmp_path, model))
@@ -300,7 +305,10 @@ def test_recommendation_is_a_loadable_recipe_and_deepspeed_config(tmp_path):
     result.best = zero3
     written = plan.write_recommendation(result, recipe, tmp_path / "plan")
     again = load_recipe(written[0])
-    assert again.distributed.engine == "deepspeed" and again.distributed.zero_stage == 3
+    assert again.distributed.engine == "deepspeed"  # the stage is the JSON's (the recipe may not repeat it)
+    ds_json = json.loads(Path(again.distributed.deepspeed_config).read_text())
+    assert compat.engine_key("deepspeed", ds_config=ds_json) == "zero3"
+    assert plan.engine_settings(again.distributed) == ("zero3", False, False)
     s = zero3.settings
     assert again.train.micro_batch_size * again.train.gradient_accumulation_steps * 8 >= 8
     filled = deepspeed_config(zero_stage=3, offload_optimizer="none", offload_params="none", micro_batch=s.micro_batch,
@@ -308,6 +316,22 @@ def test_recommendation_is_a_loadable_recipe_and_deepspeed_config(tmp_path):
                               user_config=again.distributed.deepspeed_config)
     assert filled["train_batch_size"] == s.micro_batch * s.accumulation * 8
     assert filled["zero_optimization"]["reduce_bucket_size"] == plan.lora_params(result.spec, s)
+
+
+def test_recommendation_switching_engines_is_still_a_loadable_recipe(tmp_path):
+    """A recipe on FSDP2 (reshard_after_forward off) recommended DDP, and one on a user's DeepSpeed JSON
+    (whose stage 3 the planner reads, as the run does) recommended FSDP2: the other engine's keys go."""
+    model = write_model_dir(tmp_path / "llama3-70b", LLAMA3_70B)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    for distributed, choice in (({"engine": "fsdp2", "reshard_after_forward": False}, "ddp"),
+                                ({"engine": "deepspeed", "deepspeed_config": str(tmp_path / "ds.json")}, "fsdp2")):
+        recipe = load_recipe(write_recipe(tmp_path, model, distributed=distributed))
+        result = plan.make_plan(recipe, plan.read_model_spec(str(model)), gpus=8, gpu_mem=80 * GIB)
+        assert result.current.settings.engine == ("fsdp2" if choice == "ddp" else "zero3")
+        result.best = next(e for e in result.ranked if e.settings.engine == choice)
+        again = load_recipe(plan.write_recommendation(result, recipe, tmp_path / choice)[0])
+        assert again.distributed.engine == choice and again.distributed.deepspeed_config is None
+        assert again.distributed.reshard_after_forward is True
 
 
 def test_parse_size_reads_binary_and_decimal_units():
@@ -342,3 +366,197 @@ def test_plan_command_names_a_model_folder_without_config(tmp_path, capsys):
     recipe = write_recipe(tmp_path, tmp_path / "empty")
     assert main(["plan", str(recipe)]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+# -- the planner is pure ---------------------------------------------------------------------------
+
+def test_the_planner_imports_no_engine_nor_torch():
+    """Its DeepSpeed rules come from qshard/dsconfig.py, which the engine imports too."""
+    code = ("import sys, qshard.tools.plan; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('torch', 'deepspeed') or m.startswith('qshard.engines')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+
+
+# -- PTQ checkpoints kept as they are (quantization.method: checkpoint) ------------------------------
+
+LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256, "torch_dtype": "bfloat16",
+             "tie_word_embeddings": False}
+FIXTURES = sorted(p.name for p in PTQ.iterdir() if (p / "config.json").is_file())
+
+
+def _quantization_config(fixture: str, **changes) -> dict:
+    return json.loads((PTQ / fixture / "config.json").read_text())["quantization_config"] | changes
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_ptq_storage_from_config_equals_the_loaded_checkpoints_parameters(fixture):
+    """From config.json alone, the planner's bytes for a PTQ checkpoint kept as it is equal those of the
+    parameters qshard's loader builds from the real files (GPTQ v1/v2, act-order, per-channel, 8-bit; AWQ with
+    and without zero points; compressed-tensors group/channel, sym/asym, 8-bit), and ZeRO-3's element count
+    of a decoder layer (int32 words count once) equals theirs."""
+    from qshard.model.load import QuantSpec, load_model
+
+    spec = plan.read_model_spec(str(PTQ / fixture))
+    model = load_model(str(PTQ / fixture), dtype="float32", quant=QuantSpec("checkpoint"), log=lambda *_: None)
+    params = dict(model.named_parameters())
+    s = Settings(quant="checkpoint", dense_dtype="float32")
+    assert spec.checkpoint_format in ("gptq", "awq", "compressed-tensors") and len(spec.packed) == 7
+    assert sum(plan.base_bytes(spec, s).values()) == sum(p.numel() * p.element_size() for p in params.values())
+    assert plan.decoder_layer_elements(spec, s) == sum(p.numel() for n, p in params.items() if ".layers.0." in n)
+
+
+@pytest.mark.parametrize("fixture, fmt, bits", [
+    ("gptq_llama_w4_g32_sym", "gptq", 4 + (4 + 16) / 32),         # codes + 4-bit zero + fp16 scale per 32
+    ("autoawq_llama_w4_g64_zp", "awq", 4 + (4 + 16) / 64),        # the same per 64
+    ("ct_llama_w4a16_g32_sym", "compressed-tensors", 4 + 16 / 32),  # symmetric: no zero points
+])
+def test_plan_command_sizes_a_ptq_checkpoint_from_its_config(tmp_path, capsys, fixture, fmt, bits):
+    """`qshard plan` on Llama-3-8B's shapes with each fixture's quantization_config: the layer linears
+    (6.98e9 weights) at 4.625 (GPTQ g32: 4.035 GB, + an int32 g_idx per input row: 5.0 MB), 4.3125 (AWQ g64:
+    3.76 GB) and 4.5 bits (compressed-tensors g32 symmetric: 3.93 GB), against NF4's 3.60 GB (4.127 bits);
+    it recommends keeping the checkpoint."""
+    model = write_model_dir(tmp_path / "model", {**LLAMA3_8B, "quantization_config": _quantization_config(fixture)})
+    recipe = write_recipe(tmp_path, model, quantization={"method": "checkpoint"})
+    assert main(["plan", str(recipe), "--gpus", "2", "--out", str(tmp_path / "out")]) == 0
+    assert f"a {fmt} checkpoint" in capsys.readouterr().out
+    assert load_recipe(tmp_path / "out" / "recipe.yaml").quantization.method == "checkpoint"
+    spec = plan.read_model_spec(str(model))
+    s = plan.settings_from_recipe(load_recipe(recipe), spec, gpus=2, nodes=1)
+    weights = spec.components()["layer_linears"]
+    g_idx = spec.layers * sum(n_in for n_in, _ in spec.layer_linears().values()) * 4 if fmt == "gptq" else 0
+    assert weights == 6_979_321_856
+    assert plan.base_bytes(spec, s)["layers"] == weights * bits / 8 + g_idx
+    assert estimate(spec, replace(s, engine="fsdp2")).gpu["base_weights"] == sum(plan.base_bytes(spec, s).values()) // 2
+
+
+@pytest.mark.parametrize("method, bits", [("nf4", 4.127), ("fp4", 4.127), ("int8", 8.006), ("none", 16.0)])
+def test_plan_command_sizes_every_on_load_quantization(tmp_path, capsys, method, bits):
+    """The same Llama-3-8B quantized on load: bits per layer-linear weight as stored (NF4/FP4 with double
+    quant 4.127; int8 8 + an fp32 scale per output row; none: bf16)."""
+    model = write_model_dir(tmp_path / "model", LLAMA3_8B)
+    recipe = write_recipe(tmp_path, model, quantization={"method": method})
+    assert main(["plan", str(recipe), "--gpus", "2", "--out", str(tmp_path / "out")]) == 0
+    assert "recommended:" in capsys.readouterr().out
+    spec = plan.read_model_spec(str(model))
+    s = plan.settings_from_recipe(load_recipe(recipe), spec, gpus=2, nodes=1)
+    assert plan.base_bytes(spec, s)["layers"] * 8 / spec.components()["layer_linears"] == pytest.approx(bits, abs=1e-3)
+
+
+def test_gptq_4bit_base_is_the_nf4_base_within_the_formats_overheads(tmp_path):
+    """Llama-3-8B's layer linears: NF4 with double quant 3.601 GB (4.127 bits a weight); GPTQ 4-bit in groups
+    of 128 3.631 GB (4 + (4-bit zero + fp16 scale) / 128 = 4.156 bits, + 5.0 MB of g_idx): 0.8% more. The
+    embeddings and the head stay bf16 (1.05 GB each) in both, so whole bases differ by 0.5%."""
+    qc = _quantization_config("gptq_llama_w4_g32_sym", group_size=128)
+    gptq = plan.read_model_spec(str(write_model_dir(tmp_path / "gptq", {**LLAMA3_8B, "quantization_config": qc})))
+    g = plan.base_bytes(gptq, Settings(quant="checkpoint"))
+    n = plan.base_bytes(model_spec(LLAMA3_8B), Settings(quant="nf4"))
+    assert n["layers"] == pytest.approx(3.601e9, rel=1e-3) and g["layers"] == pytest.approx(3.631e9, rel=1e-3)
+    assert g["layers"] / n["layers"] == pytest.approx(1.0084, abs=1e-3)
+    assert (g["embed_tokens"], g["lm_head"]) == (n["embed_tokens"], n["lm_head"]) == (128256 * 4096 * 2,) * 2
+    assert sum(g.values()) / sum(n.values()) == pytest.approx(1.0052, abs=1e-3)
+
+
+def test_a_ptq_checkpoint_is_searched_as_it_is_and_converted(tmp_path):
+    """Kept as it is, or converted on load (the loader dequantizes it): both are candidates, and the recipe's
+    choice wins when it fits; a dense model is never planned as a checkpoint."""
+    qc = _quantization_config("autoawq_llama_w4_g64_zp")
+    model = write_model_dir(tmp_path / "awq", {**LLAMA3_8B, "quantization_config": qc})
+    recipe = load_recipe(write_recipe(tmp_path, model, quantization={"method": "checkpoint"}))
+    result = plan.make_plan(recipe, plan.read_model_spec(str(model)), gpus=2, gpu_mem=80 * GIB)
+    assert {e.settings.quant for e in result.ranked} == {"checkpoint", "nf4", "int8", "none"}
+    assert result.best.settings.quant == "checkpoint" and result.current.settings.quant == "checkpoint"
+    dense = write_model_dir(tmp_path / "dense", LLAMA3_8B)
+    from qshard.errors import QShardError
+
+    with pytest.raises(QShardError, match="not a GPTQ/AWQ/compressed-tensors checkpoint"):
+        plan.make_plan(load_recipe(write_recipe(tmp_path, dense, quantization={"method": "checkpoint"})),
+                       plan.read_model_spec(str(dense)), gpus=2, gpu_mem=80 * GIB)
+
+
+def test_ptq_layers_keep_their_dequantized_weight_for_backward_as_planned():
+    """qshard's PTQ layers dequantize and call F.linear, which saves the dense weight for the input's gradient:
+    counted per layer by the planner. Measured on the GPTQ fixture with LoRA on every linear (fp32): every
+    layer linear's [in, out] weight is saved, except layer 0's q/k/v, whose input (the embeddings' norm) needs
+    no gradient."""
+    from qshard.model.load import QuantSpec, load_model
+    from qshard.model.lora import attach_lora
+
+    fixture = str(PTQ / "gptq_llama_w4_g32_sym")
+    spec = plan.read_model_spec(fixture)
+    model = load_model(fixture, dtype="float32", quant=QuantSpec("checkpoint"), log=lambda *_: None)
+    peft = attach_lora(model, r=4, alpha=8, dropout=0.0, targets=list(spec.layer_linears()), use_dora=False, seed=0)
+    shapes = set(spec.layer_linears().values())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        peft(input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
+    weights = sum(t.numel() * 4 for t in saved if t.dim() == 2 and tuple(t.shape) in shapes)
+    per_layer = plan.dequantized_weight_bytes(spec, Settings(quant="checkpoint", precision="fp32"))
+    first_qkv = sum(i * o for name, (i, o) in spec.layer_linears().items() if name in ("q_proj", "k_proj", "v_proj"))
+    assert per_layer == 4 * spec.components()["layer_linears"] // spec.layers
+    assert weights == spec.layers * per_layer - 4 * first_qkv
+
+
+# -- LoRA parameters and the disk they take ----------------------------------------------------------
+
+@pytest.mark.parametrize("arch, targets, dora", [("llama", "all-linear", False), ("qwen2", ["q_proj", "v_proj", "down_proj"],
+                                                                                False), ("mistral", "all-linear", True)])
+def test_lora_parameter_count_equals_peft(arch, targets, dora):
+    """One count (plan.lora_param_count over shapes) from config.json and from the model equals PEFT's own."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qshard.model.lora import adapted_shapes, resolve_targets
+    from qshard.tools.tiny import tiny_config
+
+    config = tiny_config(arch, "micro", vocab_size=64)
+    model = AutoModelForCausalLM.from_config(config)
+    names = resolve_targets(model, targets)
+    shapes = adapted_shapes(model, names)
+    peft = get_peft_model(model, LoraConfig(r=8, target_modules=names, use_dora=dora, task_type="CAUSAL_LM"))
+    real = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    s = Settings(lora_r=8, lora_targets=targets if targets == "all-linear" else tuple(targets), use_dora=dora)
+    assert plan.lora_param_count(shapes, 8, dora) == plan.lora_params(model_spec(config.to_dict()), s) == real
+    assert real == {"llama": 16384, "qwen2": 2 * 8 * (64 + 64 + 64 + 32 + 128 + 64), "mistral": 16384 + 2 * 512}[arch]
+
+
+def test_lora_parameter_count_of_qshard_quantized_layers_equals_peft(micro_model):
+    """The same through qshard's loader and attach_lora: NF4 layers are adapted like nn.Linear."""
+    from qshard.model.load import QuantSpec, load_model
+    from qshard.model.lora import adapted_shapes, attach_lora, resolve_targets
+
+    model = load_model(str(micro_model), dtype="float32", quant=QuantSpec("nf4"), log=lambda *_: None)
+    names = resolve_targets(model, "all-linear")
+    shapes = adapted_shapes(model, names)
+    peft = attach_lora(model, r=8, alpha=16, dropout=0.0, targets=names, use_dora=False, seed=0)
+    assert plan.lora_param_count(shapes, 8) == sum(p.numel() for p in peft.parameters() if p.requires_grad) == 16384
+
+
+def _safetensors_data_bytes(path: Path) -> int:
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    return path.stat().st_size - 8 - header
+
+
+def test_checkpoint_disk_bytes_cover_a_real_run_at_its_fullest(micro_model, tmp_path):
+    """A 3-step run saving every step, keeping 1 checkpoint, of the 16,384-parameter adapter: a checkpoint's
+    tensors are 12 B per parameter (adapter + AdamW's two moments, + a 4 B step counter per LoRA tensor), its
+    other files 58 KB; at its fullest the folder holds 2 checkpoints, the final adapter and the run's files."""
+    from qshard.config import parse_recipe
+    from qshard.train import run
+    from tests.helpers import recipe_dict, write_rows
+
+    data = write_rows(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    run(parse_recipe(recipe_dict(micro_model, data, out, max_steps=3, save_every=1, keep_checkpoints=1,
+                                 sample_tokens=0)), log=lambda *_: None)
+    lora, keep = 16384, 1
+    (checkpoint,) = out.glob("checkpoint-*")
+    size = lambda folder: sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())  # noqa: E731
+    tensors = sum(_safetensors_data_bytes(p) for p in checkpoint.rglob("*.safetensors") if "rng" not in p.name)
+    assert 12 * lora <= tensors <= 12 * lora + 4 * 28  # 28 LoRA tensors
+    assert size(checkpoint) - tensors < plan.CHECKPOINT_FILES_BYTES / 16
+    fullest = (keep + 1) * size(checkpoint) + size(out) - size(checkpoint)
+    need = plan.checkpoint_disk_bytes(lora, keep)
+    assert fullest <= need <= fullest + (keep + 1) * plan.CHECKPOINT_FILES_BYTES + plan.DISK_MARGIN

@@ -29,8 +29,8 @@ def create_engine(engine: str, *, device: torch.device, precision: str, world_si
 
         param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         return FSDP2Engine(device, reshard_after_forward, fsdp_cpu_offload, param_dtype)
+    from qshard.dsconfig import deepspeed_config as make_config
     from qshard.engines.deepspeed import DeepSpeedEngine
-    from qshard.engines.deepspeed import deepspeed_config as make_config
 
     config = make_config(zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
                          micro_batch=micro_batch, accumulation=accumulation, world_size=world_size,

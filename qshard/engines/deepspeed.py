@@ -4,84 +4,22 @@ We hand DeepSpeed a torch AdamW (no JIT-compiled fused Adam) and keep our own lo
 the loop's loss is already the global token mean, so DeepSpeed must not divide it again by the
 accumulation steps (`scale_wrt_gas=False`).
 
-ZeRO-3 partitions every parameter, the quantized base's uint8 storage included. The persistence
-threshold is 0 so that no small parameter (a block-scale tensor, a LoRA matrix) silently stays
-gathered on every rank after the first forward; the base is then really split N ways.
+ZeRO-3 partitions every parameter, the quantized base's uint8 storage included. qshard's config
+(qshard/dsconfig.py) sets the persistence threshold to 0 so that no small parameter (a block-scale
+tensor, a LoRA matrix) silently stays gathered on every rank after the first forward; the base is
+then really split N ways.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from qshard.dsconfig import reduce_bucket_size
 from qshard.engines.base import nullcontext
 from qshard.errors import QShardError
-
-
-def deepspeed_config(*, zero_stage: int, offload_optimizer: str, offload_params: str, micro_batch: int,
-                     accumulation: int, world_size: int, precision: str, max_grad_norm: float | None,
-                     user_config: str | None = None) -> dict:
-    """qshard's DeepSpeed config, or the user's JSON with its "auto" values filled in."""
-    filled = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
-              "train_batch_size": micro_batch * accumulation * world_size,
-              "gradient_clipping": max_grad_norm or 0.0}
-    if user_config:
-        return _fill_auto(_read_user_config(user_config), filled, precision)
-    zero: dict = {"stage": zero_stage}
-    if zero_stage == 3:
-        zero["stage3_param_persistence_threshold"] = 0
-    if offload_optimizer == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if offload_params == "cpu":
-        zero["offload_param"] = {"device": "cpu"}
-    return {**filled, "zero_optimization": zero,
-            "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"},
-            "zero_allow_untested_optimizer": True,  # our torch AdamW
-            "zero_force_ds_cpu_optimizer": False,   # ...also when offloading
-            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-
-
-def _read_user_config(path: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise QShardError(f"cannot read the DeepSpeed config: {e}", where="distributed.deepspeed_config",
-                          fix="give the path of a valid DeepSpeed JSON file") from None
-
-
-def _fill_auto(config: dict, filled: dict, precision: str) -> dict:
-    """Replace "auto" with qshard's values; any other "auto" is an error that names its key."""
-    config = json.loads(json.dumps(config))
-    for key, value in filled.items():
-        if config.get(key, "auto") == "auto":
-            config[key] = value
-    for section, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
-        if isinstance(config.get(section), dict) and config[section].get("enabled") == "auto":
-            config[section]["enabled"] = on
-    config.setdefault("zero_allow_untested_optimizer", True)
-    config.setdefault("zero_force_ds_cpu_optimizer", False)
-    left = _auto_keys(config)
-    if left:
-        raise QShardError(f"qshard cannot fill \"auto\" for {', '.join(left)}", where="distributed.deepspeed_config",
-                          fix="give these keys explicit values")
-    return config
-
-
-def _auto_keys(node, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        return [k for key, v in node.items() for k in _auto_keys(v, f"{prefix}{key}.")]
-    return [prefix.rstrip(".")] if node == "auto" else []
-
-
-def reduce_bucket_size(trainable: int) -> int:
-    """The reduce_bucket_size (elements) qshard gives DeepSpeed: it sizes the gradient-reduction buffers
-    by it (default 5e8 elements, ~1-2 GB per GPU), while LoRA's gradients are a few MB, so a bucket of
-    the trainable parameter count (at least 1e6, at most the default) suffices."""
-    return int(min(5e8, max(trainable, 1_000_000)))
 
 
 class DeepSpeedEngine:

@@ -52,11 +52,8 @@ class FSDP2Engine:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=self.reshard, **options)
-        # The root is used again as soon as backward starts, and torch's default keeps it gathered from forward
-        # to backward: torch 2.6 never reshards the root whatever is passed; later versions honour an explicit
-        # True (pytorch/pytorch#154704) and read the default, None, as "not the root" (#155319). So for True
-        # nothing is passed.
-        fully_shard(model, **options, **({} if self.reshard else {"reshard_after_forward": False}))
+        # the root stays gathered from forward to backward, which uses it again at once
+        fully_shard(model, **options, **_compat.fsdp2_root_options(self.reshard))
         # PeftModel.generate reaches the inner model without calling the root's forward, so the
         # root's parameters (embeddings, head) would stay sharded: hook generate like forward.
         register_fsdp_forward_method(model, "generate")

@@ -37,10 +37,11 @@ def resolve_targets(model: nn.Module, target_modules: str | list[str]) -> list[s
     return list(target_modules)
 
 
-def lora_param_count(model: nn.Module, targets: list[str], r: int) -> int:
-    """Adapter parameters LoRA will add (r x (in + out) per adapted layer), from the empty skeleton."""
-    return sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, (nn.Linear, *QUANT_LAYERS)) and name.rpartition(".")[2] in targets)
+def adapted_shapes(model: nn.Module, targets: list[str]) -> list[tuple[int, int]]:
+    """(in_features, out_features) of every linear LoRA will adapt, from the model (the empty skeleton will
+    do); qshard.tools.plan.lora_param_count turns them into the adapter's parameter count."""
+    return [(m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, *QUANT_LAYERS)) and name.rpartition(".")[2] in targets]
 
 
 def attach_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, targets: list[str],
@@ -51,18 +52,13 @@ def attach_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, targe
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         use_dora=use_dora, bias="none", task_type="CAUSAL_LM")
-    # PEFT's custom-module hook: our quantized layers get PEFT's standard LoRA Linear wrapper,
-    # which calls them as `base_layer` and reads `.weight` (dequantized) only for DoRA.
-    config._register_custom_module({cls: lora.Linear for cls in QUANT_LAYERS})
+    # our quantized layers get PEFT's standard LoRA Linear wrapper, which calls them as `base_layer` and
+    # reads `.weight` (dequantized) only for DoRA
+    _compat.peft_register_custom_layers(config, {cls: lora.Linear for cls in QUANT_LAYERS})
     quant_layers = [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
-    for layer in quant_layers:
-        layer.weight_is_placeholder = not use_dora  # only DoRA needs the dense values
-    try:
-        with _compat.quiet_peft_custom_layer_warning():
-            peft_model = get_peft_model(model, config)
-    finally:
-        for layer in quant_layers:
-            layer.weight_is_placeholder = False
+    with _compat.peft_weight_placeholders(quant_layers, active=not use_dora), \
+            _compat.quiet_peft_custom_layer_warning():
+        peft_model = get_peft_model(model, config)
     for p in peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

@@ -3,15 +3,16 @@
 DDP's reducer (C++), FSDP2, DeepSpeed (deepspeed.comm over torch.distributed) and DTensor's functional
 collectives all end in the ops of torch's `c10d` library (`c10d::allreduce_`, `_allgather_base_`,
 `reduce_scatter_tensor_coalesced_`, ...): the ProcessGroup sends every call through the dispatcher.
-`CommCounter` registers a Python kernel for each of them at the BackendSelect key, which every such
-call passes (autograd wrappers and functional collectives exclude the Autograd key, not this one),
-records kind and bytes, and redispatches to the real gloo / NCCL kernel. Nothing else goes through
-Python: the cost is one short Python call per collective, 20-45 us of CPU with the completion
-callback (measured: a world-1 gloo loop of 1,000-float all-reduce / all-gather / reduce-scatter), i.e.
-under 1 ms a step for the 2-15 collectives a step of the engines issues on a 2-layer model.
+`CommCounter` puts a Python kernel in front of each of them (qshard/_compat.py install_c10d_kernels: torch
+has no public hook for this), records kind and bytes, and redispatches to the real gloo / NCCL kernel.
+Nothing else goes through Python: the cost is one short Python call per collective, 20-45 us of CPU with
+the completion callback (measured: a world-1 gloo loop of 1,000-float all-reduce / all-gather /
+reduce-scatter), i.e. under 1 ms a step for the 2-15 collectives a step of the engines issues on a 2-layer
+model. Disabled (one process, or train.count_comm: false), it registers nothing: every collective goes
+straight to its backend.
 
-Bytes follow nccl-tests' size S, the convention of `qshard bench-comm` and its per-step estimate
-(commbench.step_traffic), per rank: all_reduce / broadcast / reduce: the buffer; all_gather: the whole
+Bytes follow nccl-tests' size S, the convention of `qshard bench-comm` and of the planner's per-step
+traffic (qshard.tools.plan.step_traffic), per rank: all_reduce / broadcast / reduce: the buffer; all_gather: the whole
 gathered output; reduce_scatter: the whole input each rank reduces; others: what this rank sends.
 
 Time: gloo completes a collective's future when the transfer is done, so each call's issue ->
@@ -29,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from qshard import _compat
 
 # c10d op -> (kind, index of the argument whose tensors are S). Ops absent from an older torch are skipped.
 OPS = {
@@ -61,10 +64,12 @@ class StepTraffic:
 
 class CommCounter:
     """Counts the collectives this process issues while a window is open (`start` ... `stop`: one
-    training step), except inside `paused()`. Disabled (one process, no process group), it counts
-    nothing and `stop` returns None. `close` unregisters the kernels and returns the run's totals."""
+    training step), except inside `paused()`. Disabled (one process, no process group, or
+    train.count_comm: false), it installs nothing, counts nothing and `stop` returns None. `close`
+    unregisters the kernels and returns the run's totals."""
 
     def __init__(self, enabled: bool = True):
+        global _installed
         self.enabled, self._open, self._paused = enabled, False, 0
         self._lock = threading.Lock()
         self._lib = None
@@ -72,19 +77,11 @@ class CommCounter:
         self.steps, self.run_bytes, self.run_seconds, self.run_step_seconds = 0, {}, 0.0, 0.0
         self.run_untimed: set[str] = set()
         self._reset()
-        if enabled:
-            self._install()
-
-    def _install(self) -> None:
-        global _installed
         if _installed is not None:  # a previous run in this process that ended without close()
             _installed.close()
-        _installed = self
-        self._lib = torch.library.Library("c10d", "IMPL")
-        below = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.BackendSelect)
-        names = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("c10d::")}
-        for name in sorted(OPS.keys() & names):
-            self._lib.impl(name, self._kernel(name, below), "BackendSelect", with_keyset=True)
+        if enabled:
+            self._lib = _compat.install_c10d_kernels(OPS, self._kernel)
+            _installed = self
 
     def _reset(self) -> None:
         self._bytes: dict[str, int] = {}
@@ -94,8 +91,7 @@ class CommCounter:
         self._untimed: set[str] = set()  # kinds whose calls had no completion future
         self._t0 = time.perf_counter()
 
-    def _kernel(self, name: str, below):
-        op = getattr(torch.ops.c10d, name).default
+    def _kernel(self, name: str, op, below):
         kind, arg = OPS[name]
 
         def kernel(keyset, *args, **kwargs):
@@ -117,13 +113,9 @@ class CommCounter:
         if not self._timed or work is None or _on_cuda(args[0]):
             self._timed = False
             return
-        future = None
-        if name not in self._no_future:
-            try:
-                future = torch.distributed.distributed_c10d.Work.unbox(work).get_future()  # a ScriptObject came in
-            except (AttributeError, RuntimeError):  # gloo's reduce-scatter has none (and will not have next call)
-                self._no_future.add(name)
-        if future is None:
+        future = None if name in self._no_future else _compat.c10d_work_future(work)
+        if future is None:  # gloo's reduce-scatter has none (and will not have next call)
+            self._no_future.add(name)
             self._untimed.add(kind)
             return
         interval = [issued, float("nan")]
@@ -171,7 +163,7 @@ class CommCounter:
         global _installed
         self._open = False
         if self._lib is not None:
-            self._lib._destroy()
+            _compat.remove_c10d_kernels(self._lib)
             self._lib = None
             _installed = None if _installed is self else _installed
         if not self.steps:
@@ -204,7 +196,7 @@ def format_comm(summary: dict) -> str:
     """One line per kind for the end-of-run summary: measured bytes per step against the plan."""
     planned = summary.get("planned") or {}
     lines = [f"communication per step (this rank; mean of {max(1, summary['steps'] - 1)} step(s), the first left out; "
-             "planned: qshard bench-comm's estimate):"]
+             "planned: the planner's traffic, qshard.tools.plan.step_traffic):"]
     for kind in sorted(summary["bytes"].keys() | planned.keys()):
         measured, plan = summary["bytes"].get(kind, 0), planned.get(kind)
         ratio = f" ({measured / plan:.2f}x)" if plan else ""
@@ -247,18 +239,16 @@ def _union_seconds(intervals: list[list[float]], now: float) -> float:
 # -- the planner's figure for the same step --------------------------------------------------------
 
 def planned_step_bytes(recipe, world_size: int, precision: str) -> dict[str, int]:
-    """`qshard bench-comm`'s estimate (commbench.step_traffic) of one optimizer step's bytes per kind,
-    for this recipe at `world_size` ranks and the resolved precision (the planner assumes bf16 for auto)."""
+    """The planner's traffic (qshard.tools.plan.step_traffic, which `qshard bench-comm` and the planner's step
+    time read too) of one optimizer step, bytes per kind, for this recipe at `world_size` ranks and the
+    resolved precision (the planner assumes bf16 for auto)."""
     from dataclasses import replace
 
-    from qshard.tools.commbench import step_traffic
-    from qshard.tools.plan import read_model_spec, settings_from_recipe
+    from qshard.tools.plan import read_model_spec, settings_from_recipe, step_traffic
 
-    d = recipe.distributed
-    engine = f"zero{d.zero_stage}" if d.engine == "deepspeed" else d.engine
     spec = read_model_spec(recipe.model.path)
-    s = replace(settings_from_recipe(recipe, spec, gpus=world_size, nodes=1), engine=engine, precision=precision)
+    s = replace(settings_from_recipe(recipe, spec, gpus=world_size, nodes=1), precision=precision)
     planned: dict[str, int] = {}
-    for t in step_traffic(spec, s, engine, d.reshard_after_forward):
+    for t in step_traffic(spec, s):
         planned[t.op] = planned.get(t.op, 0) + t.bytes_per_step
     return planned

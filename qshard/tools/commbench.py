@@ -23,16 +23,20 @@ from pathlib import Path
 import torch
 
 from qshard.errors import QShardError
+from qshard.tools.plan import (
+    GPU_FLOPS,
+    Traffic,
+    bus_factor,
+    compute_seconds,
+    lora_params,
+    parse_size,
+    read_model_spec,
+    settings_from_recipe,
+    step_traffic,
+)
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 WARMUP = 2
-DDP_BUCKET = 25 * 2 ** 20  # torch DDP's default bucket_cap_mb
-FLOPS_PER_PARAM_TOKEN = 6  # forward 2 + backward 4 per parameter and token (Kaplan et al. 2020's 6ND)
-
-
-def bus_factor(op: str, n: int) -> float:
-    """nccl-tests' correction from algorithm to bus bandwidth (doc/PERFORMANCE.md, "Summary")."""
-    return 2 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,6 @@ def make_row(op: str, nbytes: int, seconds: float, world: int) -> Row:
 
 def parse_sizes(text: str) -> list[int]:
     """'1KB,1MB,64MiB' -> bytes (qshard.tools.plan.parse_size: KB = 1000, KiB = 1024)."""
-    from qshard.tools.plan import parse_size
-
     try:
         sizes = [parse_size(item) for item in text.split(",") if item.strip()]
     except QShardError:
@@ -112,67 +114,7 @@ def human_bytes(n: float) -> str:
     return ""
 
 
-# -- a recipe's step -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Traffic:
-    """One kind of collective in an optimizer step, per rank."""
-
-    op: str
-    bytes_per_step: int   # sum of S over the step's operations
-    message_bytes: int    # S of one operation (a decoder layer's gather, a gradient bucket)
-    what: str
-
-
-def step_traffic(spec, s, engine: str, reshard_after_forward: bool = True) -> list[Traffic]:
-    """Collectives of one optimizer step under `engine` (none | ddp | zero1 | zero2 | zero3 | fsdp2), from
-    the model's shapes (qshard.tools.plan.ModelSpec) and the recipe's settings (qshard.tools.plan.Settings).
-
-    The quantized base counts at its packed size (qshard.tools.plan.base_bytes): the engines move its uint8
-    storage. DeepSpeed keeps trainable params and their gradients in the half dtype; qshard's DDP and
-    FSDP2 reduce fp32 gradients (FSDP2's reduce_dtype), FSDP2 gathers LoRA params in the compute dtype."""
-    from qshard.tools.plan import (
-        DS_MAX_REUSE_DISTANCE,
-        base_bytes,
-        decoder_layer_bytes,
-        decoder_layer_elements,
-        lora_params,
-        root_bytes,
-    )
-
-    n_lora, base = lora_params(spec, s), sum(base_bytes(spec, s).values())
-    half = 4 if s.precision == "fp32" else 2
-    micro = s.accumulation
-    if engine == "ddp":  # no_sync on all but the last micro-batch: one all-reduce of the grads per step
-        return [Traffic("all_reduce", n_lora * 4, min(n_lora * 4, DDP_BUCKET), "LoRA gradients (fp32), once a step")]
-    if engine in ("zero1", "zero2"):  # stage 2 partitions gradients, so it reduces them every micro-batch
-        reductions = micro if engine == "zero2" else 1
-        return [Traffic("reduce_scatter", reductions * n_lora * half, n_lora * half,
-                        f"LoRA gradients, {reductions} time(s) a step"),
-                Traffic("all_gather", n_lora * half, n_lora * half, "updated LoRA params, once a step")]
-    layer = decoder_layer_bytes(spec, s) + n_lora // spec.layers * half
-    if engine == "zero3":
-        # forward, backward, and the forward recomputed in backward with activation checkpointing; but
-        # DeepSpeed keeps a module gathered until its backward when it is used again within
-        # stage3_max_reuse_distance elements (plan.zero3_gathered_bytes): below that, once per micro-batch
-        elements = spec.layers * decoder_layer_elements(spec, s) + 2 * spec.vocab * spec.hidden
-        again = 2 * elements >= DS_MAX_REUSE_DISTANCE
-        gathers = micro * ((3 if s.checkpointing else 2) if again else 1)
-        return [Traffic("all_gather", gathers * (base + n_lora * half), layer,
-                        f"packed base + LoRA params, {gathers} times a step, a layer at a time"),
-                Traffic("reduce_scatter", micro * n_lora * half, n_lora * half,
-                        f"LoRA gradients, {micro} time(s) a step")]
-    if engine == "fsdp2":
-        # the recomputed forward runs inside the layer's backward, while the layer is still gathered; the root
-        # (embeddings, final norm, head) is gathered once a micro-batch and kept for backward
-        # (qshard/engines/fsdp2.py)
-        gathers = micro * (2 if reshard_after_forward else 1)
-        root = root_bytes(spec, s)
-        return [Traffic("all_gather", gathers * (base - root + n_lora * half) + micro * root, layer,
-                        f"packed base + LoRA params, the layers {gathers} times a step, the root {micro}"),
-                Traffic("reduce_scatter", n_lora * 4, n_lora * 4, "LoRA gradients (fp32), once a step")]
-    return []
-
+# -- a recipe's step: the planner's traffic (qshard.tools.plan.step_traffic) at the measured bandwidths ----------
 
 def traffic_seconds(t: Traffic, rows: list[Row], world: int) -> tuple[float, Row | None]:
     """Time of `t` at the bus bandwidth measured for the same collective at the nearest message size."""
@@ -183,29 +125,19 @@ def traffic_seconds(t: Traffic, rows: list[Row], world: int) -> tuple[float, Row
     return t.bytes_per_step * bus_factor(t.op, world) / row.busbw, row
 
 
-def compute_seconds(params: int, tokens: int, flops: float) -> float:
-    return FLOPS_PER_PARAM_TOKEN * params * tokens / flops
-
-
 def estimate(recipe, spec, rows: list[Row], world: int, flops: float) -> dict:
     """Per rank and optimizer step: bytes and seconds per collective, compute seconds, and the verdict."""
-    from dataclasses import replace
-
-    from qshard.tools.plan import lora_params, settings_from_recipe
-
-    d = recipe.distributed
-    engine = d.engine if d.engine != "deepspeed" else f"zero{d.zero_stage}"
-    s = replace(settings_from_recipe(recipe, spec, gpus=world, nodes=1), engine=engine)
+    s = settings_from_recipe(recipe, spec, gpus=world, nodes=1)
     traffic = []
-    for t in step_traffic(spec, s, engine, d.reshard_after_forward):
+    for t in step_traffic(spec, s):
         seconds, row = traffic_seconds(t, rows, world)
         traffic.append({**asdict(t), "seconds": seconds, "busbw_used": row.busbw if row else None,
                         "at_size": row.bytes if row else None})
-    params = spec.params + lora_params(spec, s)
+    lora = lora_params(spec, s)
     tokens = s.micro_batch * s.seq_len * s.accumulation  # per rank; data.max_length as the upper bound
-    comm, compute = sum(t["seconds"] for t in traffic), compute_seconds(params, tokens, flops)
-    return {"engine": engine, "world_size": world, "params": params, "tokens_per_rank": tokens, "flops": flops,
-            "traffic": traffic, "comm_s": comm, "compute_s": compute,
+    comm, compute = sum(t["seconds"] for t in traffic), compute_seconds(spec, s, lora, flops)
+    return {"engine": s.engine, "world_size": world, "params": spec.params + lora, "tokens_per_rank": tokens,
+            "flops": flops, "traffic": traffic, "comm_s": comm, "compute_s": compute,
             "bound": "communication" if comm > compute else "compute"}
 
 
@@ -218,8 +150,8 @@ def format_estimate(e: dict) -> str:
         lines.append(f"  {t['op']:<15}{human_bytes(t['bytes_per_step']):>10} in messages of "
                      f"{human_bytes(t['message_bytes'])} ({t['what']}): {t['seconds'] * 1e3:.2f} ms  {bw}")
     lines.append(f"communication {e['comm_s'] * 1e3:.2f} ms (no overlap assumed) vs compute "
-                 f"{e['compute_s'] * 1e3:.2f} ms ({FLOPS_PER_PARAM_TOKEN} x {e['params'] / 1e6:.2f}M params x "
-                 f"{e['tokens_per_rank']} tokens at {e['flops'] / 1e12:.1f} TFLOP/s, --tflops)")
+                 f"{e['compute_s'] * 1e3:.2f} ms ({e['params'] / 1e6:.2f}M params x {e['tokens_per_rank']} tokens "
+                 f"at {e['flops'] / 1e12:.1f} TFLOP/s, --tflops; the planner's FLOPs: qshard/tools/plan.py)")
     ratio = e["comm_s"] / e["compute_s"] if e["compute_s"] else math.inf
     lines.append(f"-> {e['bound']}-bound (communication is {ratio:.0%} of compute)")
     return "\n".join(lines)
@@ -238,7 +170,6 @@ class Job:
 def prepare(sizes: str, iters: int, recipe_path: str | None, overrides: list[str]) -> Job:
     """Every input checked (sizes, recipe, the model's config.json) before any process starts."""
     from qshard.config import load_recipe
-    from qshard.tools.plan import read_model_spec
 
     if iters < 1:
         raise QShardError(f"--iters {iters}: nothing would be timed", where="--iters", fix="give 1 or more")
@@ -258,7 +189,6 @@ def launch_command(args) -> list[str]:
 def main(job: Job, tflops: float | None = None, json_out: str | None = None) -> int:
     """Runs on every rank (under a launcher, or alone); rank 0 prints and writes."""
     from qshard.runtime import init_runtime, shutdown
-    from qshard.tools.plan import GPU_FLOPS
 
     rt = init_runtime(need_group=True)
     try:

@@ -21,7 +21,8 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from qshard.engines.deepspeed import reduce_bucket_size
+from qshard import compat
+from qshard.dsconfig import deepspeed_config, read_user_config, reduce_bucket_size
 from qshard.errors import QShardError
 
 GIB = 1024 ** 3
@@ -40,12 +41,52 @@ FRAGMENTATION = 0.05
 # Step-time assumptions (H100-class node): dense bf16 at 40% of 989 TFLOP/s; dequantizing costs extra
 # (bitsandbytes 4-bit ~1.2x, LLM.int8 with outliers ~1.6x); NVLink 150 GB/s and 200 Gb/s InfiniBand
 # (25 GB/s) per GPU as effective collective bandwidth; PCIe 20 GB/s for offload; CPU Adam 1e9 params/s.
+# A PTQ checkpoint's layers (method `checkpoint`) dequantize each weight in torch per forward: assumed to
+# cost as much as bitsandbytes' 4-bit, not measured.
 GPU_FLOPS = 0.4 * 989e12
-DEQUANT_SLOWDOWN = {"none": 1.0, "nf4": 1.2, "fp4": 1.2, "int8": 1.6}
+DEQUANT_SLOWDOWN = {"none": 1.0, "nf4": 1.2, "fp4": 1.2, "int8": 1.6, "checkpoint": 1.2}
 INTRA_NODE_BW, INTER_NODE_BW, PCIE_BW, CPU_ADAM_PARAMS_PER_S = 150e9, 25e9, 20e9, 1e9
+DDP_BUCKET = 25 * 2 ** 20  # torch DDP's default bucket_cap_mb: the size of one gradient all-reduce
+
+# Disk: what a checkpoint folder holds besides 12 B per LoRA parameter (qshard/state/checkpoint.py: the
+# optimizer's JSON, safetensors headers, RNG states, recipe, manifest): 58 KB measured on the 2-layer test model
+# (tests/test_plan.py: 28 LoRA tensors, one rank), ~1.1 KB per LoRA tensor and ~24 KB per rank, so a 70B's
+# 1,120 LoRA tensors on 64 ranks take ~2.8 MB. The margin is for metrics.jsonl (~250 B a step) and the run's files.
+CHECKPOINT_FILES_BYTES = 4 << 20
+DISK_MARGIN = 16 << 20
 
 
 # -- the model, from config.json -------------------------------------------------------------------
+
+# transformers' module path of each layer linear (how a checkpoint's quantization_config names them)
+LAYER_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """How qshard stores one linear of a GPTQ / AWQ / compressed-tensors checkpoint: as the checkpoint has it,
+    every tensor a frozen parameter (qshard/quant/gptq.py, awq.py, compressed_tensors.py): the codes packed
+    32 / bits to an int32, int32-packed zero points per group and output, the float scales per group and
+    output kept as raw uint8 bytes, and GPTQ's int32 group index per input row."""
+
+    format: str        # gptq | awq | compressed-tensors
+    bits: int
+    group_size: int    # -1: one group per output channel
+    zero_points: bool  # GPTQ and AWQ always store them; compressed-tensors only when asymmetric
+    scale_bytes: int   # GPTQ's scales are fp16; AWQ's and compressed-tensors' the checkpoint's dtype
+
+    def tensors(self, n_in: int, n_out: int) -> list[tuple[int, int]]:
+        """(elements, bytes per element) of each stored tensor of an [n_out, n_in] linear."""
+        groups = 1 if self.group_size == -1 else -(-n_in // self.group_size)
+        words = lambda n: n * self.bits // 32  # noqa: E731 (int32 words holding n codes)
+        stored = [(words(n_in * n_out), 4), (groups * n_out * self.scale_bytes, 1)]
+        if self.zero_points:
+            stored.append((groups * words(n_out), 4))
+        if self.format == "gptq":
+            stored.append((n_in, 4))  # g_idx
+        return stored
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -62,6 +103,10 @@ class ModelSpec:
     tied: bool = False
     qkv_bias: bool = False
     dtype: str = "bfloat16"
+    # a GPTQ / AWQ / compressed-tensors checkpoint (config.json's quantization_config): its format and the layer
+    # linears it quantized (read for the first layer), with their layout; the others are dense
+    checkpoint_format: str | None = None
+    packed: tuple[tuple[str, PackedLayout], ...] = ()
 
     def layer_linears(self) -> dict[str, tuple[int, int]]:
         """Linear layers of one decoder layer: name -> (in_features, out_features)."""
@@ -88,6 +133,13 @@ def model_spec(config: dict) -> ModelSpec:
     if missing:
         raise QShardError(f"config.json lacks {', '.join(missing)}", where="model.path",
                           fix="the planner understands Llama / Qwen2 / Mistral-style decoder configs")
+    sizes = need + ("num_key_value_heads", "head_dim")
+    bad = [k for k in sizes if config.get(k) is not None
+           and (isinstance(config[k], bool) or not isinstance(config[k], int) or config[k] < 1)]
+    if bad:
+        raise QShardError(f"config.json: {', '.join(f'{k}={config[k]!r}' for k in bad)} must be positive whole "
+                          "numbers", where=f"model.path: config.json {bad[0]}",
+                          fix="restore config.json as save_pretrained writes it")
     heads = config["num_attention_heads"]
     model_type = config.get("model_type", "llama")
     return ModelSpec(model_type=model_type, hidden=config["hidden_size"], layers=config["num_hidden_layers"],
@@ -115,26 +167,65 @@ def read_model_spec(path: str) -> ModelSpec:
         except Exception as e:  # any hub failure means "cannot find the model"
             raise QShardError(f"model {path!r} is not a local folder and its config.json could not be fetched "
                               f"({type(e).__name__})", where="model.path", fix="give a local model folder") from None
-    return model_spec(json.loads(file.read_text()))
+    from qshard.model.folder import read_json  # bounded, and any problem names the file
+
+    config = read_json(file)
+    spec = model_spec(config)
+    if not config.get("quantization_config"):
+        return spec
+    from qshard.quant import ptq  # the loader's own reading of quantization_config: what it refuses, this refuses
+
+    fmt = ptq.detect(file.parent)
+    return replace(spec, checkpoint_format=fmt.name, packed=packed_layouts(spec, fmt.name, fmt.config))
+
+
+def packed_layouts(spec: ModelSpec, fmt: str, config) -> tuple[tuple[str, PackedLayout], ...]:
+    """The layer linears a PTQ checkpoint quantized, and how, from its parsed quantization_config
+    (qshard/quant/gptq.py GPTQConfig, awq.py AWQConfig, compressed_tensors.py CompressedTensorsConfig)."""
+    scale_bytes = DTYPE_BYTES.get(spec.dtype, 2)
+    layouts = []
+    for name in spec.layer_linears():
+        module = f"model.layers.0.{LAYER_MODULES[name]}.{name}"
+        if fmt == "gptq":  # every linear of the decoder layers (qshard refuses per-module `dynamic` overrides)
+            layout = PackedLayout(fmt, config.bits, config.group_size, True, 2)
+        elif fmt == "awq":  # 4-bit gemm only; modules_to_not_convert matched as transformers matches them
+            dense = any(key in module for key in config.modules_to_not_convert)
+            layout = None if dense else PackedLayout(fmt, 4, config.group_size, True, scale_bytes)
+        else:
+            scheme = config.scheme_for(module)
+            layout = scheme and PackedLayout(fmt, scheme.bits, scheme.group_size, not scheme.symmetric, scale_bytes)
+        if layout is not None:
+            layouts.append((name, layout))
+    return tuple(layouts)
 
 
 # -- bytes of each component -------------------------------------------------------------------------
 
-def linear_storage_bytes(n_in: int, n_out: int, method: str, double_quant: bool, dense_bytes: int) -> int:
-    """Bytes of one frozen base linear's weight as qshard stores it (qshard/quant/): exact, not an estimate.
+def linear_tensors(n_in: int, n_out: int, method: str, double_quant: bool, dense_bytes: int) -> list[tuple[int, int]]:
+    """(elements, bytes per element) of each tensor qshard stores for one frozen base linear's weight when it
+    quantizes on load (qshard/quant/bnb4bit.py, bnb8bit.py): exact, not an estimate.
 
     NF4/FP4: two 4-bit codes per byte, plus one absmax per 64 weights: an fp32 (4 B) without double
     quant; with double quant (QLoRA's DQ) a uint8 code plus one fp32 per 256 absmax blocks and an fp32
     offset, i.e. 0.5 + 4/64 B = 4.5 bits/param without DQ and 0.5 + 1/64 + 4/(64*256) B = 4.127 bits with.
-    int8: one byte per weight plus an fp32 scale per output row."""
+    int8: one byte per weight plus an fp32 scale per output row. Every quantized tensor is uint8 / int8."""
     n = n_in * n_out
     if method in ("nf4", "fp4"):
         blocks = -(-n // NF4_BLOCK)
         scales = blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 if double_quant else 4 * blocks
-        return (n + 1) // 2 + scales
+        return [((n + 1) // 2 + scales, 1)]
     if method == "int8":
-        return n + 4 * n_out
-    return n * dense_bytes
+        return [(n + 4 * n_out, 1)]
+    return [(n, dense_bytes)]
+
+
+def linear_storage_bytes(n_in: int, n_out: int, method: str, double_quant: bool, dense_bytes: int) -> int:
+    """Bytes of `linear_tensors`."""
+    return _nbytes(linear_tensors(n_in, n_out, method, double_quant, dense_bytes))
+
+
+def _nbytes(tensors: list[tuple[int, int]]) -> int:
+    return sum(k * size for k, size in tensors)
 
 
 @dataclass(frozen=True)
@@ -153,6 +244,7 @@ class Settings:
     engine: str = "none"             # none | ddp | zero1 | zero2 | zero3 | fsdp2
     offload_optimizer: bool = False
     offload_params: bool = False
+    reshard_after_forward: bool = True  # FSDP2
     micro_batch: int = 1
     seq_len: int = 1024
     checkpointing: bool = False
@@ -175,16 +267,35 @@ class Settings:
         return f"{self.engine}{off}"
 
 
+def stored_linear(spec: ModelSpec, s: Settings, name: str) -> list[tuple[int, int]]:
+    """(elements, bytes per element) of what qshard stores for a layer linear or the head: the checkpoint's
+    packed tensors (method `checkpoint`), the on-load quantization, or the dense weight."""
+    n_in, n_out = (spec.hidden, spec.vocab) if name == "lm_head" else spec.layer_linears()[name]
+    dense = DTYPE_BYTES[s.dense_dtype]
+    if s.quant == "checkpoint":
+        layout = dict(spec.packed).get(name)
+        return layout.tensors(n_in, n_out) if layout else [(n_in * n_out, dense)]
+    method = "none" if name in s.skip_modules else s.quant
+    return linear_tensors(n_in, n_out, method, s.double_quant, dense)
+
+
+def qkv_bias(spec: ModelSpec, s: Settings) -> tuple[int, int]:
+    """(elements, bytes per element) of one layer's q/k/v biases. A PTQ layer keeps its bias in the checkpoint's
+    dtype, the one its scales have (GPTQ fp16; AWQ and compressed-tensors the checkpoint's)."""
+    if not spec.qkv_bias:
+        return 0, 0
+    layout = dict(spec.packed).get("q_proj") if s.quant == "checkpoint" else None
+    elements = (spec.heads + 2 * spec.kv_heads) * spec.head_dim
+    return elements, layout.scale_bytes if layout else DTYPE_BYTES[s.dense_dtype]
+
+
 def base_bytes(spec: ModelSpec, s: Settings) -> dict[str, int]:
     """Frozen base weights by component, as stored (quantized linears, dense embeddings and norms)."""
     dense = DTYPE_BYTES[s.dense_dtype]
-    quantized = lambda name: s.quant != "none" and name not in s.skip_modules  # noqa: E731
-    linears = sum(linear_storage_bytes(i, o, s.quant if quantized(name) else "none", s.double_quant, dense)
-                  for name, (i, o) in spec.layer_linears().items())
-    bias = (spec.heads + 2 * spec.kv_heads) * spec.head_dim * dense if spec.qkv_bias else 0
-    head = 0 if spec.tied else linear_storage_bytes(spec.hidden, spec.vocab, s.quant if quantized("lm_head")
-                                                    else "none", s.double_quant, dense)
-    return {"embed_tokens": spec.vocab * spec.hidden * dense, "layers": spec.layers * (linears + bias),
+    linears = sum(_nbytes(stored_linear(spec, s, name)) for name in spec.layer_linears())
+    head = 0 if spec.tied else _nbytes(stored_linear(spec, s, "lm_head"))
+    layer = linears + _nbytes([qkv_bias(spec, s)])
+    return {"embed_tokens": spec.vocab * spec.hidden * dense, "layers": spec.layers * layer,
             "norms": (2 * spec.layers + 1) * spec.hidden * dense, "lm_head": head}
 
 
@@ -201,25 +312,36 @@ def root_bytes(spec: ModelSpec, s: Settings) -> int:
 
 def decoder_layer_elements(spec: ModelSpec, s: Settings) -> int:
     """Elements of one decoder layer's frozen parameters as ZeRO-3 counts them (`ds_numel`): one per byte of
-    packed quantized storage (qshard's quantized layers keep it in uint8 parameters), one per dense weight."""
-    dense = DTYPE_BYTES[s.dense_dtype]
-    quantized = s.quant != "none"
-    return sum(linear_storage_bytes(i, o, s.quant, s.double_quant, dense) if quantized and name not in s.skip_modules
-               else i * o for name, (i, o) in spec.layer_linears().items()) + 2 * spec.hidden
+    on-load quantized storage (uint8 parameters), one per int32 word of a PTQ checkpoint's codes, one per
+    dense weight."""
+    linears = sum(k for name in spec.layer_linears() for k, _ in stored_linear(spec, s, name))
+    return linears + qkv_bias(spec, s)[0] + 2 * spec.hidden
 
 
-def zero3_gathered_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
-    """Parameters ZeRO-3 holds gathered at the start of backward (the peak), at DeepSpeed's defaults.
+def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
+    """Decoder layers (the last ones) that ZeRO-3 keeps gathered from their forward to their backward, at
+    DeepSpeed's defaults.
 
     Once the first step has traced the module order, DeepSpeed does not release a module's parameters after
     its forward if they are used again within stage3_max_reuse_distance (1e9) elements of fetched parameters
     (deepspeed/runtime/zero/partitioned_param_coordinator.py, `__params_to_release`). A decoder layer is used
     again in its own backward, after every later layer and the head have been fetched twice (forward, then
     backward), so it stays gathered when 2 x (elements after it) < 1e9: below ~5e8 elements the whole model
-    does. The head and final norm, used again at once, stay too; the embedding (no backward) is released.
-    Layers beyond the distance are fetched ahead, up to stage3_prefetch_bucket_size (5e7) elements. Each
-    gathered layer brings its LoRA tensors whole, in the half dtype DeepSpeed casts them to. One more copy
-    of the largest parameter (embedding or head) is alive as the all-gather's buffer: DeepSpeed's own
+    does. The head and final norm, used again at once, stay too; the embedding (no backward) is released."""
+    layer_elements = decoder_layer_elements(spec, s) + lora // spec.layers
+    after, kept = spec.vocab * spec.hidden + spec.hidden, 0  # elements of the head and final norm
+    while kept < spec.layers and 2 * after < DS_MAX_REUSE_DISTANCE:
+        after, kept = after + layer_elements, kept + 1
+    return kept
+
+
+def zero3_gathered_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
+    """Parameters ZeRO-3 holds gathered at the start of backward (the peak), at DeepSpeed's defaults: the
+    head, the final norm and the layers kept for their backward (`zero3_layers_kept`).
+
+    Layers beyond the reuse distance are fetched ahead, up to stage3_prefetch_bucket_size (5e7) elements.
+    Each gathered layer brings its LoRA tensors whole, in the half dtype DeepSpeed casts them to. One more
+    copy of the largest parameter (embedding or head) is alive as the all-gather's buffer: DeepSpeed's own
     estimator budgets two copies of the largest layer (`largest_layer_memory` in stage3.py's
     estimate_zero3_model_states_mem_needs). Measured with bench/plan_validation_dist.py (BENCHMARKS.md)."""
     b = base_bytes(spec, s)
@@ -227,22 +349,34 @@ def zero3_gathered_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
     layer_bytes = decoder_layer_bytes(spec, s) + lora // spec.layers * half
     layer_elements = decoder_layer_elements(spec, s) + lora // spec.layers
     head_bytes = b["lm_head"] or b["embed_tokens"]  # a tied head is the embedding
-    after = spec.vocab * spec.hidden + spec.hidden  # elements of the head and final norm
-    gathered, kept = head_bytes + b["norms"] // (2 * spec.layers + 1), 0
-    while kept < spec.layers and 2 * after < DS_MAX_REUSE_DISTANCE:
-        gathered, after, kept = gathered + layer_bytes, after + layer_elements, kept + 1
+    kept = zero3_layers_kept(spec, s, lora)
+    gathered = head_bytes + b["norms"] // (2 * spec.layers + 1) + kept * layer_bytes
     rest = (spec.layers - kept) * layer_elements
     prefetched = min(rest, DS_PREFETCH_BUCKET) * layer_bytes // layer_elements
     return gathered + prefetched + max(b["embed_tokens"], b["lm_head"])
 
 
+def lora_param_count(shapes, r: int, use_dora: bool = False) -> int:
+    """LoRA's trainable parameters for adapted linears of (in_features, out_features) `shapes`: r * (in + out)
+    each (A is r x in, B out x r), + out for DoRA's magnitude vector. The one count: the planner passes the
+    shapes from config.json (`lora_params`), the run those of the loaded model (qshard/model/lora.py
+    adapted_shapes); tests/test_plan.py checks it against PEFT's own count."""
+    return sum(r * (n_in + n_out) + (n_out if use_dora else 0) for n_in, n_out in shapes)
+
+
 def lora_params(spec: ModelSpec, s: Settings) -> int:
-    """Trainable parameters: r * (in + out) per adapted linear (+ out for DoRA's magnitude)."""
+    """Trainable parameters of the recipe's targets over all decoder layers."""
     linears = spec.layer_linears()
     names = list(linears) if s.lora_targets == "all-linear" else [t for t in s.lora_targets if t in linears]
-    per_layer = sum(s.lora_r * (linears[n][0] + linears[n][1]) + (linears[n][1] if s.use_dora else 0)
-                    for n in names)
-    return spec.layers * per_layer
+    return spec.layers * lora_param_count([linears[n] for n in names], s.lora_r, s.use_dora)
+
+
+def checkpoint_disk_bytes(lora_params: int, keep: int) -> int:
+    """Disk a run's output folder needs at its fullest. A checkpoint holds the fp32 adapter and AdamW's two
+    fp32 moments (12 B per LoRA parameter) and a few small files; `keep` of them are kept and one more exists
+    while the newest is written (it is committed before the oldest is pruned, qshard/state/checkpoint.py);
+    the final adapter (fp32, 4 B per parameter) is extra; then a margin for metrics and logs."""
+    return (keep + 1) * (12 * lora_params + CHECKPOINT_FILES_BYTES) + 4 * lora_params + DISK_MARGIN
 
 
 def optimizer_bytes_per_param(optimizer: str) -> float:
@@ -284,9 +418,21 @@ def activation_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
     adapter_outputs = tokens * 7 * s.lora_r * p  # A's outputs, kept by B
     fp32_adapters = s.engine in ("none", "ddp")  # DeepSpeed and FSDP2 compute with half-precision adapters
     layer = layer_activation_bytes(spec, tokens, s.precision, fp32_adapters) + adapter_outputs
+    layer += dequantized_weight_bytes(spec, s)
     if s.checkpointing:
         return spec.layers * tokens * spec.hidden * p + layer
     return spec.layers * layer
+
+
+def dequantized_weight_bytes(spec: ModelSpec, s: Settings) -> int:
+    """What one decoder layer of a PTQ checkpoint (method `checkpoint`) saves for backward besides
+    activations: qshard's GPTQ / AWQ / compressed-tensors layers dequantize their weight in the input's dtype
+    and call F.linear, which keeps that dense weight to compute the input's gradient (bitsandbytes' 4-bit
+    and 8-bit matmuls keep only the packed weight)."""
+    if s.quant != "checkpoint":
+        return 0
+    linears = spec.layer_linears()
+    return sum(linears[name][0] * linears[name][1] for name, _ in spec.packed) * (4 if s.precision == "fp32" else 2)
 
 
 def logits_bytes(spec: ModelSpec, s: Settings) -> int:
@@ -352,8 +498,9 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
         # gathers it for forward and keeps it unsharded until backward (qshard/engines/fsdp2.py), so it is alive
         # at the peak, whether that is the loss (computed after the model's forward) or the start of backward
         # (measured, bench/plan_validation_dist.py: 400m within +2..+4%, BENCHMARKS.md).
+        # Without reshard_after_forward every layer stays gathered from its forward to its backward.
         layer = decoder_layer_bytes(spec, s) + lora // spec.layers * half
-        gpu["gathered_weights"] = 2 * layer + root_bytes(spec, s)
+        gpu["gathered_weights"] = (2 if s.reshard_after_forward else spec.layers) * layer + root_bytes(spec, s)
     if s.offload_optimizer:
         for key in ("master_weights", "optimizer_states"):
             cpu[key] = gpu.pop(key, 0)
@@ -376,29 +523,99 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
 
 
 def step_seconds(spec: ModelSpec, s: Settings, base: int, lora: int) -> float:
-    """Seconds per optimizer step: compute, plus communication and offload traffic, assumed not to overlap.
+    """Seconds per optimizer step: compute, communication and offload traffic, assumed not to overlap."""
+    return compute_seconds(spec, s, lora) + comm_seconds(spec, s) + offload_seconds(s, base, lora)
 
-    Compute: 6 N tokens FLOPs for full training (forward 2N, backward 4N). With a frozen base the
-    weight-gradient half of backward is skipped: 4 N tokens, +2 N with recomputation, +6 per LoRA param."""
-    tokens = s.micro_batch * s.seq_len
-    n_base = spec.params
-    flops = tokens * ((6 if s.checkpointing else 4) * n_base + 6 * lora)
-    compute = flops / GPU_FLOPS * DEQUANT_SLOWDOWN[s.quant]
-    n = s.world
+
+def compute_seconds(spec: ModelSpec, s: Settings, lora: int, flops: float = GPU_FLOPS) -> float:
+    """One rank's compute per optimizer step at `flops` per second. Full training costs 6 N FLOPs per token
+    (forward 2N, backward 4N: Kaplan et al. 2020); with a frozen base the weight-gradient half of backward is
+    skipped: 4 N, + 2 N with recomputation, + 6 per LoRA parameter; dequantizing slows the base's matmuls."""
+    tokens = s.micro_batch * s.seq_len * s.accumulation
+    flop = tokens * ((6 if s.checkpointing else 4) * spec.params + 6 * lora)
+    return flop / flops * DEQUANT_SLOWDOWN[s.quant]
+
+
+def comm_seconds(spec: ModelSpec, s: Settings) -> float:
+    """The step's collectives (`step_traffic`) at the node's link speed, as bus bandwidth (nccl-tests)."""
     bw = INTER_NODE_BW if s.nodes > 1 else INTRA_NODE_BW
-    ring = 2 * (n - 1) / n if n > 1 else 0.0
-    grads = lora * (4 if s.engine in ("ddp", "fsdp2") else 2)
-    per_micro = compute
-    if s.engine in ("zero3", "fsdp2") and n > 1:
-        gathers = 3 if s.checkpointing else 2  # forward, backward (and the recomputed forward)
-        once = root_bytes(spec, s) if s.engine == "fsdp2" else 0  # FSDP2 keeps its root gathered for backward
-        per_micro += (gathers * (base - once) + once) * (n - 1) / n / bw
+    return sum(t.bytes_per_step * bus_factor(t.op, s.world) for t in step_traffic(spec, s)) / bw
+
+
+def offload_seconds(s: Settings, base: int, lora: int) -> float:
+    """PCIe traffic of CPU offload (the base's shard in and out each micro-batch; gradients out, parameters
+    back each step) and the CPU's AdamW."""
+    n, seconds = s.world, 0.0
     if s.offload_params:
-        per_micro += 2 * base / n / PCIE_BW
-    step = s.accumulation * per_micro + ring * grads / bw
+        seconds += s.accumulation * 2 * base / n / PCIE_BW
     if s.offload_optimizer:
-        step += 2 * lora * 4 / n / PCIE_BW + lora / n / CPU_ADAM_PARAMS_PER_S
-    return step
+        seconds += 2 * lora * 4 / n / PCIE_BW + lora / n / CPU_ADAM_PARAMS_PER_S
+    return seconds
+
+
+# -- communication: the one model of what a step moves -----------------------------------------------
+
+def bus_factor(op: str, n: int) -> float:
+    """nccl-tests' correction from algorithm to bus bandwidth (doc/PERFORMANCE.md, "Summary"): the share of
+    a collective's size S each rank's link carries. 0 for one rank."""
+    return 2 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """One kind of collective in an optimizer step, per rank."""
+
+    op: str
+    bytes_per_step: int   # sum of S over the step's operations (nccl-tests' size: qshard/tools/commbench.py)
+    message_bytes: int    # S of one operation (a decoder layer's gather, a gradient bucket)
+    what: str
+
+
+def step_traffic(spec: ModelSpec, s: Settings) -> list[Traffic]:
+    """The collectives of one optimizer step under s.engine, per rank. The one communication model: the
+    planner's step time (`comm_seconds`), `qshard bench-comm`'s estimate and each run's comm_planned_bytes
+    (qshard/observe/commcount.py) read it; tests/test_commcount.py compares it with the bytes counted on 2 ranks.
+
+    The quantized base counts at its stored size (`base_bytes`): the engines move its packed storage.
+    DeepSpeed keeps trainable params and their gradients in the half dtype; qshard's DDP and FSDP2 reduce
+    fp32 gradients (FSDP2's reduce_dtype), FSDP2 gathers LoRA params in the compute dtype. The gathers with
+    activation checkpointing were counted on 2 ranks (tests/test_commcount.py): FSDP2 adds none (it does not
+    reshard during backward, so the recomputed forward and the backward share one gather); ZeRO-3 adds some."""
+    engine, micro = s.engine, s.accumulation
+    n_lora, base = lora_params(spec, s), sum(base_bytes(spec, s).values())
+    half = 4 if s.precision == "fp32" else 2
+    if engine == "ddp":  # no_sync on all but the last micro-batch: one all-reduce of the grads per step
+        return [Traffic("all_reduce", n_lora * 4, min(n_lora * 4, DDP_BUCKET), "LoRA gradients (fp32), once a step")]
+    if engine in ("zero1", "zero2"):  # stage 2 partitions gradients, so it reduces them every micro-batch
+        reductions = micro if engine == "zero2" else 1
+        return [Traffic("reduce_scatter", reductions * n_lora * half, n_lora * half,
+                        f"LoRA gradients, {reductions} time(s) a step"),
+                Traffic("all_gather", n_lora * half, n_lora * half, "updated LoRA params, once a step")]
+    layer = decoder_layer_bytes(spec, s) + n_lora // spec.layers * half
+    if engine == "zero3":
+        # every parameter for forward; the layers DeepSpeed released after it (zero3_layers_kept) again for backward.
+        # With checkpointing a released layer is gathered for the recomputed forward too (3 in all), a kept one
+        # gathers its frozen storage once more (its LoRA tensors stay), and the embedding, released after forward,
+        # comes back for the backward checkpointing gives it (the first layer's input needs a gradient).
+        released = spec.layers - zero3_layers_kept(spec, s, n_lora)
+        again = released * layer
+        if s.checkpointing:
+            again += released * layer + (spec.layers - released) * decoder_layer_bytes(spec, s)
+            again += base_bytes(spec, s)["embed_tokens"] if released else 0
+        return [Traffic("all_gather", micro * (base + n_lora * half + again), layer,
+                        f"packed base + LoRA params a layer at a time, {micro} time(s) a step, and {released} "
+                        "released layer(s) again for backward"),
+                Traffic("reduce_scatter", micro * n_lora * half, n_lora * half,
+                        f"LoRA gradients, {micro} time(s) a step")]
+    if engine == "fsdp2":
+        # each layer for forward and (resharded after it) again for backward; the root (embeddings, final norm,
+        # head) once a micro-batch: torch keeps it gathered for backward (qshard/engines/fsdp2.py)
+        gathers = micro * (2 if s.reshard_after_forward else 1)
+        root = root_bytes(spec, s)
+        return [Traffic("all_gather", gathers * (base - root + n_lora * half) + micro * root, layer,
+                        f"packed base + LoRA params, the layers {gathers} times a step, the root {micro}"),
+                Traffic("reduce_scatter", n_lora * 4, n_lora * 4, "LoRA gradients (fp32), once a step")]
+    return []
 
 
 # -- the search ------------------------------------------------------------------------------------
@@ -411,10 +628,10 @@ ENGINE_OPTIONS = {  # label -> (engine, offload_optimizer, offload_params)
 }
 
 
-def candidates(base: Settings, quants: tuple[str, ...], micro_batches: tuple[int, ...]) -> list[Settings]:
-    """Every engine x offload x quantization x micro-batch x checkpointing the compatibility table allows."""
-    from qshard import compat
-
+def candidates(base: Settings, quants: tuple[str, ...], micro_batches: tuple[int, ...],
+               checkpoint_format: str | None = None) -> list[Settings]:
+    """Every engine x offload x quantization x micro-batch x checkpointing the compatibility table allows
+    (`checkpoint_format`: the base's format when it is a PTQ checkpoint, for method `checkpoint`)."""
     out = []
     for label in _engine_labels(base.world):
         engine, off_opt, off_params = ENGINE_OPTIONS[label]
@@ -422,7 +639,7 @@ def candidates(base: Settings, quants: tuple[str, ...], micro_batches: tuple[int
         key = compat.engine_key("deepspeed" if engine.startswith("zero") else engine, stage,
                                 "cpu" if off_params else "none", "cpu" if off_opt else "none")
         for quant in quants:
-            cell = compat.SUPPORT.get((key, compat.base_key(quant)))
+            cell = compat.SUPPORT.get((key, compat.base_key(quant, checkpoint_format)))
             if cell is None or not cell.supported or _option_refused(key, base):
                 continue
             for mb in micro_batches:
@@ -440,8 +657,6 @@ def _engine_labels(world: int) -> list[str]:
 
 
 def _option_refused(engine_key: str, s: Settings) -> bool:
-    from qshard import compat
-
     return any(engine_key in engines and option == "lora.use_dora" and s.use_dora
                for engines, option, _why, _instead in compat.OPTION_RULES)
 
@@ -477,16 +692,30 @@ def parse_size(text: str) -> int:
 
 
 def settings_from_recipe(recipe, spec: ModelSpec, gpus: int, nodes: int) -> Settings:
-    """The recipe's fixed choices; precision auto is planned as bf16 (a GPU of compute capability >= 8)."""
-    q, lo, tr = recipe.quantization, recipe.lora, recipe.train
+    """The recipe's own configuration; precision auto is planned as bf16 (a GPU of compute capability >= 8)."""
+    q, lo, tr, d = recipe.quantization, recipe.lora, recipe.train, recipe.distributed
+    engine, offload_optimizer, offload_params = engine_settings(d)
     return Settings(quant=q.method, double_quant=q.double_quant, skip_modules=tuple(q.skip_modules),
                     dense_dtype=spec.dtype if recipe.model.dtype == "auto" else recipe.model.dtype,
                     precision="bf16" if tr.precision == "auto" else tr.precision, lora_r=lo.r,
                     lora_targets=lo.target_modules if lo.target_modules == "all-linear" else tuple(lo.target_modules),
-                    use_dora=lo.use_dora, optimizer=tr.optimizer, micro_batch=tr.micro_batch_size,
+                    use_dora=lo.use_dora, optimizer=tr.optimizer, engine=engine,
+                    offload_optimizer=offload_optimizer, offload_params=offload_params,
+                    reshard_after_forward=d.reshard_after_forward, micro_batch=tr.micro_batch_size,
                     seq_len=recipe.data.max_length, checkpointing=recipe.model.gradient_checkpointing,
                     gpus=gpus, nodes=nodes,
                     global_batch=tr.micro_batch_size * tr.gradient_accumulation_steps * gpus * nodes)
+
+
+def engine_settings(d) -> tuple[str, bool, bool]:
+    """(engine label, offload optimizer, offload params) of a recipe's `distributed` section; with the user's
+    DeepSpeed JSON, its zero_optimization decides, as for the run (qshard/compat.py engine_key)."""
+    if d.engine != "deepspeed":
+        return d.engine, False, False
+    stage, offload_params, offload_optimizer = d.zero_stage, d.offload_params, d.offload_optimizer
+    if d.deepspeed_config:
+        stage, offload_params, offload_optimizer = compat.deepspeed_json_identity(read_user_config(d.deepspeed_config))
+    return f"zero{stage}", offload_optimizer == "cpu", offload_params == "cpu"
 
 
 @dataclass
@@ -501,21 +730,24 @@ class Plan:
 
 def make_plan(recipe, spec: ModelSpec, *, gpus: int, nodes: int = 1, gpu_mem: int, cpu_mem: int | None = None,
               quants: tuple[str, ...] | None = None) -> Plan:
-    """Estimate the recipe as written, search the alternatives, rank them and pick one (pure)."""
-    base = settings_from_recipe(recipe, spec, gpus, nodes)
-    quants = quants or tuple(dict.fromkeys((base.quant, "nf4", "int8", "none")))
-    per_gpu = max(1, base.global_batch // base.world)
+    """Estimate the recipe as written, search the alternatives, rank them and pick one (pure).
+
+    A PTQ checkpoint can be kept as it is (method `checkpoint`) or converted on load (nf4 / int8 / none),
+    so both are searched for it; a dense model is never planned as a checkpoint."""
+    current = settings_from_recipe(recipe, spec, gpus, nodes)
+    if current.quant == "checkpoint" and spec.checkpoint_format is None:
+        raise QShardError(f"{recipe.model.path} is not a GPTQ/AWQ/compressed-tensors checkpoint (its config.json has "
+                          "no quantization_config)", where="quantization.method",
+                          fix="use nf4 (or fp4 / int8 / none) for a dense checkpoint")
+    kept_as_is = ("checkpoint",) if spec.checkpoint_format else ()
+    quants = quants or tuple(dict.fromkeys((current.quant, *kept_as_is, "nf4", "int8", "none")))
+    per_gpu = max(1, current.global_batch // current.world)
     micro = tuple(m for m in (1, 2, 4, 8, 16, 32) if m <= per_gpu) or (1,)
-    estimates = [estimate(spec, s) for s in candidates(base, quants, micro)]
+    estimates = [estimate(spec, s) for s in candidates(current, quants, micro, spec.checkpoint_format)]
     if cpu_mem is not None:  # offloaded bytes of all GPUs of a node share its CPU memory
         estimates = [e for e in estimates if sum(e.cpu.values()) * gpus <= cpu_mem]
     ranked = rank(estimates, gpu_mem)
-    engine = recipe.distributed.engine
-    label = engine if engine != "deepspeed" else f"zero{recipe.distributed.zero_stage}"
-    current = estimate(spec, replace(base, engine=label,
-                                     offload_optimizer=recipe.distributed.offload_optimizer == "cpu",
-                                     offload_params=recipe.distributed.offload_params == "cpu"))
-    return Plan(spec, ranked, recommend(ranked, gpu_mem, base.quant), current, gpu_mem, cpu_mem)
+    return Plan(spec, ranked, recommend(ranked, gpu_mem, current.quant), estimate(spec, current), gpu_mem, cpu_mem)
 
 
 def gib(n: int) -> str:
@@ -543,8 +775,14 @@ def format_table(plan: Plan, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
+# distributed keys that only some engines read (qshard/config.py refuses them set for another)
+DEEPSPEED_KEYS = ("zero_stage", "offload_optimizer", "offload_params", "deepspeed_config")
+OTHER_ENGINE_KEYS = ("reshard_after_forward", "fsdp_cpu_offload", "shard_on_load")
+
+
 def recommended_recipe(recipe, est: Estimate, ds_config_path: str | None) -> dict:
-    """The recipe with the chosen configuration filled in (a plain dict, ready for YAML)."""
+    """The recipe with the chosen configuration filled in (a plain dict, ready for YAML). Engine keys the
+    chosen engine does not read take their defaults; with qshard's DeepSpeed JSON, it holds stage and offloads."""
     s = est.settings
     raw = recipe.model_dump(mode="json")
     raw["quantization"]["method"] = s.quant
@@ -552,12 +790,17 @@ def recommended_recipe(recipe, est: Estimate, ds_config_path: str | None) -> dic
     raw["train"]["micro_batch_size"] = s.micro_batch
     raw["train"]["gradient_accumulation_steps"] = s.accumulation
     d = raw["distributed"]
+    # DeepSpeed's keys are the choice's (below); the other engines' keep the recipe's values for the same engine
+    same_engine = engine_settings(recipe.distributed)[0] == s.engine
+    for key in DEEPSPEED_KEYS + (() if same_engine else OTHER_ENGINE_KEYS):
+        d.pop(key)
     d["engine"] = "deepspeed" if s.engine.startswith("zero") else s.engine
-    if s.engine.startswith("zero"):
-        d["zero_stage"] = int(s.engine[4])
+    if s.engine.startswith("zero") and ds_config_path:
         d["deepspeed_config"] = ds_config_path
-    d["offload_optimizer"] = "cpu" if s.offload_optimizer else "none"
-    d["offload_params"] = "cpu" if s.offload_params else "none"
+    elif s.engine.startswith("zero"):
+        d["zero_stage"] = int(s.engine[4])
+        d["offload_optimizer"] = "cpu" if s.offload_optimizer else "none"
+        d["offload_params"] = "cpu" if s.offload_params else "none"
     return raw
 
 
@@ -565,8 +808,6 @@ def recommended_deepspeed_config(est: Estimate, spec: ModelSpec, max_grad_norm: 
     """qshard's own DeepSpeed config for the choice, with reduce_bucket_size fitted to the adapters
     (DeepSpeed's default bucket, 5e8 elements, would take 1-2 GB per GPU for a few MB of LoRA gradients)
     and the batch keys left "auto" so the recipe stays the one place they are set."""
-    from qshard.engines.deepspeed import deepspeed_config
-
     s = est.settings
     if not s.engine.startswith("zero"):
         return None
@@ -605,7 +846,7 @@ def report(plan: Plan) -> str:
     """What `qshard plan` prints."""
     s = plan.spec
     lines = [f"model: {s.model_type}, {s.params / 1e9:.2f}B parameters ({s.layers} layers, hidden {s.hidden}, "
-             f"{s.heads} heads / {s.kv_heads} kv, vocab {s.vocab})",
+             f"{s.heads} heads / {s.kv_heads} kv, vocab {s.vocab})" + checkpoint_line(s),
              f"hardware: {plan.current.settings.world} GPU(s) of {gib(plan.gpu_mem)} GiB"
              + (f", {gib(plan.cpu_mem)} GiB CPU per node" if plan.cpu_mem else ""),
              f"sequence length {plan.current.settings.seq_len} (data.max_length), global batch "
@@ -620,6 +861,16 @@ def report(plan: Plan) -> str:
         b = plan.best.settings
         lines += [f"recommended: {b.label}, {b.quant}, micro-batch {b.micro_batch} x {b.accumulation} accumulation, "
                   f"activation checkpointing {'on' if b.checkpointing else 'off'}", format_breakdown(plan.best)]
-    lines.append("\nstep times are relative estimates (assumptions in qshard/plan.py); memory includes "
+    lines.append("\nstep times are relative estimates (assumptions in qshard/tools/plan.py); memory includes "
                  f"{gib(CUDA_CONTEXT_BYTES)} GiB CUDA context and {FRAGMENTATION:.0%} allocator fragmentation")
     return "\n".join(lines)
+
+
+def checkpoint_line(spec: ModelSpec) -> str:
+    """How a PTQ checkpoint stores its layers, for the report ('' for a dense model)."""
+    if spec.checkpoint_format is None:
+        return ""
+    kinds = sorted({(p.bits, p.group_size) for _, p in spec.packed})
+    what = ", ".join(f"{bits}-bit, " + ("per channel" if g == -1 else f"groups of {g}") for bits, g in kinds)
+    return f"\nbase: a {spec.checkpoint_format} checkpoint ({what or 'no quantized layer linears'}), kept as it is " \
+           "with quantization.method checkpoint"

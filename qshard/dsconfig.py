@@ -1,0 +1,82 @@
+"""qshard's DeepSpeed JSON: written by `qshard plan`, filled in and handed to DeepSpeed by the engine.
+
+Plain dicts, importing neither torch nor deepspeed, so that the planner (pure) and the DeepSpeed engine
+share one definition of every value qshard chooses for DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qshard.errors import QShardError
+
+DS_REDUCE_BUCKET_DEFAULT = 500_000_000  # elements (deepspeed/runtime/zero/config.py, reduce_bucket_size)
+
+
+def reduce_bucket_size(trainable: int) -> int:
+    """The reduce_bucket_size (elements) qshard gives DeepSpeed: it sizes the gradient-reduction buffers
+    by it (default 5e8 elements, ~1-2 GB per GPU), while LoRA's gradients are a few MB, so a bucket of
+    the trainable parameter count (at least 1e6, at most the default) suffices."""
+    return int(min(DS_REDUCE_BUCKET_DEFAULT, max(trainable, 1_000_000)))
+
+
+def deepspeed_config(*, zero_stage: int, offload_optimizer: str, offload_params: str, micro_batch: int,
+                     accumulation: int, world_size: int, precision: str, max_grad_norm: float | None,
+                     user_config: str | None = None) -> dict:
+    """qshard's DeepSpeed config, or the user's JSON with its "auto" values filled in."""
+    filled = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
+              "train_batch_size": micro_batch * accumulation * world_size,
+              "gradient_clipping": max_grad_norm or 0.0}
+    if user_config:
+        return _fill_auto(read_user_config(user_config), filled, precision)
+    zero: dict = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    if offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if offload_params == "cpu":
+        zero["offload_param"] = {"device": "cpu"}
+    return {**filled, "zero_optimization": zero,
+            "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"},
+            "zero_allow_untested_optimizer": True,  # our torch AdamW
+            "zero_force_ds_cpu_optimizer": False,   # ...also when offloading
+            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+
+
+def read_user_config(path: str) -> dict:
+    """A user's DeepSpeed JSON, which must be a JSON object (read once per process by the validator,
+    again by the engine: both from this function)."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise QShardError(f"cannot read the DeepSpeed config: {e}", where=f"distributed.deepspeed_config ({path})",
+                          fix="give the path of a valid DeepSpeed JSON file") from None
+    if not isinstance(config, dict):
+        raise QShardError("the DeepSpeed config is not a JSON object", where=f"distributed.deepspeed_config ({path})",
+                          fix='write it as {"zero_optimization": {"stage": 3}, ...}')
+    return config
+
+
+def _fill_auto(config: dict, filled: dict, precision: str) -> dict:
+    """Replace "auto" with qshard's values; any other "auto" is an error that names its key."""
+    config = json.loads(json.dumps(config))
+    for key, value in filled.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    for section, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        if isinstance(config.get(section), dict) and config[section].get("enabled") == "auto":
+            config[section]["enabled"] = on
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+    left = _auto_keys(config)
+    if left:
+        raise QShardError(f"qshard cannot fill \"auto\" for {', '.join(left)}", where="distributed.deepspeed_config",
+                          fix="give these keys explicit values")
+    return config
+
+
+def _auto_keys(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _auto_keys(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []

@@ -103,13 +103,20 @@ OPTION_RULES = [
 
 
 def check_options(engine: str, *, use_dora: bool, device: str, fsdp_cpu_offload: bool,
-                  on_nonfinite: str = "stop", precision: str = "fp32") -> None:
-    """Refuse option combinations that cannot work, before any loading (`precision`: the resolved one)."""
+                  on_nonfinite: str = "stop", precision: str = "fp32", cpu_fp16: bool = True) -> None:
+    """Refuse option combinations that cannot work, before any loading (`precision`: the resolved one;
+    `cpu_fp16`: whether DeepSpeed can run fp16 on this CPU, _compat.deepspeed_cpu_fp16)."""
     chosen = {"lora.use_dora": use_dora, "train.on_nonfinite: skip": on_nonfinite == "skip",
               "train.precision: fp16": precision == "fp16"}
     for engines, option, why, instead in OPTION_RULES:
         if engine in engines and chosen.get(option):
             raise QShardError(f"{option} cannot be used with {engine}: {why}", where=option, fix=f"use {instead}")
+    if engine.startswith("zero") and precision == "fp16" and device == "cpu" and not cpu_fp16:
+        raise QShardError(f"train.precision: fp16 cannot be used with {engine} on this CPU: DeepSpeed runs fp16 on "
+                          "a CPU only with oneDNN fp16 (x86: AVX512-FP16 or AMX-FP16), and would stop after loading "
+                          "with 'Type fp16 is not supported on your device.'", where="train.precision",
+                          fix="use train.precision: fp32 (or bf16), or distributed.engine: ddp, which trains fp16 "
+                              "here")
     if engine == "fsdp2" and fsdp_cpu_offload and device == "cpu":
         raise QShardError("distributed.fsdp_cpu_offload moves parameters from the GPU to the CPU, but this run "
                           "is already on the CPU", where="distributed.fsdp_cpu_offload", fix="set it to false")

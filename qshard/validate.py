@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qshard import compat, data
+from qshard import _compat, compat, data
 from qshard.config import Recipe
 from qshard.errors import QShardError
 from qshard.precision import Precision, resolve_precision
@@ -98,9 +98,11 @@ def check_run(recipe: Recipe, launch: Launch, *, overwrite: bool = False, resume
     if c.engine and c.precision:
         with c.check():
             d = recipe.distributed
+            asks_cpu_fp16 = c.engine.startswith("zero") and c.precision.name == "fp16" and launch.device.type == "cpu"
             compat.check_options(c.engine, use_dora=recipe.lora.use_dora, device=launch.device.type,
                                  on_nonfinite=recipe.train.on_nonfinite, precision=c.precision.name,
-                                 fsdp_cpu_offload=d.fsdp_cpu_offload)
+                                 fsdp_cpu_offload=d.fsdp_cpu_offload,
+                                 cpu_fp16=_compat.deepspeed_cpu_fp16() if asks_cpu_fp16 else True)
     with c.check():
         from qshard.state import rundir
 
@@ -141,21 +143,11 @@ def raise_problems(problems: list[QShardError]) -> None:
 def engine_identity(recipe: Recipe) -> str:
     """The compatibility table's name for what will run, with a user's DeepSpeed JSON deciding the ZeRO
     stage and offloads (derived here once; everything else reads it from here)."""
+    from qshard.dsconfig import read_user_config
+
     d = recipe.distributed
-    ds_config = read_deepspeed_json(d.deepspeed_config) if d.engine == "deepspeed" and d.deepspeed_config else None
+    ds_config = read_user_config(d.deepspeed_config) if d.engine == "deepspeed" and d.deepspeed_config else None
     return compat.engine_key(d.engine, d.zero_stage, d.offload_params, d.offload_optimizer, ds_config)
-
-
-def read_deepspeed_json(path: str) -> dict:
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise QShardError(f"cannot read the DeepSpeed config: {e}", where=f"distributed.deepspeed_config ({path})",
-                          fix="give the path of a valid DeepSpeed JSON file") from None
-    if not isinstance(config, dict):
-        raise QShardError("the DeepSpeed config is not a JSON object", where=f"distributed.deepspeed_config ({path})",
-                          fix='write it as {"zero_optimization": {"stage": 3}, ...}')
-    return config
 
 
 def checkpoint_format(recipe: Recipe) -> str | None:
@@ -248,13 +240,12 @@ def _check_run_folder(c: Checked, recipe: Recipe, launch: Launch, overwrite: boo
 
 
 def checkpoint_disk_bytes(skeleton, targets: list[str], recipe: Recipe) -> int:
-    """What the run's checkpoints need on disk: the fp32 adapter and AdamW's two fp32 moments (12 bytes
-    per LoRA parameter) for each kept checkpoint plus the one being written, the final adapter, 1 MiB
-    of JSON and RNG state."""
-    from qshard.model.lora import lora_param_count
+    """What the run's output folder needs at its fullest (qshard.tools.plan.checkpoint_disk_bytes)."""
+    from qshard.model.lora import adapted_shapes
+    from qshard.tools import plan
 
-    lora_params = lora_param_count(skeleton, targets, recipe.lora.r)
-    return 12 * lora_params * (recipe.train.keep_checkpoints + 1) + 4 * lora_params + (1 << 20)
+    lora_params = plan.lora_param_count(adapted_shapes(skeleton, targets), recipe.lora.r, recipe.lora.use_dora)
+    return plan.checkpoint_disk_bytes(lora_params, recipe.train.keep_checkpoints)
 
 
 def check_disk(out_dir: Path, skeleton, targets: list[str], recipe: Recipe) -> None:

@@ -6,9 +6,7 @@ SPEC: {"cells": [{"name": ..., "recipe": {...}}], "probe": [[token ids]]}. For e
 writes <output_dir>/result-rank<k>.json: per-step losses, the sharding report, how the base was loaded
 (the run's "loading the ..." line), and the logits of
 the trained (still sharded) model on the probe batch; or, when the run stopped with a QShardError,
-the error text. A cell with "expect_error": "<text>" also records (instead of crashing the launch) a
-non-QShardError whose message contains that text, such as a library's own refusal that qshard does not
-anticipate yet. Optional per-cell sabotage, for the monitoring tests:
+the error text. Optional per-cell sabotage, for the monitoring tests:
   "detach": "<module name suffix>"  that LoRA layer's output is detached from the graph
   "ballast_mb": {"rank": k, "mb": n}  rank k holds an extra n MB tensor during the run
 """
@@ -72,7 +70,7 @@ def main(spec_file: str) -> None:
         except Exception as e:
             # Every rank meets these errors at the same point (checks on inputs every rank shares), so
             # all reach the barrier below; any other error still ends the launch.
-            if not isinstance(e, QShardError) and not (cell.get("expect_error") and cell["expect_error"] in str(e)):
+            if not isinstance(e, QShardError):
                 raise
             out = Path(recipe.train.output_dir) / f"result-rank{rt.rank}.json"
             out.write_text(json.dumps({"name": cell["name"], "rank": rt.rank, "error": str(e),

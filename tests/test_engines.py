@@ -35,7 +35,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qshard import compat
+from qshard import _compat, compat
 from qshard.config import parse_recipe
 from qshard.model.load import QuantSpec, load_model
 from qshard.model.lora import attach_lora, resolve_targets
@@ -74,11 +74,12 @@ VARIED = [Varied(f"{engine}-accum2", engine, 2, 2, 2) for engine in ("ddp", "zer
     Varied("zero3-4ranks", "zero3", 4, 2, 1),
     Varied("fsdp2-4ranks-accum2", "fsdp2", 4, 1, 2),
 ]
-# DeepSpeed checks fp16 against its accelerator inside deepspeed.initialize, after the base is loaded
-# (qshard does not check first); on CPU it asks for oneDNN fp16 (x86: AVX512-FP16 or AMX-FP16, which the
-# AMD EPYC development machine lacks).
-DEEPSPEED_FP16 = [Varied(f"{engine}-fp16-accum2", engine, 2, 2, 2, "fp16") for engine in ("zero2", "zero3")]
-DEEPSPEED_FP16_REFUSAL = "Type fp16 is not supported on your device."
+# DeepSpeed runs fp16 on a CPU only with oneDNN fp16 (x86: AVX512-FP16 or AMX-FP16, which the AMD EPYC
+# development machine lacks); qshard asks the same question before loading (_compat.deepspeed_cpu_fp16)
+# and refuses, so these cells run only where the CPU has it.
+CPU_FP16 = _compat.deepspeed_cpu_fp16()
+DEEPSPEED_FP16 = [Varied(f"{engine}-fp16-accum2", engine, 2, 2, 2, "fp16") for engine in ("zero2", "zero3")
+                  if CPU_FP16]
 
 
 def _recipe(model_dir, data, out, engine: str, base: str, micro_batch: int, accumulation: int = 1,
@@ -104,7 +105,7 @@ def _recipe(model_dir, data, out, engine: str, base: str, micro_batch: int, accu
 def _varied_cell(model_dir, data, root: Path, v: Varied) -> dict:
     cell = {"name": v.name, "recipe": _recipe(model_dir, data, root / v.name, v.engine, "nf4", v.micro,
                                               v.accumulation, v.precision)}
-    return cell | ({"expect_error": DEEPSPEED_FP16_REFUSAL} if v in DEEPSPEED_FP16 else {})
+    return cell
 
 
 def _results(out: Path, ranks: int) -> dict:
@@ -295,20 +296,30 @@ def test_four_ranks_hold_a_quarter_of_the_base_each(four_ranks, varied_reference
     assert full <= sum(local) <= full * 1.01
 
 
-def test_deepspeed_fp16_trains_or_is_refused_by_deepspeed_where_the_cpu_lacks_fp16(matrix, varied_references):
-    """Where DeepSpeed's accelerator has no fp16 it refuses fp16 itself (ValueError, after loading).
-    Where it runs, DeepSpeed casts every floating parameter (embeddings, norms, LoRA) to fp16 while the
-    one process autocasts fp32 weights: measured 7e-4 on this machine with DeepSpeed's device check
-    bypassed (ZeRO-2 5.0e-4, ZeRO-3 7.1e-4). Assert 2e-3, about 2 fp16 epsilons."""
-    supported = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())  # what DeepSpeed's CPU accelerator asks
+@pytest.mark.skipif(not CPU_FP16, reason="this CPU has no oneDNN fp16: the refusal test below runs instead")
+def test_deepspeed_fp16_matches_one_process_where_the_cpu_has_fp16(matrix, varied_references):
+    """DeepSpeed casts every floating parameter (embeddings, norms, LoRA) to fp16 while the one process
+    autocasts fp32 weights: measured 7e-4 on this machine with DeepSpeed's device check bypassed
+    (ZeRO-2 5.0e-4, ZeRO-3 7.1e-4). Assert 2e-3, about 2 fp16 epsilons."""
     for v in DEEPSPEED_FP16:
         ranks = matrix["varied"][v.name]["ranks"]
-        if not supported:
-            assert [(r["error_type"], r["error"]) for r in ranks] == [("ValueError", DEEPSPEED_FP16_REFUSAL)] * 2
-            continue
         diff = max(abs(a - b) for a, b in zip(ranks[0]["losses"], varied_references["fp16"]["losses"]))
         print(f"{v.name}: max |loss - one process fp16| {diff:.2e}")
         assert diff <= 2e-3
+
+
+@pytest.mark.skipif(CPU_FP16, reason="this CPU has oneDNN fp16: DeepSpeed fp16 trains (test above)")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_fp16_is_refused_before_loading_where_the_cpu_lacks_it(micro_model, tmp_path, stage):
+    """DeepSpeed itself would stop inside deepspeed.initialize, after the base is loaded, with "Type fp16
+    is not supported on your device."; qshard refuses first, with what to use instead."""
+    from qshard.errors import QShardError
+
+    recipe = parse_recipe(_recipe(micro_model, tmp_path / "missing.jsonl", tmp_path / "out", f"zero{stage}", "nf4",
+                                  2, precision="fp16"))
+    with pytest.raises(QShardError, match=f"fp16 cannot be used with zero{stage} on this CPU") as e:
+        run(recipe)
+    assert "distributed.engine: ddp" in str(e.value) and not (tmp_path / "out").exists()
 
 
 def test_fp16_with_fsdp2_is_refused_before_loading(micro_model, tmp_path):

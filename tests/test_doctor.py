@@ -149,3 +149,23 @@ def test_doctor_reports_an_invalid_recipe_as_a_problem(tmp_path, capsys):
     bad.write_text(json.dumps({"model": {"path": "x"}, "data": {"path": "y"}, "train": {"micro_batch_size": 0}}))
     assert main(["doctor", str(bad)]) == 1
     assert "train.micro_batch_size" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fixture", ["gptq_llama_w4_g32_sym", "autoawq_llama_w4_g64_zp", "ct_llama_w4a16_g32_sym"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_doctor_finds_no_error_in_a_ptq_recipe_that_train_accepts(fixture, engine, tmp_path, alpaca_file, capsys):
+    """Once a false "unknown combination engine=ddp base=none" for every PTQ recipe: doctor and train
+    now run the same checks (qshard.validate.check_run), so a recipe train accepts gets 0 errors."""
+    from pathlib import Path
+
+    from qshard import validate
+
+    model = Path(__file__).parent / "fixtures" / "ptq" / fixture
+    raw = {"model": {"path": str(model)}, "quantization": {"method": "checkpoint"},
+           "data": {"path": str(alpaca_file), "max_length": 64}, "train": {"output_dir": str(tmp_path / "out")},
+           "distributed": {"engine": engine}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    checked = validate.check_run(load_recipe(tmp_path / "r.yaml"), validate.Launch(world_size=2), say=lambda *_: None)
+    assert checked.problems == [] and checked.base in ("gptq", "awq", "compressed-tensors")
+    assert main(["doctor", str(tmp_path / "r.yaml")]) == 0
+    assert "0 error(s)" in capsys.readouterr().out

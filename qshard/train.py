@@ -25,6 +25,7 @@ from qshard.model import shardload
 from qshard.model.load import QuantSpec, load_base_model
 from qshard.model.lora import (
     attach_lora,
+    finish_for_sharing,
     save_adapter,
 )
 from qshard.observe import faults
@@ -269,6 +270,7 @@ def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe
     state = engine.adapter_state_dict()
     if rt.is_main:
         save_adapter(outcome.adapter_dir, state, engine.peft_model)
+        finish_for_sharing(outcome.adapter_dir, tokenizer, model_card(recipe, outcome))
     outcome.memory = memory_all_ranks(rt.device)[0]
     if tr.sample_tokens:
         outcome.sample = generate_sample(engine.peft_model, tokenizer, tr.sample_prompt, datasets, precision,
@@ -431,6 +433,45 @@ def generate_sample(model, tokenizer, prompt: str | None, datasets: validate.Dat
 def _prompt_part(example: data.Example) -> list[int]:
     first_target = next(i for i, label in enumerate(example.labels) if label != data.IGNORE)
     return example.input_ids[:first_target]
+
+
+def model_card(recipe: Recipe, o: Outcome) -> str:
+    """README.md of the final adapter folder: what it is, what made it, how to load it."""
+    from qshard.config import dump_recipe
+
+    base = str(Path(recipe.model.path).expanduser().resolve()) if Path(recipe.model.path).expanduser().exists() \
+        else recipe.model.path
+    losses = f"{o.losses[0]:.4f} (first step) -> {o.losses[-1]:.4f} (last step)" if o.losses else "no step ran"
+    evals = f"\n- eval loss: {o.eval_before:.4f} -> {o.eval_after:.4f}" if o.eval_after is not None else ""
+    return f"""---
+library_name: peft
+base_model: {base}
+tags: [lora, qshard]
+---
+# LoRA adapter for {Path(base).name}
+
+Trained by qshard on `{recipe.data.path}` ({o.steps} steps, {o.tokens:,} tokens), base quantized as
+`{recipe.quantization.method}`, engine `{recipe.distributed.engine}`.
+
+- train loss: {losses}{evals}
+
+## Load it
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, "<this folder>")
+tokenizer = AutoTokenizer.from_pretrained("<this folder>")
+```
+
+## Recipe
+
+```yaml
+{dump_recipe(recipe).rstrip()}
+```
+"""
 
 
 def summary(o: Outcome) -> str:

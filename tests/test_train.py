@@ -75,6 +75,31 @@ def test_saved_adapter_reloads_in_peft_with_the_same_logits(qlora_run, micro_mod
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_final_adapter_folder_is_ready_to_share(qlora_run, micro_model, tmp_path, monkeypatch):
+    """A model card, the tokenizer, a base path that resolves from anywhere, files readable like any
+    other output (safetensors writes 0600); loaded from another working directory by PEFT's own loader."""
+    import os
+    import stat
+
+    from peft import PeftConfig
+    from transformers import AutoTokenizer
+
+    _, outcome = qlora_run
+    adapter = outcome.adapter_dir
+    card = (adapter / "README.md").read_text()
+    assert "library_name: peft" in card and "PeftModel.from_pretrained" in card and "train loss:" in card
+    config = PeftConfig.from_pretrained(str(adapter))
+    assert config.base_model_name_or_path == str(micro_model.resolve())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((adapter / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~umask
+    monkeypatch.chdir(tmp_path)  # nowhere near where training ran
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    assert tokenizer("The sky is blue.").input_ids == AutoTokenizer.from_pretrained(micro_model)("The sky is blue.").input_ids
+    base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, dtype=torch.float32)
+    assert PeftModel.from_pretrained(base, str(adapter)) is not None
+
+
 def test_run_folder_holds_recipe_metrics_and_checkpoints(qlora_run):
     recipe, outcome = qlora_run
     out = outcome.output_dir

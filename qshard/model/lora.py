@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zlib
 from pathlib import Path
 
@@ -118,7 +119,32 @@ def save_adapter(out_dir: Path, state: dict[str, torch.Tensor], peft_model: nn.M
     _drop_private_keys(out_dir / ADAPTER_CONFIG)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out_dir / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
+    readable_like_any_output(out_dir)
     return out_dir
+
+
+def readable_like_any_output(folder: Path) -> None:
+    """safetensors writes its files mode 0600; an adapter is shared and served, so its files get the
+    mode any other output gets here (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.iterdir():
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~umask)
+
+
+def finish_for_sharing(out_dir: Path, tokenizer, card: str) -> None:
+    """The final adapter folder, ready to share: a base path that resolves from anywhere (not relative
+    to where training ran), the tokenizer beside it, and a model card (README.md)."""
+    config_file = out_dir / ADAPTER_CONFIG
+    data = json.loads(config_file.read_text())
+    base = data.get("base_model_name_or_path")
+    if base and Path(base).expanduser().exists():
+        data["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
+        config_file.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / "README.md").write_text(card)
+    readable_like_any_output(out_dir)
 
 
 def _drop_private_keys(config_file: Path) -> None:

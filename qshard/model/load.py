@@ -10,6 +10,12 @@ Opening a base (`open_base`) reads no weight but checks everything else first: t
 formed), then the checkpoint against the architecture config.json describes (`check_checkpoint_fits`):
 every tensor it needs is there, with the shape the config implies. A tensor the architecture has no
 place for is ignored and named in the log, as transformers does.
+
+Checkpoint names are read as transformers reads them (qshard/model/convert.py): its own conversion
+rules rename tensors (GPT-NeoX's `embed_out` -> `lm_head`) and stack Mixture-of-Experts tensors
+(`experts.N.w1/w3` -> `experts.gate_up_proj`), one target (at most one layer's experts) at a time;
+the header check compares the converted names and shapes. Fused expert parameters are 3-D
+nn.Parameters, not linear layers: they load dense in the recipe's dtype, as does the router.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 from torch import nn
 
 from qshard.errors import QShardError
-from qshard.model import folder
+from qshard.model import convert, folder
 from qshard.quant import ptq
 from qshard.quant.base import QuantLinear
 from qshard.quant.bnb4bit import Linear4bit
@@ -152,11 +158,16 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype) -> nn.Module:
 
 
 def quantized_linear_names(model: nn.Module, spec: QuantSpec) -> list[str]:
-    """Every nn.Linear that the spec quantizes (all but skip_modules), in module order."""
+    """Every nn.Linear that the spec quantizes (all but skip_modules), in module order. A subclass with its
+    own forward (a Mixture-of-Experts router such as Phi-MoE's, which returns the chosen experts) is not a
+    plain linear layer: it stays dense, as the fused experts do. The output embedding is skipped whatever its
+    name (`lm_head`, BioGPT's `output_projection`): it may be tied to the input embedding."""
     if spec.method in ("none", "checkpoint"):
         return []
+    head = model.get_output_embeddings()
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in spec.skip_modules)]
+            if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and m is not head
+            and not any(name == s or name.endswith("." + s) for s in spec.skip_modules)]
 
 
 def swap_in_quantized_shells(model: nn.Module, names: list[str], spec: QuantSpec, dtype: torch.dtype) -> None:
@@ -240,11 +251,12 @@ def load_base_model(skeleton: nn.Module, model_dir: Path, *, quant: QuantSpec = 
                           fix="use nf4 (or fp4 / int8 / none) for a dense checkpoint")
     reader = CheckpointReader(checkpoint_files(model_dir))
     layers = ptq_layers(skeleton, reader.keys(), fmt)
-    log_ignored(skeleton, reader.keys(), layers, log)
+    targets, ignored = checkpoint_plan(skeleton, reader, layers)
+    log_ignored(ignored, log)
     if fmt is None:
-        _stream_tensors(skeleton, reader, quant, skeleton.dtype, device)
+        _stream_tensors(skeleton, reader, targets, quant, skeleton.dtype, device)
     else:
-        _load_ptq(skeleton, reader, layers, fmt, quant, skeleton.dtype, device, log)
+        _load_ptq(skeleton, reader, targets, layers, fmt, quant, skeleton.dtype, device, log)
     skeleton.tie_weights()
     check_materialised(skeleton, model_dir)
     skeleton.requires_grad_(False)
@@ -259,11 +271,35 @@ def load_model(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec()
     return load_base_model(skeleton, model_dir, quant=quant, device=device, log=log)
 
 
-def _stream_tensors(model: nn.Module, reader: CheckpointReader, quant: QuantSpec, dtype: torch.dtype,
-                    device: torch.device) -> None:
-    for key in reader.keys():
-        place_tensors(model, {key: reader.rows(key, dtype=dtype).to(device)}, quant, dtype)  # one tensor at a time
+def _stream_tensors(model: nn.Module, reader: CheckpointReader, targets: list[convert.Target], quant: QuantSpec,
+                    dtype: torch.dtype, device: torch.device) -> None:
+    """One target at a time: one tensor, or the tensors one conversion rule combines (one layer's experts)."""
+    for target in targets:
+        place_tensors(model, target.build(model, lambda key: reader.rows(key, dtype=dtype).to(device)), quant, dtype)
         release_freed_memory()
+
+
+def checkpoint_plan(model: nn.Module, reader: CheckpointReader,
+                    layers: dict[str, list[str]]) -> tuple[list[convert.Target], list[str]]:
+    """The checkpoint's tensors as the model's parameters, by transformers' conversion rules
+    (qshard/model/convert.py), and the keys the architecture has no place for. A PTQ layer's tensors
+    (`layers`) are read by their own names."""
+    headers = {key: (stored, shape) for key, (_, _, stored, shape) in reader.entries.items()
+               if key.rpartition(".")[0] not in layers}
+    return convert.plan(model, headers, checkpoint_names(model))
+
+
+def checkpoint_names(model: nn.Module) -> list[str]:
+    """Every parameter and buffer of `model` as a checkpoint names it: LoRA wrappers' `base_layer` dropped,
+    a quantized layer's packed tensors as the one `<layer>.weight` they come from."""
+    names = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name.replace('.base_layer', '')}." if module_name else ""
+        leaves = [n for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+        if isinstance(module, QUANT_LAYERS):
+            leaves = ["weight", *(n for n in leaves if n == "bias")]
+        names += [prefix + leaf for leaf in leaves]
+    return names
 
 
 def release_freed_memory() -> None:
@@ -359,13 +395,12 @@ class CheckpointReader:
         return buffer
 
 
-def _load_ptq(model: nn.Module, reader: CheckpointReader, layers: dict[str, list[str]], fmt, quant: QuantSpec,
-              dtype: torch.dtype, device: torch.device, log) -> None:
+def _load_ptq(model: nn.Module, reader: CheckpointReader, targets: list[convert.Target], layers: dict[str, list[str]],
+              fmt, quant: QuantSpec, dtype: torch.dtype, device: torch.device, log) -> None:
     """PTQ tensors are compact (the packed model): the other tensors are placed, then each layer is read
     whole and built (kept, or converted)."""
-    for key in reader.keys():
-        if tensor_role(model, key, layers)[0] != "ptq":
-            place_tensors(model, {key: reader.rows(key).to(device)}, quant, dtype)
+    for target in targets:
+        place_tensors(model, target.build(model, lambda key: reader.rows(key).to(device)), quant, dtype)
     error = [0.0, 0.0]  # squared error of a conversion, squared norm of the PTQ weights
     for name, leaves in layers.items():
         layer = fmt.build({leaf: reader.rows(f"{name}.{leaf}").to(device) for leaf in leaves}, fmt.config, name)
@@ -431,8 +466,7 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
     return getattr(module, "base_layer", module)  # under a LoRA wrapper
 
 
-def log_ignored(model: nn.Module, keys, layers: dict[str, list[str]], log) -> None:
-    ignored = [key for key in keys if tensor_role(model, key, layers)[0] == "ignored"]
+def log_ignored(ignored: list[str], log) -> None:
     if ignored:
         shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
         log(f"ignoring {len(ignored)} checkpoint tensor(s) this architecture has no place for: {shown}")
@@ -444,17 +478,19 @@ def check_checkpoint_fits(skeleton: nn.Module, reader: CheckpointReader, fmt, mo
     present (a tied output embedding may be absent). A refusal names the tensor, both shapes, the file
     and the config.json key that probably disagrees."""
     layers = ptq_layers(skeleton, reader.keys(), fmt)
+    targets, _ = checkpoint_plan(skeleton, reader, layers)
+    stored = converted_headers(reader, targets, layers)
     order = {name: i for i, name in enumerate(skeleton.state_dict())}  # the first disagreement in model order
-    for key in sorted(reader.keys(), key=lambda k: order.get(k, len(order))):
-        role, module, leaf = tensor_role(skeleton, key, layers)
+    for name in sorted(stored, key=lambda n: order.get(n, len(order))):
+        role, module, leaf = tensor_role(skeleton, name, layers)
         expected = getattr(module, leaf, None) if role != "ignored" else None  # a PTQ layer's bias, not its codes
         if isinstance(expected, torch.Tensor):
-            file, _, stored, shape = reader.entries[key]
+            what, file, dtype, shape = stored[name]
             if list(expected.shape) != shape:
-                raise _mismatch(f"tensor {key}", shape, list(expected.shape), file, skeleton.config)
-            if expected.is_floating_point() != stored.is_floating_point:
-                raise QShardError(f"{file.name}: tensor {key} is stored as {stored}, but {key} of the architecture "
-                                  f"is {expected.dtype}", where=f"{file}: tensor {key}",
+                raise _mismatch(what, shape, list(expected.shape), file, skeleton.config)
+            if expected.is_floating_point() != dtype.is_floating_point:
+                raise QShardError(f"{file.name}: {what} is stored as {dtype}, but {name} of the architecture "
+                                  f"is {expected.dtype}", where=f"{file}: {what}",
                                   fix="the weights do not belong to this config.json: use the model's own files")
     for name, leaves in layers.items():
         layer, linear = ptq_layout(reader, fmt, name, leaves), skeleton.get_submodule(name)
@@ -462,10 +498,27 @@ def check_checkpoint_fits(skeleton: nn.Module, reader: CheckpointReader, fmt, mo
         if got != want:
             file = reader.entries[f"{name}.{leaves[0]}"][0]
             raise _mismatch(f"{fmt.name} layer {name} [out, in]", got, want, file, skeleton.config)
-    provided = set(reader.keys()) | {f"{name}.weight" for name in layers}
+    provided = set(stored) | {f"{name}.weight" for name in layers}
     optional = _tied_output_names(skeleton)
     raise_if_missing([n for n, _ in skeleton.named_parameters() if n not in provided and n not in optional],
                      model_dir)
+
+
+def converted_headers(reader: CheckpointReader, targets: list[convert.Target],
+                      layers: dict[str, list[str]]) -> dict[str, tuple[str, Path, torch.dtype, list[int]]]:
+    """{parameter name: (what to call it in a message, file, stored dtype, shape once converted)} of the
+    checkpoint: a PTQ layer's tensors as stored, the others as transformers' rules convert them."""
+    headers = {}
+    for key, (file, _, dtype, shape) in reader.entries.items():
+        if key.rpartition(".")[0] in layers:
+            headers[key] = (f"tensor {key}", file, dtype, shape)
+    for target in targets:
+        file, _, dtype, _ = reader.entries[target.sources[0]]
+        for name, shape in target.shapes.items():
+            what = f"tensor {name}" if not target.renamed else \
+                f"tensor {name} (converted by transformers' rules from {convert.shown(target.sources)})"
+            headers[name] = (what, file, dtype, list(shape))
+    return headers
 
 
 def ptq_layout(reader: CheckpointReader, fmt, name: str, leaves: list[str]) -> QuantLinear:
@@ -513,7 +566,9 @@ def _config_keys_of_size(config, size: int) -> list[str]:
     sizes = {"vocab_size": get("vocab_size"), "hidden_size": get("hidden_size"),
              "intermediate_size": get("intermediate_size"),
              "num_attention_heads x head_dim": get("num_attention_heads") * head_dim,
-             "num_key_value_heads x head_dim": get("num_key_value_heads") * head_dim}
+             "num_key_value_heads x head_dim": get("num_key_value_heads") * head_dim,
+             "num_local_experts": get("num_local_experts"), "num_experts": get("num_experts"),
+             "moe_intermediate_size": get("moe_intermediate_size")}
     return [key for key, value in sizes.items() if value == size]
 
 

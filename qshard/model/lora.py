@@ -20,9 +20,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def linear_module_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
-    """Full names of every linear layer (dense or quantized) except the output head."""
+    """Full names of every linear layer (dense or quantized) except the output head. An nn.Linear
+    subclass with a forward of its own (Phi-MoE's router returns a tuple) is not a plain linear: PEFT's
+    wrapper would break it, and the loader does not quantize it either."""
     return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, *QUANT_LAYERS)) and name.rpartition(".")[2] not in skip]
+            if (isinstance(m, QUANT_LAYERS) or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward))
+            and name.rpartition(".")[2] not in skip]
 
 
 def resolve_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:

@@ -33,6 +33,11 @@ layer), and each rank copies out its part. Kept as they are, the skeleton first 
 built from stand-ins of the checkpoint's header (the layer `load._load_ptq` builds, moved to the meta
 device). Peak beyond the shards: one layer.
 
+Tensors transformers' conversion rules combine (MoE experts stacked into `experts.gate_up_proj`,
+qshard/model/convert.py) are built whole on every rank, one target at a time (one layer's expert
+stack, the largest tensor a rank then holds), and each rank copies out its part. Reading only the
+experts a rank owns is left for when the experts are quantized.
+
 Not covered (loaded whole, then sharded, with a log line saying so): DoRA (its magnitude is computed
 from the whole base weight when attached).
 """
@@ -51,6 +56,7 @@ from qshard.model.load import (
     CheckpointReader,
     QuantSpec,
     checkpoint_files,
+    checkpoint_plan,
     converted_ptq,
     log_conversion_error,
     log_ignored,
@@ -156,58 +162,97 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
     """Read the checkpoint into this rank's part of every base parameter: `span(p)` is the range of
     p's flattened elements this rank owns, `local(p, span)` the (flat) tensor that holds them. A dense
     tensor is read only where owned; a quantized weight a row range at a time; a PTQ layer one layer at
-    a time. A tensor the checkpoint lacks is named before anything is read; what each checkpoint tensor
-    is, is decided as in the whole load (`load.tensor_role`)."""
+    a time; a tensor transformers' rules combine from several (MoE experts) one target at a time. A
+    tensor the checkpoint lacks is named before anything is read; which parameter each checkpoint tensor
+    fills, and what it is to the model, is decided as in the whole load (`load.checkpoint_plan`,
+    `load.tensor_role`)."""
     reader, jobs, covered = CheckpointReader(checkpoint_files(model_dir)), [], set()
     fmt = ptq.detect(model_dir)
     packed = ptq_layers(base, reader.keys(), fmt)
-    log_ignored(base, reader.keys(), packed, log)
-    for key in reader.keys():
-        kind, module, pname = tensor_role(base, key, packed)
-        if kind == "ignored":
-            continue
-        if kind == "ptq":  # a PTQ layer: built whole from all its tensors, once
-            params, key = list(module.parameters(recurse=False)), key.rpartition(".")[0]
-        elif kind == "quantized":
-            params = [p for _, p in _storage(module)]
-        elif kind == "dense":
-            params = [module._parameters[pname]]
-        else:
-            params = []
-        if kind == "buffer" or (params and id(params[0]) not in covered):  # once if tied (or one PTQ layer)
-            jobs.append((kind, key, module, pname))
-            covered |= {id(p) for p in params}
+    targets, ignored = checkpoint_plan(base, reader, packed)
+    log_ignored(ignored, log)
+    for name, leaves in packed.items():  # a PTQ layer: built whole from all its tensors, once
+        module = tensor_role(base, f"{name}.{leaves[0]}", packed)[1]
+        jobs.append((name, None, [("ptq", name, module, None)]))
+        covered |= {id(p) for p in module.parameters(recurse=False)}
+    for target in targets:
+        parts = []  # (kind, parameter name, module, leaf) of the target's names this rank still has to fill
+        for name in target.names:
+            kind, module, pname = tensor_role(base, name, packed)
+            params = ([p for _, p in _storage(module)] if kind == "quantized" else
+                      [module._parameters[pname]] if kind == "dense" else [])
+            if kind == "buffer" or (params and id(params[0]) not in covered):  # once if tied
+                parts.append((kind, name, module, pname))
+                covered |= {id(p) for p in params}
+        if parts:
+            jobs.append((None, target, parts))
     raise_if_missing(_checkpoint_keys(base, lambda p: id(p) not in covered and not p.requires_grad), model_dir)
     error = [0.0, 0.0]  # a conversion's squared error and squared weight norm (load.converted_ptq)
     with torch.no_grad():
-        for kind, key, module, pname in jobs:
-            if kind == "ptq":
-                # built (and converted) where the whole load builds it: the device
-                layer = fmt.build({leaf: reader.rows(f"{key}.{leaf}").to(device) for leaf in packed[key]},
-                                  fmt.config, key)
-                whole = (dict(layer.named_parameters()) if quant.method == "checkpoint" else
-                         converted_ptq(layer, module, quant, dtype, error))
-                for name, param in module.named_parameters(recurse=False):
-                    owned = span(param)
-                    _checked(local(param, owned), owned, f"{key}.{name}").copy_(whole[name].reshape(-1)[owned[0]:owned[1]])
-                del layer, whole
-            elif kind == "quantized":
-                owned = {n: span(p) for n, p in _storage(module)}
-                targets = {n: _checked(local(p, owned[n]), owned[n], key) for n, p in _storage(module)}
-                slices = max(world_size, -(-module.in_features * module.out_features * 4 // SLICE_BYTES))
-                # quantized where the whole load quantizes (the device), so the pieces equal its result
-                pieces = module.quantize_pieces(lambda a, b: reader.rows(key, a, b).to(device), owned, slices)
-                for n, target in targets.items():
-                    target.copy_(pieces[n])
-            elif kind == "dense":
-                param = module._parameters[pname]
-                owned = span(param)
-                reader.flat(key, *owned, out=_checked(local(param, owned), owned, key))
+        for layer_name, target, parts in jobs:
+            if layer_name is not None:
+                _fill_ptq(packed, reader, fmt, layer_name, parts[0][2], span, local, device, quant, dtype, error)
+            elif target.rule is None:
+                _fill_read(reader, target.sources[0], parts[0], world_size, span, local, device)
             else:
-                module._buffers[pname] = reader.rows(key).to(device)
+                # A rank briefly holds this one target whole (at most one layer's expert stack, as the whole
+                # load holds it), built by transformers' rule from its sources, and keeps its own part.
+                whole = target.build(base, lambda key: reader.rows(key, dtype=dtype).to(device))
+                for part in parts:
+                    _fill_from(whole[part[1]].to(dtype), part, world_size, span, local, device)
+                del whole
             release_freed_memory()
     if fmt is not None:
         log_conversion_error(fmt.name, quant, error, log)
+
+
+def _fill_ptq(packed: dict[str, list[str]], reader: CheckpointReader, fmt, key: str, module: nn.Module, span: Span,
+              local: Local, device: torch.device, quant: QuantSpec, dtype: torch.dtype, error: list[float]) -> None:
+    """One PTQ layer, built (and converted) where the whole load builds it (the device); this rank's part kept."""
+    layer = fmt.build({leaf: reader.rows(f"{key}.{leaf}").to(device) for leaf in packed[key]}, fmt.config, key)
+    whole = (dict(layer.named_parameters()) if quant.method == "checkpoint" else
+             converted_ptq(layer, module, quant, dtype, error))
+    for name, param in module.named_parameters(recurse=False):
+        owned = span(param)
+        _checked(local(param, owned), owned, f"{key}.{name}").copy_(whole[name].reshape(-1)[owned[0]:owned[1]])
+
+
+def _fill_read(reader: CheckpointReader, key: str, part, world_size: int, span: Span, local: Local,
+               device: torch.device) -> None:
+    """A parameter stored as one checkpoint tensor `key` (maybe under another name): only what this rank owns
+    is read (a quantized weight: every row, a range at a time; see the module docstring)."""
+    kind, _, module, pname = part
+    if kind == "quantized":
+        _fill_quantized(module, lambda a, b: reader.rows(key, a, b).to(device), world_size, span, local, key)
+    elif kind == "dense":
+        param = module._parameters[pname]
+        owned = span(param)
+        reader.flat(key, *owned, out=_checked(local(param, owned), owned, key))
+    else:
+        module._buffers[pname] = reader.rows(key).to(device)
+
+
+def _fill_from(whole: torch.Tensor, part, world_size: int, span: Span, local: Local, device: torch.device) -> None:
+    """A parameter from a tensor built whole (by a conversion rule): this rank's part copied out."""
+    kind, name, module, pname = part
+    if kind == "quantized":
+        _fill_quantized(module, lambda a, b: whole[a:b], world_size, span, local, name)
+    elif kind == "dense":
+        param = module._parameters[pname]
+        owned = span(param)
+        _checked(local(param, owned), owned, name).copy_(whole.reshape(-1)[owned[0]:owned[1]])
+    else:
+        module._buffers[pname] = whole.to(device)
+
+
+def _fill_quantized(module: QuantLinear, read_rows, world_size: int, span: Span, local: Local, key: str) -> None:
+    owned = {n: span(p) for n, p in _storage(module)}
+    targets = {n: _checked(local(p, owned[n]), owned[n], key) for n, p in _storage(module)}
+    slices = max(world_size, -(-module.in_features * module.out_features * 4 // SLICE_BYTES))
+    # quantized where the whole load quantizes (the device), so the pieces equal its result
+    pieces = module.quantize_pieces(read_rows, owned, slices)
+    for n, target in targets.items():
+        target.copy_(pieces[n])
 
 
 def shard_span(rows: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -190,3 +190,25 @@ def test_communication_plot_and_table_show_measured_against_planned(tmp_path):
     assert "| all_gather | 2.000 | 4.000 | 0.50 |" in md and "| reduce_scatter | 0.500 | 0.500 | 1.00 |" in md
     assert "| all_reduce | 0.000 | 0.000 | - |" in md
     assert "in flight 30.0 ms of a 100.0 ms step (30%); not timed: reduce_scatter." in md
+
+
+@pytest.mark.parametrize("link", ["report", "report/loss.png", "report/summary.md"])
+def test_report_never_writes_through_a_link(tmp_path, link):
+    """A link at report/ or at one of its files would make the report overwrite what it points at."""
+    from tests.hostile import changed, snapshot
+
+    write_synthetic_run(tmp_path / "run")
+    victim = tmp_path / "mine"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep")
+    (victim / "loss.png").write_text("not a plot")
+    (victim / "summary.md").write_text("my notes")
+    if link == "report":
+        (tmp_path / "run" / "report").symlink_to(victim)
+    else:
+        (tmp_path / "run" / "report").mkdir()
+        (tmp_path / "run" / link).symlink_to(victim / Path(link).name)
+    before = snapshot(victim)
+    with pytest.raises(QShardError, match="would write through"):
+        write_report(tmp_path / "run")
+    assert changed(before, snapshot(victim)) == []

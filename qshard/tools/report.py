@@ -365,15 +365,28 @@ def report_data(run: RunData, summary: dict) -> dict:
     return data
 
 
+def _refuse_links(out_dir: Path, names: list[str]) -> None:
+    """The report writes only its own files: never through a link a user put at report/ or at one of
+    its file names (they would overwrite whatever the link points at)."""
+    links = [p for p in [out_dir, *(out_dir / n for n in names)] if p.is_symlink()]
+    if links or (out_dir.exists() and not out_dir.is_dir()):
+        shown = ", ".join(str(p) for p in links) or str(out_dir)
+        raise QShardError(f"the report would write through {shown}", where=str(out_dir),
+                          fix="remove the link (or the file named report) from the run folder; qshard writes "
+                              "its report only into a folder of its own")
+
+
 def write_report(run_dir: str | Path) -> Report:
     """RUN_DIR/report/: one PNG per plot, series.json (the plotted data) and summary.md."""
     run = read_run(run_dir)
     summary = summarize(run)
     data = report_data(run, summary)
     out_dir = run.run_dir / REPORT_DIR
+    figs = figures(data)
+    _refuse_links(out_dir, [f"{name}.png" for name in figs] + ["series.json", "summary.md"])
     out_dir.mkdir(exist_ok=True)
     files = []
-    for name, fig in figures(data).items():
+    for name, fig in figs.items():
         files.append(out_dir / f"{name}.png")
         fig.savefig(files[-1], dpi=100)
     (out_dir / "series.json").write_text(json.dumps(data, indent=1) + "\n")

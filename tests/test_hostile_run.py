@@ -448,3 +448,23 @@ def test_init_tiny_on_a_file_is_refused(ws):
 
 def test_init_tiny_never_writes_into_a_users_folder(ws):
     refused(ws, ["init-tiny", str(ws[0] / "data")], "is not empty")
+
+
+@pytest.mark.parametrize("out", [".", "data"])
+def test_plan_never_replaces_a_users_recipe_or_deepspeed_json(ws, out):
+    """`qshard plan recipe.yaml --out .` once overwrote the user's own recipe.yaml with its recommendation."""
+    root = ws[0]
+    path = recipe(ws)
+    if out == "data":
+        (root / "data" / "deepspeed.json").write_text('{"zero_optimization": {"stage": 2}}')
+    refused(ws, ["plan", str(path), "--gpus", "2", "--out", str(root / out)], "was not written by qshard plan")
+
+
+def test_plan_replaces_its_own_earlier_recommendation(ws):
+    root = ws[0]
+    assert run_cli("plan", str(recipe(ws)), "--gpus", "2", "--out", str(root / "plan"), cwd=root).code == 0
+    first = (root / "plan" / "recipe.yaml").read_text()
+    assert run_cli("plan", str(recipe(ws)), "--gpus", "2", "--gpu-mem", "24GiB", "--out", str(root / "plan"),
+                   cwd=root).code == 0
+    again = (root / "plan" / "recipe.yaml").read_text()
+    assert again != first and "of 24.00 GiB" in again.splitlines()[0]

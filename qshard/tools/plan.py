@@ -822,10 +822,25 @@ def recommended_deepspeed_config(est: Estimate, spec: ModelSpec, max_grad_norm: 
     return config
 
 
+PLAN_NOTE = "# written by `qshard plan`"
+
+
+def _refuse_foreign_files(out_dir: Path) -> None:
+    """`--out` may hold an earlier recommendation (its recipe.yaml starts with PLAN_NOTE), never a recipe
+    or DeepSpeed JSON of the user's, which writing would replace (e.g. `--out .` beside the recipe)."""
+    recipe, ds = out_dir / "recipe.yaml", out_dir / "deepspeed.json"
+    ours = recipe.is_file() and not recipe.is_symlink() and recipe.read_text(errors="replace").startswith(PLAN_NOTE)
+    for path in (recipe, ds):
+        if (path.exists() or path.is_symlink()) and (not ours or path.is_symlink()):
+            raise QShardError(f"{path} exists and was not written by qshard plan; it is left as it is",
+                              where="--out", fix="choose another --out folder (the default is ./plan)")
+
+
 def write_recommendation(plan: Plan, recipe, out_dir: Path) -> list[Path]:
     """recipe.yaml (and deepspeed.json where relevant) for the recommended configuration."""
     import yaml
 
+    _refuse_foreign_files(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     ds = recommended_deepspeed_config(plan.best, plan.spec, recipe.train.max_grad_norm)
@@ -836,7 +851,7 @@ def write_recommendation(plan: Plan, recipe, out_dir: Path) -> list[Path]:
         written.append(ds_path)
     raw = recommended_recipe(recipe, plan.best, str(ds_path) if ds_path else None)
     path = out_dir / "recipe.yaml"
-    note = (f"# written by `qshard plan`: predicted peak {gib(plan.best.peak)} GiB per GPU of "
+    note = (f"{PLAN_NOTE}: predicted peak {gib(plan.best.peak)} GiB per GPU of "
             f"{gib(plan.gpu_mem)} GiB\n")
     path.write_text(note + yaml.safe_dump(raw, sort_keys=False))
     return [path] + written

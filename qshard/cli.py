@@ -45,20 +45,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _size(text: str, option: str) -> int:
-    """A memory size such as 24GiB, which must be positive and finite."""
-    from qshard.tools import plan
-
-    try:
-        value = plan.parse_size(text)
-    except (OverflowError, ValueError):
-        value = 0
-    if value <= 0:
-        raise QShardError(f"{option} {text!r} is not a positive memory size", where=option,
-                          fix="write it like 24GiB, 80GB or 512MiB")
-    return value
-
-
 def _train(args) -> int:
     from qshard.config import load_recipe
     from qshard.train import run
@@ -105,8 +91,8 @@ def _plan(args) -> int:
     from qshard.tools import plan
 
     recipe = load_recipe(args.recipe, args.set)
-    gpu_mem = _size(args.gpu_mem, "--gpu-mem")
-    cpu_mem = _size(args.cpu_mem, "--cpu-mem") if args.cpu_mem else None
+    gpu_mem = plan.parse_size(args.gpu_mem, "--gpu-mem")
+    cpu_mem = plan.parse_size(args.cpu_mem, "--cpu-mem") if args.cpu_mem else None
     result = plan.make_plan(recipe, plan.read_model_spec(recipe.model.path), gpus=args.gpus, nodes=args.nodes,
                             gpu_mem=gpu_mem, cpu_mem=cpu_mem)
     print(plan.report(result))

@@ -100,7 +100,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, r
         say(_trainable_line(model))
         model, optimizer = engine.wrap(model, lambda params: make_optimizer(params, recipe))
         outcome = fit(model, engine, optimizer, checked.datasets, checked.tokenizer, recipe, rt, precision,
-                      checked.resume_from, say)
+                      checked.resume_from, say, engine_key=checked.engine)
         outcome.process_group = rt.distributed
         say(summary(outcome))
         return outcome
@@ -142,7 +142,7 @@ def build_model(checked: validate.Checked, quant: QuantSpec, engine, recipe: Rec
 
 
 def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe: Recipe, rt: Runtime,
-        precision: Precision, resume_from: Path | None, say) -> Outcome:
+        precision: Precision, resume_from: Path | None, say, engine_key: str) -> Outcome:
     """The training loop: global batches -> this rank's micro-batches -> token-mean loss -> step."""
     from qshard.observe.commcount import comm_record
 
@@ -153,7 +153,7 @@ def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe
     pad_id = data.pad_token_id(tokenizer)
     outcome = Outcome(output_dir=out_dir, model=engine.peft_model)
     warnings_log = WarningsLog(out_dir, rt.is_main, say)
-    outcome.sharding = report_sharding(engine, recipe, rt, warnings_log, say)
+    outcome.sharding = report_sharding(engine, engine_key, recipe, rt, warnings_log, say)
     step = 0
     if resume_from is not None:
         step = restore(resume_from, engine, scheduler, rt, say)
@@ -314,14 +314,14 @@ class LoopServices:
         self._stack.close()
 
 
-def report_sharding(engine, recipe: Recipe, rt: Runtime, warnings_log: "WarningsLog", say) -> list[dict]:
+def report_sharding(engine, engine_key: str, recipe: Recipe, rt: Runtime, warnings_log: "WarningsLog",
+                    say) -> list[dict]:
     """What each rank holds (sharding.json, printed), and a warning for large tensors held whole under
-    an engine that shards the base."""
+    an engine that shards the base (`engine_key`: validate's engine identity)."""
     rows = sharding_report(engine.peft_model, rt)
     say(format_sharding(rows))
     if rt.is_main:
         checkpoint.write_json(Path(recipe.train.output_dir) / "sharding.json", rows)
-    engine_key = validate.engine_identity(recipe)
     if engine_key in compat.SHARDS_BASE:
         whole = replicated_tensors(engine.peft_model, rt)
         if whole:

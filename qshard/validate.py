@@ -204,10 +204,11 @@ def _check_run_folder(c: Checked, recipe: Recipe, launch: Launch, overwrite: boo
                           where="--resume / --overwrite")
     from qshard.state.resume import check_resume_compatible
 
+    newest = None
     if resume == "auto":  # a changed recipe is named as such, not as checkpoints of the wrong shape
         newest = checkpoint.find_resume(out_dir, warn=lambda *_: None)
         if newest is not None:
-            check_resume_compatible(newest, recipe, launch.world_size, lambda *_: None)
+            check_resume_compatible(newest, recipe, launch.world_size, say)
     expected = None  # the adapter shapes this model needs: a checkpoint of another shape is not resumable
     if c.skeleton is not None and c.targets is not None:
         from qshard.state.resume import expected_adapter_shapes
@@ -230,7 +231,8 @@ def _check_run_folder(c: Checked, recipe: Recipe, launch: Launch, overwrite: boo
             say(f"--resume auto: {out_dir} holds no run yet; starting one")
         return
     rundir.check_resumable(out_dir)
-    check_resume_compatible(c.resume_from, recipe, launch.world_size, say)
+    if c.resume_from != newest:  # the newest was compared above
+        check_resume_compatible(c.resume_from, recipe, launch.world_size, say)
     step = json.loads((c.resume_from / "trainer_state.json").read_text())["step"]
     if c.total_steps is not None and step >= c.total_steps:
         raise QShardError(f"{c.resume_from.name} is at step {step}, and this recipe trains {c.total_steps} steps: "

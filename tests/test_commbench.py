@@ -41,7 +41,7 @@ def test_bus_bandwidth_uses_the_nccl_tests_factors():
 
 def test_sizes_parse_like_the_planner_and_bad_ones_are_refused():
     assert parse_sizes("1KB, 64KiB,1MB") == [1000, 65536, 1_000_000]
-    for bad in ("", "1XB", "0B"):
+    for bad in ("", "1XB", "0B", "inf", "-1MB"):
         with pytest.raises(QShardError, match="--sizes"):
             parse_sizes(bad)
 

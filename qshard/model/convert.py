@@ -74,7 +74,11 @@ def plan(model: nn.Module, headers: dict[str, tuple[torch.dtype, list[int]]],
     (the empty skeleton, quantized shells or LoRA wrappers in place) whose checkpoint names are `names`,
     in checkpoint order, and the keys this architecture has no place for. A rule that cannot be
     streamed is a QShardError naming it."""
-    from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+    from transformers.core_model_loading import (
+        WeightConverter,
+        dot_natural_key,
+        rename_source_key,
+    )
 
     rules = conversion_rules(model)
     renamings = [r for r in rules if not isinstance(r, WeightConverter)]

@@ -138,18 +138,6 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.log_every", "trai
                      "distributed.")
 
 
-def same_run(out_dir: Path, recipe: Recipe) -> bool:
-    """Whether out_dir was started by this same recipe (up to resumable changes)."""
-    from qshard.config import load_recipe
-
-    try:
-        saved = load_recipe(out_dir / "recipe.yaml")
-    except QShardError:
-        return False
-    before, now = _flatten(saved.model_dump(mode="json")), _flatten(recipe.model_dump(mode="json"))
-    return all(k.startswith(RESUMABLE_CHANGES) for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-
-
 def check_resume_compatible(ckpt: Path, recipe: Recipe, world_size: int, say) -> None:
     """Refuse a resume that would continue a different run; log the harmless differences."""
     import json

@@ -56,10 +56,10 @@ def make_row(op: str, nbytes: int, seconds: float, world: int) -> Row:
 def parse_sizes(text: str) -> list[int]:
     """'1KB,1MB,64MiB' -> bytes (qshard.tools.plan.parse_size: KB = 1000, KiB = 1024)."""
     try:
-        sizes = [parse_size(item) for item in text.split(",") if item.strip()]
+        sizes = [parse_size(item, "--sizes") for item in text.split(",") if item.strip()]
     except QShardError:
         sizes = []
-    if not sizes or min(sizes) <= 0:
+    if not sizes:
         raise QShardError(f"cannot read the message sizes {text!r}", where="--sizes",
                           fix="give positive sizes separated by commas, e.g. 1KB,64KB,1MB,16MB")
     return sizes

@@ -173,7 +173,9 @@ def read_model_spec(path: str) -> ModelSpec:
     spec = model_spec(config)
     if not config.get("quantization_config"):
         return spec
-    from qshard.quant import ptq  # the loader's own reading of quantization_config: what it refuses, this refuses
+    from qshard.quant import (
+        ptq,  # the loader's own reading of quantization_config: what it refuses, this refuses
+    )
 
     fmt = ptq.detect(file.parent)
     return replace(spec, checkpoint_format=fmt.name, packed=packed_layouts(spec, fmt.name, fmt.config))
@@ -678,17 +680,21 @@ def recommend(ranked: list[Estimate], gpu_mem: int, quant: str) -> Estimate | No
 
 # -- from a recipe, to a recipe --------------------------------------------------------------------
 
-def parse_size(text: str) -> int:
-    """'24GiB', '80GB', '512MiB' or a plain number of bytes."""
+def parse_size(text: str, option: str = "--gpu-mem / --cpu-mem") -> int:
+    """'24GiB', '80GB', '512MiB' or a plain number of bytes; positive and finite ("inf", "-5GiB" and
+    "0" are refused naming `option`)."""
     units = {"kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40,
              "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12, "b": 1, "": 1}
     raw = text.strip().lower().replace(" ", "")
     number = raw.rstrip("kmgtib")
     try:
-        return int(float(number) * units[raw[len(number):]])
-    except (ValueError, KeyError):
-        raise QShardError(f"cannot read the memory size {text!r}", where="--gpu-mem / --cpu-mem",
-                          fix="write it like 24GiB, 80GB or 512MiB") from None
+        value = int(float(number) * units[raw[len(number):]])
+    except (ValueError, KeyError, OverflowError):  # OverflowError: int(inf)
+        value = 0
+    if value <= 0:
+        raise QShardError(f"{option} {text!r} is not a positive memory size", where=option,
+                          fix="write it like 24GiB, 80GB or 512MiB")
+    return value
 
 
 def settings_from_recipe(recipe, spec: ModelSpec, gpus: int, nodes: int) -> Settings:

@@ -333,6 +333,22 @@ def c10d_work_future(work):
         return None
 
 
+def release_ddp_reducer(ddp) -> None:
+    """Drop a DistributedDataParallel module's C++ Reducer (and the Logger that shares it) while torch still
+    holds the process group, so the Reducer is not the group's last owner.
+
+    Seen with torch 2.13 on CPU (gloo): a DDP model freed after destroy_process_group held the group's last
+    reference in its Reducer, whose destructor then ran ~ProcessGroupGloo, which joins gloo's worker threads
+    with the GIL held, while a worker waited for the GIL to free the tensors of the run's last all_gather:
+    the rank hung for ever after a finished run (tests/test_faults.py under torchrun, about 1 in 8 restarted
+    DDP jobs; CI). Dropped first, the Reducer only gives up a reference; the group is freed later through
+    its own Python binding, which releases the GIL before joining (pytorch#56297). The module is not usable
+    for training afterwards. Remove when the Reducer's binding releases the GIL on destruction
+    (tests/test_engines.py checks that no DDP module holds a Reducer when the group is destroyed)."""
+    ddp.reducer = None
+    ddp.logger = None
+
+
 def exit_without_teardown(code: int) -> None:
     """End a distributed worker once its run has returned and every file is closed, skipping the
     interpreter's teardown. Seen with torch 2.13 + DeepSpeed 0.19.8 on CPU: a ZeRO-3 job restarted by

@@ -83,29 +83,37 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, r
     for report in checked.datasets.reports:
         say(report.summary())
     rt = init_runtime(need_group=recipe.distributed.engine != "none")
+    engine = None
     try:
+        engine = engine_for(recipe, rt, checked.precision)
         barrier(rt)
-        out_dir = Path(recipe.train.output_dir)
-        if rt.is_main:
-            if checked.start_fresh:
-                rundir.start(out_dir, launch.job)
-            else:  # a resumed run becomes this job's: a torchrun restart of it continues it
-                rundir.mark(out_dir, launch.job)
-            checkpoint.write_text(out_dir / "recipe.yaml", dump_recipe(recipe))  # replaces a link, never writes through
-        barrier(rt)
-
-        precision, quant = checked.precision, quant_spec(recipe, checked.precision)
-        engine = engine_for(recipe, rt, precision)
-        model = build_model(checked, quant, engine, recipe, rt, say)
-        say(_trainable_line(model))
-        model, optimizer = engine.wrap(model, lambda params: make_optimizer(params, recipe))
-        outcome = fit(model, engine, optimizer, checked.datasets, checked.tokenizer, recipe, rt, precision,
-                      checked.resume_from, say, engine_key=checked.engine)
-        outcome.process_group = rt.distributed
+        outcome = _start_and_fit(checked, recipe, rt, engine, launch.job, say)
         say(summary(outcome))
         return outcome
     finally:
+        if engine is not None:
+            engine.close()  # before the group goes: what ties the engine to it (qshard/engines/base.py)
         shutdown(rt)
+
+
+def _start_and_fit(checked: validate.Checked, recipe: Recipe, rt: Runtime, engine, job: str, say) -> Outcome:
+    out_dir = Path(recipe.train.output_dir)
+    if rt.is_main:
+        if checked.start_fresh:
+            rundir.start(out_dir, job)
+        else:  # a resumed run becomes this job's: a torchrun restart of it continues it
+            rundir.mark(out_dir, job)
+        checkpoint.write_text(out_dir / "recipe.yaml", dump_recipe(recipe))  # replaces a link, never writes through
+    barrier(rt)
+
+    precision, quant = checked.precision, quant_spec(recipe, checked.precision)
+    model = build_model(checked, quant, engine, recipe, rt, say)
+    say(_trainable_line(model))
+    model, optimizer = engine.wrap(model, lambda params: make_optimizer(params, recipe))
+    outcome = fit(model, engine, optimizer, checked.datasets, checked.tokenizer, recipe, rt, precision,
+                  checked.resume_from, say, engine_key=checked.engine)
+    outcome.process_group = rt.distributed
+    return outcome
 
 
 def engine_for(recipe: Recipe, rt: Runtime, precision: Precision):

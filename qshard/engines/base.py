@@ -49,6 +49,10 @@ class Engine(Protocol):
 
     def load_optimizer_state_dict(self, state: dict) -> None: ...
 
+    def close(self) -> None:
+        """Let go of what ties the engine to the process group, after a run (finished or failed) and before
+        the group is destroyed. The engine is not used afterwards."""
+
 
 def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
                   scaler: torch.amp.GradScaler | None = None) -> float:

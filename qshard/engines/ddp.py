@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from qshard import _compat
 from qshard.engines.single import SingleEngine
 
 
@@ -27,3 +28,7 @@ class DDPEngine(SingleEngine):
 
     def accumulating(self):
         return self.model.no_sync()
+
+    def close(self) -> None:
+        if hasattr(self, "model"):
+            _compat.release_ddp_reducer(self.model)

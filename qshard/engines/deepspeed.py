@@ -133,6 +133,9 @@ class DeepSpeedEngine:
                   for g in self.optimizer.param_groups[:1]]
         return {"state": state, "param_groups": groups}
 
+    def close(self) -> None:
+        pass  # DeepSpeed's groups are held from Python (torch frees them without the GIL)
+
     def load_optimizer_state_dict(self, state: dict) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 

@@ -100,6 +100,9 @@ class FSDP2Engine:
     def optimizer_state_dict(self) -> dict:
         return full_optimizer_state(self.model, self.optimizer)
 
+    def close(self) -> None:
+        pass  # FSDP2's device mesh holds its groups from Python (torch frees them without the GIL)
+
     def load_optimizer_state_dict(self, state: dict) -> None:
         load_full_optimizer_state(self.model, self.optimizer, state)
 

@@ -55,3 +55,6 @@ class SingleEngine:
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        pass

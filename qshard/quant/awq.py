@@ -21,10 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from qshard.errors import QShardError
-from qshard.quant.base import QuantLinear, as_bytes, frozen
+from qshard.quant.base import (
+    QuantLinear,
+    as_bytes,
+    dequantize_by_rows,
+    frozen,
+    redequantizing_linear,
+)
 from qshard.quant.gptq import exact_product, require_tensors, unpack_int32
 
 QUANT_METHOD = "awq"
@@ -117,15 +122,21 @@ class AWQLinear(QuantLinear):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense [out, in] weight. In the scales' dtype (the default) it is bit-identical to AWQ's
         dequantize_gemm (autoawq and gptqmodel); see gptq.exact_product for other dtypes."""
-        group = torch.arange(self.in_features, device=self.qweight.device) // self.config.group_size
-        q = _unpack_awq_columns(self.qweight)  # [in, out]
         zeros = _unpack_awq_columns(self.qzeros)  # [groups, out]
-        scales = self.scales.view(self.scale_dtype).view(-1, self.out_features)
-        return exact_product(q - zeros[group], scales[group], dtype or self.scale_dtype).T
+        scales = self.scales.view(self.scale_dtype).view(-1, self.out_features).float()  # exact
+
+        def rows(start: int, stop: int) -> torch.Tensor:  # input rows [start, stop) of the [in, out] weight
+            group = torch.arange(start, stop, device=self.qweight.device) // self.config.group_size
+            q = _unpack_awq_columns(self.qweight[start:stop])
+            q -= zeros.index_select(0, group)  # index_select: ~5x faster than zeros[group] on a CPU
+            return exact_product(q, scales.index_select(0, group), dtype or self.scale_dtype)
+
+        return dequantize_by_rows(self.in_features, self.out_features, dtype or self.scale_dtype,
+                                  self.qweight.device, rows).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        return redequantizing_linear(x, self, bias)  # keeps no dense weight for backward
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, awq gemm 4-bit, "

@@ -24,10 +24,15 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from qshard.errors import QShardError
-from qshard.quant.base import QuantLinear, as_bytes, frozen
+from qshard.quant.base import (
+    QuantLinear,
+    as_bytes,
+    dequantize_by_rows,
+    frozen,
+    redequantizing_linear,
+)
 from qshard.quant.gptq import exact_product, require_tensors, unpack_int32
 
 QUANT_METHOD = "compressed-tensors"
@@ -158,20 +163,25 @@ class PackQuantizedLinear(QuantLinear):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense [out, in] weight. In the scale's dtype (the default) it is bit-identical to
         compressed-tensors' decompress; see gptq.exact_product for other dtypes."""
-        bits, group_size = self.scheme.bits, self.scheme.group_size
-        q = unpack_int32(self.weight_packed, bits, dim=1)  # [out, in], offset by 2**(bits-1)
+        bits, group_size, device = self.scheme.bits, self.scheme.group_size, self.weight_packed.device
         zeros = (1 << (bits - 1) if self.weight_zero_point is None  # the offset alone: signed zero point 0
                  else unpack_int32(self.weight_zero_point, bits, dim=0))  # [out, groups], same offset
-        scale = self.weight_scale.view(self.scale_dtype).view(self.out_features, -1)  # [out, groups]
-        if group_size != -1:  # per group -> per input column
-            group = torch.arange(self.in_features, device=q.device) // group_size
-            scale = scale[:, group]
-            zeros = zeros[:, group] if torch.is_tensor(zeros) else zeros
-        return exact_product(q - zeros, scale, dtype or self.scale_dtype)
+        scale = self.weight_scale.view(self.scale_dtype).view(self.out_features, -1).float()  # [out, groups], exact
+        group = torch.arange(self.in_features, device=device) // group_size if group_size != -1 else None
+
+        def rows(start: int, stop: int) -> torch.Tensor:  # output rows [start, stop) of the [out, in] weight
+            q = unpack_int32(self.weight_packed[start:stop], bits, dim=1)  # offset by 2**(bits-1)
+            s, z = scale[start:stop], zeros[start:stop] if torch.is_tensor(zeros) else zeros
+            if group is not None:  # per group -> per input column
+                s, z = s.index_select(1, group), z.index_select(1, group) if torch.is_tensor(z) else z
+            q -= z
+            return exact_product(q, s, dtype or self.scale_dtype)
+
+        return dequantize_by_rows(self.out_features, self.in_features, dtype or self.scale_dtype, device, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        return redequantizing_linear(x, self, bias)  # keeps no dense weight for backward
 
     def extra_repr(self) -> str:
         s = self.scheme

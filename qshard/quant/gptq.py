@@ -22,10 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from qshard.errors import QShardError
-from qshard.quant.base import QuantLinear, as_bytes, frozen
+from qshard.quant.base import (
+    QuantLinear,
+    as_bytes,
+    dequantize_by_rows,
+    frozen,
+    redequantizing_linear,
+)
 
 QUANT_METHOD = "gptq"
 SUPPORTED_BITS = (4, 8)
@@ -80,10 +85,12 @@ def read_config(qc: dict, where: str = "config.json") -> GPTQConfig:
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """The `bits`-wide codes packed 32 // bits to an int32 along `dim` (2-D), lowest bits first."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # arithmetic shift; the mask drops sign bits
+    # fields laid out right after `dim`, so the reshape below is a view, not a copy
+    codes = packed.unsqueeze(dim + 1) >> shifts.view(-1, *[1] * (packed.dim() - dim - 1))
+    codes &= (1 << bits) - 1  # arithmetic shift; the mask drops sign bits
     shape = list(packed.shape)
     shape[dim] *= 32 // bits
-    return codes.movedim(-1, dim + 1).reshape(shape)
+    return codes.reshape(shape)
 
 
 def exact_product(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -95,7 +102,9 @@ def exact_product(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype)
     float32 scales round once, as in the libraries). Rounding the scale first (scales.to(bf16) for
     a bf16 run on fp16 scales) would round twice.
     """
-    return (codes.to(torch.float32) * scales.to(torch.float32)).to(dtype)
+    product = codes.to(torch.float32, copy=True)
+    product *= scales  # in float32 (type promotion), in place: one float32 temporary, not three
+    return product.to(dtype)
 
 
 def n_groups(in_features: int, group_size: int) -> int:
@@ -150,15 +159,22 @@ class GPTQLinear(QuantLinear):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense [out, in] weight. In the scales' dtype (the default) it is bit-identical to
         gptqmodel's dequantize_weight(); see `exact_product` for other dtypes."""
-        bits, g = self.config.bits, self.g_idx.long()
-        q = unpack_int32(self.qweight, bits, dim=0)  # [in, out]
+        bits, per_word = self.config.bits, 32 // self.config.bits
         zeros = unpack_int32(self.qzeros, bits, dim=1)  # [groups, out]
-        scales = self.scales.view(self.scale_dtype).view(-1, self.out_features)
-        return exact_product(q - zeros[g], scales[g], dtype or self.scale_dtype).T
+        scales = self.scales.view(self.scale_dtype).view(-1, self.out_features).float()  # exact
+
+        def rows(start: int, stop: int) -> torch.Tensor:  # input rows [start, stop) of the [in, out] weight
+            q = unpack_int32(self.qweight[start // per_word:stop // per_word], bits, dim=0)
+            g = self.g_idx[start:stop].long()
+            q -= zeros.index_select(0, g)  # index_select: ~5x faster than zeros[g] on a CPU
+            return exact_product(q, scales.index_select(0, g), dtype or self.scale_dtype)
+
+        return dequantize_by_rows(self.in_features, self.out_features, dtype or self.scale_dtype,
+                                  self.qweight.device, rows, align=per_word).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        return redequantizing_linear(x, self, bias)  # keeps no dense weight for backward
 
     def extra_repr(self) -> str:
         c = self.config

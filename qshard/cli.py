@@ -117,6 +117,21 @@ def _report(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from qshard.tools.export import export
+    from qshard.tools.plan import parse_size
+
+    result = export(args.run_dir, args.out_dir, dtype=args.dtype, merge_into=args.merge_into,
+                    overwrite=args.overwrite, check=not args.no_check,
+                    max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"))
+    if result.check is not None and not result.check["passed"]:
+        print(f"qshard: error: the exported model does not reproduce the run's base + adapter; nothing was "
+              f"written to {result.out_dir} (--no-check writes it anyway)", file=sys.stderr)
+        return 1
+    print(f"wrote {len(result.files)} files to {result.out_dir}")
+    return 0
+
+
 def _bench_comm(args) -> int:
     from qshard.tools import commbench
 
@@ -189,6 +204,18 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="plots and a Markdown summary of a run folder (RUN_DIR/report/)")
     rp.add_argument("run_dir", help="the run's folder (train.output_dir), holding metrics.jsonl")
     rp.set_defaults(func=_report)
+
+    ex = sub.add_parser("export", help="merge a run's adapter into its base and write a Hugging Face model folder")
+    ex.add_argument("run_dir", help="the run's folder (train.output_dir), or one of its checkpoint-N folders")
+    ex.add_argument("out_dir", help="the new model folder (config.json, safetensors, tokenizer)")
+    ex.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the written weights")
+    ex.add_argument("--merge-into", default=None, metavar="PATH",
+                    help="merge into this original full-precision checkpoint instead of the dequantized base")
+    ex.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors file, e.g. 2GB")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+    ex.add_argument("--no-check", action="store_true",
+                    help="skip comparing the exported model's logits with the run's base + adapter")
+    ex.set_defaults(func=_export)
 
     bc = sub.add_parser("bench-comm", help="time all-reduce / all-gather / reduce-scatter (algbw, busbw), and "
                                            "say whether a recipe's steps are communication- or compute-bound")

@@ -1,0 +1,215 @@
+"""`qshard export`: a run's adapter merged into the base it was trained on, written as a HF model folder.
+
+Every export here runs its own check (the folder loaded by transformers in float32 against qshard's base
++ adapter on three prompts); the tests assert its figure, and independently compare the streamed output
+with PEFT's whole-model merge_and_unload on a dense base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from qshard.config import parse_recipe
+from qshard.tools.export import MARKER, export
+from qshard.tools.tiny import init_tiny
+from qshard.train import run
+from tests.helpers import REPO, recipe_dict, write_rows
+from tests.hostile import assert_refused, changed, run_cli, snapshot
+
+GPTQ = REPO / "tests" / "fixtures" / "ptq" / "gptq_llama_w4_g32_sym"
+QUIET = dict(log=lambda *_: None)
+
+
+def _train(model: Path, root: Path, name: str, method: str, dtype: str = "float32", dora: bool = False) -> Path:
+    data = write_rows(root / "train.jsonl")
+    recipe = recipe_dict(model, data, root / name, max_steps=4, sample_tokens=0)
+    recipe["quantization"]["method"] = method
+    recipe["model"]["dtype"] = dtype
+    recipe["lora"]["use_dora"] = dora
+    run(parse_recipe(recipe), **QUIET)
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def runs(micro_model, tmp_path_factory) -> dict[str, Path]:
+    """Finished runs on the micro Llama: nf4 (fp32 dense parts), int8, DoRA on a dense fp32 base and on nf4."""
+    root = tmp_path_factory.mktemp("export-runs")
+    return {"nf4": _train(micro_model, root, "nf4", "nf4"), "int8": _train(micro_model, root, "int8", "int8"),
+            "dora": _train(micro_model, root, "dora", "none", dora=True),
+            "nf4-dora": _train(micro_model, root, "nf4-dora", "nf4", dora=True)}
+
+
+def _loads_in_transformers(out: Path, dtype: torch.dtype) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+@pytest.mark.parametrize("method, dtype", [("nf4", "fp32"), ("nf4", "bf16"), ("int8", "fp16"), ("dora", "fp32"),
+                                           ("nf4-dora", "fp32")])
+def test_export_reproduces_the_runs_base_plus_adapter(runs, method, dtype, tmp_path):
+    """fp32: within 1e-4 of the largest logit (measured ~1e-6); bf16/fp16 within the rounding bound
+    export.tolerance derives (8 u sqrt(layers + 1): 0.054 bf16, 0.0068 fp16 for 2 layers)."""
+    result = export(runs[method], tmp_path / "out", dtype=dtype, **QUIET)
+    check = result.check
+    assert check["passed"] and check["max_abs_diff"] <= check["tolerance"]
+    if dtype == "fp32":
+        assert check["max_abs_diff"] <= 1e-4 * check["max_abs_logit"]
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == {"fp32": "float32", "bf16": "bfloat16",
+                                                                         "fp16": "float16"}[dtype]
+    assert {"model.safetensors", "tokenizer.json", "generation_config.json", MARKER} <= set(os.listdir(out))
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert len(result.layers) == 14 and all(0 < f["delta_rel"] < 1 for f in result.layers.values())
+    _loads_in_transformers(out, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+
+
+def test_streamed_merge_equals_peft_merge_and_unload_on_a_dense_base(runs, micro_model, tmp_path):
+    """DoRA on a dense fp32 base: every tensor of the export equals PEFT's whole-model merge to fp32 rounding."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    export(runs["dora"], tmp_path / "out", dtype="fp32", check=False, **QUIET)
+    ours = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base = AutoModelForCausalLM.from_pretrained(micro_model, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(runs["dora"] / "adapter")).merge_and_unload().state_dict()
+    assert ours.keys() == reference.keys()
+    worst = max(float((ours[k] - reference[k]).abs().max() / reference[k].abs().max()) for k in ours)
+    assert worst < 1e-6, worst
+
+
+def test_shards_are_cut_at_max_shard_size_and_load(runs, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("export", str(runs["nf4"]), str(out), "--dtype", "fp32", "--max-shard-size", "40KB",
+                     "--no-check")
+    assert result.code == 0, result.err
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    for file in files:  # at most 40 KB of tensors, or one tensor larger than that alone (the 131 KB embedding)
+        tensors = [k for k, f in index["weight_map"].items() if f == file]
+        assert len(tensors) == 1 or (out / file).stat().st_size < 40_000 + 4_000, (file, tensors)
+    _loads_in_transformers(out, torch.float32)
+
+
+def test_merge_into_the_original_reports_the_quantization_gap(runs, micro_model, tmp_path):
+    result = run_cli("export", str(runs["nf4"]), str(tmp_path / "out"), "--dtype", "fp32",
+                     "--merge-into", str(micro_model))
+    assert result.code == 0, result.err
+    assert "||W_original - W_dequantized|| / ||LoRA delta||" in result.out and "check passed" in result.out
+    layers = json.loads((tmp_path / "out" / MARKER).read_text())["layers"]
+    # NF4 of a random weight errs by ~10% of it; a 4-step adapter is ~10% of the weight: the gap is order 1
+    assert all(0.1 < f["quant_gap_rel"] < 10 for f in layers.values())
+
+
+def test_unfinished_run_is_refused_naming_its_checkpoint_which_exports(runs, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(runs["nf4"], partial)
+    shutil.rmtree(partial / "adapter")
+    before = snapshot(partial)
+    result = run_cli("export", str(partial), str(tmp_path / "out"))
+    assert_refused(result, "no finished adapter", f"qshard export {partial / 'checkpoint-4'}")
+    assert changed(before, snapshot(partial)) == [] and not (tmp_path / "out").exists()
+    assert run_cli("export", str(partial / "checkpoint-4"), str(tmp_path / "out"), "--dtype", "fp32").code == 0
+    weights = partial / "checkpoint-4" / "adapter" / "adapter_model.safetensors"
+    changed_bytes = bytearray(weights.read_bytes())
+    changed_bytes[-1] ^= 0xFF  # a changed adapter: its sha256 no longer fits the manifest
+    weights.write_bytes(bytes(changed_bytes))
+    assert_refused(run_cli("export", str(partial / "checkpoint-4"), str(tmp_path / "out2")),
+                   "not an intact checkpoint", "adapter_model.safetensors")
+
+
+def test_adapter_that_does_not_fit_the_base_is_refused_naming_module_and_shapes(runs, tmp_path):
+    wider = init_tiny(tmp_path / "tiny", size="tiny")
+    moved = tmp_path / "run"
+    shutil.copytree(runs["nf4"], moved)
+    recipe = yaml.safe_load((moved / "recipe.yaml").read_text())
+    recipe["model"]["path"] = str(wider)
+    (moved / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    before = snapshot(moved, wider)
+    result = run_cli("export", str(moved), str(tmp_path / "out"))
+    assert_refused(result, "model.layers.0.mlp.down_proj", "[out 128, in 256]", "adapter_model.safetensors")
+    assert changed(before, snapshot(moved, wider)) == [] and not (tmp_path / "out").exists()
+
+
+def test_merge_into_another_architecture_is_refused(runs, tmp_path):
+    wider = init_tiny(tmp_path / "tiny", size="tiny")
+    result = run_cli("export", str(runs["nf4"]), str(tmp_path / "out"), "--merge-into", str(wider))
+    assert_refused(result, "--merge-into", "lm_head.weight", "[512, 64]", "[512, 128]")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_rules_protect_user_files(runs, micro_model, tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("precious")
+    inputs = snapshot(runs["nf4"], micro_model, user)
+    assert_refused(run_cli("export", str(runs["nf4"]), str(user)), "not empty", "--overwrite")
+    assert_refused(run_cli("export", str(runs["nf4"]), str(user), "--overwrite"), "notes.txt")
+    assert_refused(run_cli("export", str(runs["nf4"]), str(runs["nf4"] / "adapter" / "merged")), "adapter folder")
+    assert_refused(run_cli("export", str(runs["nf4"]), str(micro_model)), "is the base model folder")
+    assert_refused(run_cli("export", str(runs["nf4"]), str(runs["nf4"])), "run folder")
+    assert changed(inputs, snapshot(runs["nf4"], micro_model, user)) == []
+
+
+def test_overwrite_replaces_only_an_earlier_export(runs, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("export", str(runs["nf4"]), str(out), "--no-check").code == 0
+    first = snapshot(out)
+    assert_refused(run_cli("export", str(runs["nf4"]), str(out), "--no-check"), "not empty")
+    assert changed(first, snapshot(out)) == []
+    assert run_cli("export", str(runs["nf4"]), str(out), "--no-check", "--dtype", "fp32", "--overwrite").code == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    (out / "extra.txt").write_text("mine")  # now the folder holds a file export did not write
+    assert_refused(run_cli("export", str(runs["nf4"]), str(out), "--overwrite"), "extra.txt")
+    assert (out / "extra.txt").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.parametrize("method", ["checkpoint", "nf4"])
+def test_gptq_checkpoint_run_exports_its_dequantized_merge(method, tmp_path):
+    """A run on a GPTQ checkpoint kept as it is (method checkpoint: merged into its dequantized weights) or
+    converted to NF4 by the loader (merged into those NF4 weights, dequantized)."""
+    run_dir = _train(GPTQ, tmp_path, "gptq", method)
+    result = export(run_dir, tmp_path / "out", dtype="fp32", **QUIET)
+    assert result.check["passed"] and result.check["max_abs_diff"] <= 1e-4 * result.check["max_abs_logit"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config and len(result.layers) == 14
+
+
+def test_fsdp2_two_rank_run_exports_like_any_other(micro_model, tmp_path):
+    """The adapter is gathered whole before it is saved (engine.adapter_state_dict), so a sharded run's
+    folder is the same format: one FSDP2 run on 2 ranks stands for all engines."""
+    data = write_rows(tmp_path / "train.jsonl")
+    recipe = recipe_dict(micro_model, data, tmp_path / "fsdp2", max_steps=2, micro_batch_size=2, sample_tokens=0)
+    recipe["distributed"] = {"engine": "fsdp2"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "qshard.cli", "train", str(tmp_path / "r.yaml"), "--nproc", "2"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = export(tmp_path / "fsdp2", tmp_path / "out", dtype="fp32", **QUIET)
+    assert result.check["passed"] and result.check["max_abs_diff"] <= 1e-4 * result.check["max_abs_logit"]
+
+
+def test_relative_model_path_resolves_through_the_adapters_record(runs, micro_model, tmp_path):
+    """recipe.yaml keeps model.path as written (relative to where training ran); the finished adapter
+    records it absolute, so export works from any folder."""
+    moved = tmp_path / "run"
+    shutil.copytree(runs["nf4"], moved)
+    recipe = yaml.safe_load((moved / "recipe.yaml").read_text())
+    recipe["model"]["path"] = os.path.relpath(micro_model, REPO)
+    (moved / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_cli("export", str(moved), str(tmp_path / "out"), "--no-check", cwd=tmp_path)
+    assert result.code == 0, result.err

@@ -159,11 +159,13 @@ def warm_up() -> None:
 
 
 def _qshard(model: str, overrides: list[str], rt):
+    from qshard.compat import engine_key
     from qshard.config import load_recipe
     from qshard.model.load import open_base
     from qshard.model.lora import resolve_targets
     from qshard.precision import resolve_precision
     from qshard.train import build_model, engine_for, make_optimizer, quant_spec
+    from qshard.validate import Checked
 
     recipe = load_recipe(str(RECIPE), [f"model.path={model}", *overrides])
     precision = resolve_precision(recipe.train.precision, rt.device)
@@ -173,7 +175,10 @@ def _qshard(model: str, overrides: list[str], rt):
     def load():
         model_dir, skeleton = open_base(recipe.model.path, dtype=recipe.model.dtype, quant=quant)
         targets = resolve_targets(skeleton, recipe.lora.target_modules)
-        return build_model(skeleton, model_dir, quant, targets, engine, recipe, rt, lambda *_: None)
+        d = recipe.distributed
+        checked = Checked(engine=engine_key(d.engine, d.zero_stage, d.offload_params, d.offload_optimizer),
+                          model_dir=model_dir, skeleton=skeleton, targets=targets)
+        return build_model(checked, quant, engine, recipe, rt, lambda *_: None)
 
     def wrap(model):
         engine.wrap(model, lambda params: make_optimizer(params, recipe))

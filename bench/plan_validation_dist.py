@@ -77,12 +77,14 @@ QUICK = [c for c in CASES if c[0] != "400m"]
 
 def measure_rank(model_dir: str, label: str, precision: str, micro_batch: int, seq: int, ckpt: bool) -> dict:
     from qshard import train
+    from qshard.compat import engine_key
     from qshard.config import parse_recipe
     from qshard.engines import create_engine
     from qshard.model.load import open_base
     from qshard.model.lora import resolve_targets
     from qshard.precision import resolve_precision
     from qshard.runtime import init_runtime
+    from qshard.validate import Checked
 
     recipe = parse_recipe({
         "model": {"path": model_dir, "dtype": "float32" if precision == "fp32" else "bfloat16",
@@ -104,8 +106,9 @@ def measure_rank(model_dir: str, label: str, precision: str, micro_batch: int, s
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     tracker = LiveTensorBytes()
     with tracker:  # from before the load: under ZeRO-3 / FSDP2 qshard loads each rank's shards only (#4)
-        model = train.build_model(skeleton, model_dir, quant, resolve_targets(skeleton, "all-linear"), engine,
-                                  recipe, rt, say=lambda *_: None)
+        checked = Checked(engine=engine_key(d.engine, d.zero_stage, d.offload_params, d.offload_optimizer),
+                          model_dir=model_dir, skeleton=skeleton, targets=resolve_targets(skeleton, "all-linear"))
+        model = train.build_model(checked, quant, engine, recipe, rt, say=lambda *_: None)
         for t in list(model.parameters()) + list(model.buffers()):  # storages no op returned (file reads)
             tracker.track(local_tensor(t))
         wrapped, optimizer = engine.wrap(model, lambda params: torch.optim.AdamW(params, lr=1e-4))

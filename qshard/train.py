@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from qshard import compat, data, validate
 from qshard.config import Recipe, dump_recipe
 from qshard.engines import create_engine
 from qshard.errors import QShardError
+from qshard.loss import next_token_loss_sum
 from qshard.model import shardload
 from qshard.model.load import QuantSpec, load_base_model
 from qshard.model.lora import (
@@ -352,11 +352,9 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device) 
     """Sum (not mean) of next-token cross-entropy over labelled tokens, computed in fp32."""
     batch = {k: v.to(device) for k, v in batch.items()}
     inputs = {k: v for k, v in batch.items() if k != "labels"}  # input_ids, attention_mask (+ position_ids)
-    logits = model(**inputs, use_cache=False).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=data.IGNORE, reduction="sum")
+    # The model's logits go straight to the chunked loss, which upcasts one chunk at a time and
+    # overwrites them with their gradient in backward (qshard/loss.py): no full fp32 copy.
+    return next_token_loss_sum(model(**inputs, use_cache=False).logits, batch["labels"])
 
 
 def nonfinite_error(step: int, rank: int, mine: bool, grads: dict) -> QShardError:

@@ -41,9 +41,12 @@ FRAGMENTATION = 0.05
 # Step-time assumptions (H100-class node): dense bf16 at 40% of 989 TFLOP/s; dequantizing costs extra
 # (bitsandbytes 4-bit ~1.2x, LLM.int8 with outliers ~1.6x); NVLink 150 GB/s and 200 Gb/s InfiniBand
 # (25 GB/s) per GPU as effective collective bandwidth; PCIe 20 GB/s for offload; CPU Adam 1e9 params/s.
-# A PTQ checkpoint's layers (method `checkpoint`) dequantize each weight in torch per forward: assumed to
-# cost as much as bitsandbytes' 4-bit, not measured.
+# A PTQ checkpoint's layers (method `checkpoint`) dequantize each weight in torch in forward and again in
+# backward (as bitsandbytes' 4-bit does): assumed to cost as much as bitsandbytes' 4-bit, not measured on
+# a GPU (bench/ptq_train_memory.py on CPU, 1 thread, TinyLlama shapes, 512 tokens: GPTQ 1.19x NF4's step).
 GPU_FLOPS = 0.4 * 989e12
+# qshard/loss.py CHUNK_ELEMENTS (kept torch-free here; tests/test_loss.py checks the two agree)
+LOSS_CHUNK_ELEMENTS = 1 << 23
 DEQUANT_SLOWDOWN = {"none": 1.0, "nf4": 1.2, "fp4": 1.2, "int8": 1.6, "checkpoint": 1.2}
 INTRA_NODE_BW, INTER_NODE_BW, PCIE_BW, CPU_ADAM_PARAMS_PER_S = 150e9, 25e9, 20e9, 1e9
 DDP_BUCKET = 25 * 2 ** 20  # torch DDP's default bucket_cap_mb: the size of one gradient all-reduce
@@ -420,27 +423,16 @@ def activation_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
     adapter_outputs = tokens * 7 * s.lora_r * p  # A's outputs, kept by B
     fp32_adapters = s.engine in ("none", "ddp")  # DeepSpeed and FSDP2 compute with half-precision adapters
     layer = layer_activation_bytes(spec, tokens, s.precision, fp32_adapters) + adapter_outputs
-    layer += dequantized_weight_bytes(spec, s)
     if s.checkpointing:
         return spec.layers * tokens * spec.hidden * p + layer
     return spec.layers * layer
 
 
-def dequantized_weight_bytes(spec: ModelSpec, s: Settings) -> int:
-    """What one decoder layer of a PTQ checkpoint (method `checkpoint`) saves for backward besides
-    activations: qshard's GPTQ / AWQ / compressed-tensors layers dequantize their weight in the input's dtype
-    and call F.linear, which keeps that dense weight to compute the input's gradient (bitsandbytes' 4-bit
-    and 8-bit matmuls keep only the packed weight)."""
-    if s.quant != "checkpoint":
-        return 0
-    linears = spec.layer_linears()
-    return sum(linears[name][0] * linears[name][1] for name, _ in spec.packed) * (4 if s.precision == "fp32" else 2)
-
-
 def logits_bytes(spec: ModelSpec, s: Settings) -> int:
-    """Loss over the vocabulary in fp32 (qshard/train.py::token_loss_sum): at the start of backward the
-    fp32 logits, log-softmax's saved output and its gradient are alive together: 3 x 4 B x tokens x vocab."""
-    return 3 * 4 * s.micro_batch * s.seq_len * spec.vocab
+    """The logits in the forward's precision, which the chunked loss (qshard/loss.py) overwrites with their own
+    gradient in backward, plus its working set: one fp32 chunk and one fp32 log-sum-exp per token."""
+    tokens = s.micro_batch * s.seq_len
+    return tokens * spec.vocab * (4 if s.precision == "fp32" else 2) + 4 * min(LOSS_CHUNK_ELEMENTS, tokens * spec.vocab) + 4 * tokens
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """PyTorch FSDP2 (`fully_shard`): every parameter, the quantized base's uint8 storage included, is a
-DTensor sharded along dim 0; each decoder layer is all-gathered for its forward and backward, the root
-(embeddings, final norm, head) once per micro-batch.
+DTensor sharded along dim 0; each decoder layer, the input embedding and the head are all-gathered for
+their forward and, where backward needs them, again for backward; the root (final norm) once per
+micro-batch. At a 128k vocabulary the embedding and the head are each larger than a 70B decoder layer
+in NF4: as units of their own they are never gathered together, nor kept from forward to backward.
 
 bitsandbytes' own Linear4bit fails here (its QuantState lives outside the parameter, see
 `fix_4bit_weight_quant_state_from_module`); qshard's layers keep every constant in uint8 parameters,
@@ -33,7 +35,7 @@ class FSDP2Engine:
                                                                           cpu_offload, param_dtype)
 
     def shard(self, model: nn.Module) -> nn.Module:
-        """`fully_shard` each decoder layer, then the root (embeddings, final norm, head). Works on a
+        """`fully_shard` each decoder layer, the embedding and the head, then the root. Works on a
         model whose parameters are still on the meta device (load-time sharding, qshard/shardload.py)."""
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
@@ -50,12 +52,20 @@ class FSDP2Engine:
         options = {"offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()}
         if self.param_dtype is not None:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
-        for layer in decoder_layers(model):
+        layers, embeddings = decoder_layers(model), embedding_units(model)
+        for layer in layers + embeddings:
             fully_shard(layer, reshard_after_forward=self.reshard, **options)
-        # the root stays gathered from forward to backward, which uses it again at once
+        if embeddings:
+            # torch's default backward prefetch (an empty list) gathers the unit that ran before in forward: for
+            # the first layer that is the embedding, whose backward never runs (its weight is frozen, its input
+            # is token ids), a wasted gather of the whole embedding per micro-batch. Naming the layer itself
+            # prefetches nothing (it is gathered already). tests/test_commcount.py counts the gathers.
+            layers[0].set_modules_to_backward_prefetch([layers[0]])
+        # the root (the final norm; embeddings and head too where they are tied) stays gathered from forward to
+        # backward, which uses it again at once
         fully_shard(model, **options, **_compat.fsdp2_root_options(self.reshard))
         # PeftModel.generate reaches the inner model without calling the root's forward, so the
-        # root's parameters (embeddings, head) would stay sharded: hook generate like forward.
+        # root's parameters (final norm; tied embeddings) would stay sharded: hook generate like forward.
         register_fsdp_forward_method(model, "generate")
         return model
 
@@ -115,3 +125,14 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     if not layers:
         raise RuntimeError(f"no decoder layers ({names or 'no _no_split_modules'}) found in {type(base).__name__}")
     return layers
+
+
+def embedding_units(model: nn.Module) -> list[nn.Module]:
+    """The input embedding and the head as units of their own; none where they are tied (one parameter
+    cannot belong to two units: both then stay in the root)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if embed is None or head is None:
+        return []
+    tied = {id(p) for p in embed.parameters()} & {id(p) for p in head.parameters()}
+    return [] if tied else [embed, head]

@@ -310,9 +310,15 @@ def decoder_layer_bytes(spec: ModelSpec, s: Settings) -> int:
 
 
 def root_bytes(spec: ModelSpec, s: Settings) -> int:
-    """The frozen storage outside the decoder layers (embeddings, final norm, head): FSDP2's root group."""
+    """The frozen storage outside the decoder layers (embeddings, final norm, head)."""
     b = base_bytes(spec, s)
     return b["embed_tokens"] + spec.hidden * DTYPE_BYTES[s.dense_dtype] + b["lm_head"]
+
+
+def fsdp2_peak_outside(spec: ModelSpec, s: Settings) -> int:
+    """What FSDP2 holds gathered outside the decoder layers at the peak: all of it where the head is tied to
+    the embedding (both in the root), else the head and the final norm (the embedding is resharded)."""
+    return root_bytes(spec, s) - (0 if spec.tied else base_bytes(spec, s)["embed_tokens"])
 
 
 def decoder_layer_elements(spec: ModelSpec, s: Settings) -> int:
@@ -432,7 +438,8 @@ def logits_bytes(spec: ModelSpec, s: Settings) -> int:
     """The logits in the forward's precision, which the chunked loss (qshard/loss.py) overwrites with their own
     gradient in backward, plus its working set: one fp32 chunk and one fp32 log-sum-exp per token."""
     tokens = s.micro_batch * s.seq_len
-    return tokens * spec.vocab * (4 if s.precision == "fp32" else 2) + 4 * min(LOSS_CHUNK_ELEMENTS, tokens * spec.vocab) + 4 * tokens
+    logits = tokens * spec.vocab
+    return logits * (4 if s.precision == "fp32" else 2) + 4 * min(LOSS_CHUNK_ELEMENTS, logits) + 4 * tokens
 
 
 @dataclass
@@ -487,14 +494,15 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
     if stage == 3:
         gpu["gathered_weights"] = zero3_gathered_bytes(spec, s, lora)
     if e == "fsdp2":
-        # current layer + the next one, prefetched (LoRA gathered with them in the compute dtype), and the
-        # root (embeddings, final norm, head) once: qshard's engine leaves the root to torch's default, which
-        # gathers it for forward and keeps it unsharded until backward (qshard/engines/fsdp2.py), so it is alive
-        # at the peak, whether that is the loss (computed after the model's forward) or the start of backward
-        # (measured, bench/plan_validation_dist.py: 400m within +2..+4%, BENCHMARKS.md).
+        # current layer + the next one, prefetched (LoRA gathered with them in the compute dtype), and what is
+        # gathered outside the layers at the peak (the loss, or the start of backward): the head and the root's
+        # final norm; the embedding is a unit of its own, resharded after its forward, unless tied to the head
+        # (then both stay in the root, gathered from forward to backward; qshard/engines/fsdp2.py). Measured,
+        # bench/plan_validation_dist.py: 400m peaks -2.0% (bf16) and -7.5% (fp32: the embedding out of the root
+        # lowered the measured peak by 30 MiB, not by its 125 MiB; not traced), BENCHMARKS.md.
         # Without reshard_after_forward every layer stays gathered from its forward to its backward.
         layer = decoder_layer_bytes(spec, s) + lora // spec.layers * half
-        gpu["gathered_weights"] = (2 if s.reshard_after_forward else spec.layers) * layer + root_bytes(spec, s)
+        gpu["gathered_weights"] = (2 if s.reshard_after_forward else spec.layers) * layer + fsdp2_peak_outside(spec, s)
     if s.offload_optimizer:
         for key in ("master_weights", "optimizer_states"):
             cpu[key] = gpu.pop(key, 0)
@@ -602,12 +610,18 @@ def step_traffic(spec: ModelSpec, s: Settings) -> list[Traffic]:
                 Traffic("reduce_scatter", micro * n_lora * half, n_lora * half,
                         f"LoRA gradients, {micro} time(s) a step")]
     if engine == "fsdp2":
-        # each layer for forward and (resharded after it) again for backward; the root (embeddings, final norm,
-        # head) once a micro-batch: torch keeps it gathered for backward (qshard/engines/fsdp2.py)
+        # each layer and the (untied) head for forward and, resharded after it, again for backward; the embedding
+        # (a unit whose backward does not run without checkpointing) and the root (final norm; embeddings and
+        # head where tied) once a micro-batch (qshard/engines/fsdp2.py)
+        # With activation checkpointing transformers makes the embedding's output require a gradient
+        # (enable_input_require_grads), so its backward runs and gathers it again.
         gathers = micro * (2 if s.reshard_after_forward else 1)
-        root = root_bytes(spec, s)
-        return [Traffic("all_gather", gathers * (base - root + n_lora * half) + micro * root, layer,
-                        f"packed base + LoRA params, the layers {gathers} times a step, the root {micro}"),
+        b = base_bytes(spec, s)
+        root, head = root_bytes(spec, s), 0 if spec.tied else b["lm_head"]
+        twice = head + (b["embed_tokens"] if s.checkpointing and not spec.tied else 0)
+        return [Traffic("all_gather", gathers * (base - root + twice + n_lora * half) + micro * (root - twice), layer,
+                        f"packed base + LoRA params, the layers and the head {gathers} times a step, the embedding "
+                        f"and final norm {micro}"),
                 Traffic("reduce_scatter", n_lora * 4, n_lora * 4, "LoRA gradients (fp32), once a step")]
     return []
 

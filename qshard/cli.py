@@ -121,7 +121,7 @@ def _export(args) -> int:
     from qshard.tools.export import export
     from qshard.tools.plan import parse_size
 
-    result = export(args.run_dir, args.out_dir, dtype=args.dtype, merge_into=args.merge_into,
+    result = export(args.run_dir, args.out_dir, dtype=args.dtype, format=args.format, merge_into=args.merge_into,
                     overwrite=args.overwrite, check=not args.no_check,
                     max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"))
     if result.check is not None and not result.check["passed"]:
@@ -208,7 +208,12 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="merge a run's adapter into its base and write a Hugging Face model folder")
     ex.add_argument("run_dir", help="the run's folder (train.output_dir), or one of its checkpoint-N folders")
     ex.add_argument("out_dir", help="the new model folder (config.json, safetensors, tokenizer)")
-    ex.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype of the written weights")
+    ex.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                    help="dtype of the written weights (with --format nf4: of the tensors kept dense and of the "
+                         "4-bit matmul)")
+    ex.add_argument("--format", default="dense", choices=["dense", "nf4"],
+                    help="dense: merged weights in --dtype; nf4: the linears the run's base quantized re-quantized "
+                         "to bitsandbytes NF4 (transformers loads it as load_in_4bit)")
     ex.add_argument("--merge-into", default=None, metavar="PATH",
                     help="merge into this original full-precision checkpoint instead of the dequantized base")
     ex.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors file, e.g. 2GB")

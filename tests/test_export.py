@@ -213,3 +213,139 @@ def test_relative_model_path_resolves_through_the_adapters_record(runs, micro_mo
     (moved / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = run_cli("export", str(moved), str(tmp_path / "out"), "--no-check", cwd=tmp_path)
     assert result.code == 0, result.err
+
+
+# -- --format nf4 ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nf4_export(runs, tmp_path_factory) -> tuple[Path, object]:
+    """The nf4 run exported as NF4 with float32 dense parts (as the run trained), and its Result."""
+    out = tmp_path_factory.mktemp("nf4-export") / "out"
+    return out, export(runs["nf4"], out, dtype="fp32", format="nf4", **QUIET)
+
+
+def test_nf4_export_loads_as_bnb_4bit_and_matches_the_requantized_merge_exactly(nf4_export):
+    """The check's reference holds bitsandbytes' quantize + dequantize of the merged weights, so the float32
+    export must match it to float32 rounding (measured: 0); the gap to the unquantized merge is NF4's
+    rounding (measured ~0.44 of the largest logit on this random micro model), reported, not judged."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    out, result = nf4_export
+    check = result.check
+    assert check["passed"] and check["max_abs_diff"] <= 1e-4 * check["max_abs_logit"]
+    assert 0 < check["unquantized_max_abs_diff"] and check["unquantized_relative_diff"] < 1
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["weights"] == "nf4" and marker["check"]["unquantized_max_abs_diff"] == check["unquantized_max_abs_diff"]
+    # NF4 rounding of W + delta is about as large as a 4-step adapter's delta (measured 0.93-1.06)
+    assert len(result.layers) == 14 and all(0.1 < f["requant_rel"] < 10 for f in result.layers.values())
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert config["dtype"] == "float32" and qc["quant_method"] == "bitsandbytes" and qc["load_in_4bit"]
+    assert (qc["bnb_4bit_quant_type"], qc["bnb_4bit_use_double_quant"], qc["bnb_4bit_compute_dtype"],
+            qc["bnb_4bit_quant_storage"], qc["llm_int8_skip_modules"]) == ("nf4", True, "float32", "uint8", ["lm_head"])
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    kinds = [type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert kinds.count(bnb.nn.Linear4bit) == 14 and type(model.lm_head) is torch.nn.Linear
+
+
+def test_nf4_tensors_are_bitsandbytes_quantize_4bit_of_the_merged_weights(runs, nf4_export, tmp_path):
+    """Every NF4 weight's tensors equal quantize_4bit(W + delta) of the dense export (itself checked against
+    PEFT's merge above), bit for bit; the QuantState JSON is bitsandbytes' own, padded with spaces."""
+    import bitsandbytes.functional as bnbF
+    from bitsandbytes.utils import unpack_tensor_to_dict
+
+    export(runs["nf4"], tmp_path / "dense", dtype="fp32", check=False, **QUIET)
+    dense = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    ours = load_file(str(nf4_export[0] / "model.safetensors"))
+    quantized = sorted(k.removesuffix(".absmax") for k in ours if k.endswith(".absmax"))
+    assert len(quantized) == 14
+    for name in quantized:
+        packed, state = bnbF.quantize_4bit(dense[name], blocksize=64, compress_statistics=True, quant_type="nf4")
+        want = {name: packed} | {f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()}
+        json_key = f"{name}.quant_state.bitsandbytes__nf4"
+        assert unpack_tensor_to_dict(ours.pop(json_key)) == unpack_tensor_to_dict(want.pop(json_key))
+        assert all(torch.equal(ours.pop(k), v) for k, v in want.items()), name
+    assert all(torch.equal(ours[k], dense[k]) for k in ours)  # embeddings, norms, lm_head: as a dense export
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_zero_adapter_nf4_export_gives_back_the_bases_nf4_codes(runs, micro_model, double_quant, tmp_path):
+    """NF4 of an NF4-dequantized weight: every block's largest value is its scale times code 1.0, so the scales
+    and 4-bit codes come back unchanged. Without double quant that is every tensor, bit for bit; with it the
+    codes only: the block scales are double-quantized again around a new offset (the mean of the dequantized
+    scales), which moves the dequantized weight by up to 1.9e-3 of its largest value here (measured; float32)."""
+    import bitsandbytes.functional as bnbF
+    from safetensors.torch import save_file
+
+    moved = tmp_path / "run"
+    shutil.copytree(runs["nf4"], moved)
+    recipe = yaml.safe_load((moved / "recipe.yaml").read_text())
+    recipe["quantization"]["double_quant"] = double_quant
+    (moved / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    weights = moved / "adapter" / "adapter_model.safetensors"
+    save_file({k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in load_file(str(weights)).items()},
+              str(weights))
+    export(moved, tmp_path / "out", dtype="fp32", format="nf4", check=False, **QUIET)
+    ours = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base = load_file(str(micro_model / "model.safetensors"))
+    names, worst = [k.removesuffix(".absmax") for k in ours if k.endswith(".absmax")], 0.0
+    for name in names:
+        packed, state = bnbF.quantize_4bit(base[name].float(), blocksize=64, compress_statistics=double_quant,
+                                           quant_type="nf4")
+        assert torch.equal(ours[name], packed), name
+        theirs = state.as_dict(packed=True)
+        mine = {k: ours[f"{name}.{k}"] for k in theirs}
+        if not double_quant:
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
+            continue
+        mine = bnbF.QuantState.from_dict(mine, device=torch.device("cpu"))
+        gap = bnbF.dequantize_4bit(packed, mine) - bnbF.dequantize_4bit(packed, state)
+        worst = max(worst, float(gap.abs().max() / base[name].abs().max()))
+    assert len(names) == 14 and worst < 5e-3, worst
+
+
+@pytest.mark.parametrize("method", ["nf4-dora", "int8", "dora"])
+def test_nf4_export_of_dora_int8_and_dense_runs_matches_the_requantized_merge(runs, method, tmp_path):
+    """DoRA's magnitude, an int8 base (its linears become NF4) and a dense base (the linears an nf4 run
+    would quantize): each within float32 rounding of the quantize-dequantized merge (measured: 0)."""
+    result = export(runs[method], tmp_path / "out", dtype="fp32", format="nf4", **QUIET)
+    assert result.check["passed"] and result.check["max_abs_diff"] <= 1e-4 * result.check["max_abs_logit"]
+    assert sum(k.endswith(".absmax") for k in load_file(str(tmp_path / "out" / "model.safetensors"))) == 14
+
+
+def test_nf4_export_cut_into_shards_splitting_a_weight_from_its_state_loads(runs, tmp_path):
+    result = run_cli("export", str(runs["nf4"]), str(tmp_path / "out"), "--dtype", "fp32", "--format", "nf4",
+                     "--max-shard-size", "3KB")
+    assert result.code == 0, result.err
+    weight_map = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    apart = [k for k in weight_map if k.endswith(".absmax") and weight_map[k] != weight_map[k.removesuffix(".absmax")]]
+    assert len(set(weight_map.values())) > 10 and apart and "check passed: max |logit difference| 0 " in result.out
+
+
+def test_bf16_nf4_export_on_the_cli_prints_the_requantization_error_per_layer(runs, tmp_path):
+    result = run_cli("export", str(runs["nf4"]), str(tmp_path / "out"), "--format", "nf4")
+    assert result.code == 0, result.err
+    assert "check passed" in result.out and "NF4 re-quantization: max |logit difference|" in result.out
+    assert result.out.count("    model.layers.") == 14  # ||NF4(W + delta) - (W + delta)|| / ||LoRA delta|| per layer
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
+
+
+def test_qshard_refuses_to_train_on_a_bnb_prequantized_folder_naming_it(nf4_export):
+    """qshard reads GPTQ / AWQ / compressed-tensors checkpoints, not bitsandbytes ones (yet): train on the
+    dense export (its loader quantizes it) instead."""
+    from qshard.errors import QShardError
+    from qshard.model.load import open_base
+
+    with pytest.raises(QShardError, match="'bitsandbytes' is not supported"):
+        open_base(str(nf4_export[0]))
+
+
+def test_unknown_export_format_is_refused_naming_the_supported_ones(runs, tmp_path):
+    from qshard.errors import QShardError
+
+    assert_refused(run_cli("export", str(runs["nf4"]), str(tmp_path / "out"), "--format", "gptq"), "dense", "nf4")
+    with pytest.raises(QShardError, match="dense, nf4"):
+        export(runs["nf4"], tmp_path / "out", format="gptq", **QUIET)
+    assert not (tmp_path / "out").exists()

@@ -6,9 +6,10 @@ The order of work:
    against the base, a --merge-into checkpoint against the base, and OUT_DIR (a fresh folder, or one
    an earlier export wrote: only that is ever replaced);
 2. the base is streamed one unit at a time (qshard/tools/merge.py): read, brought to the values
-   training saw, merged, written to its safetensors shard, freed;
+   training saw, merged, (--format nf4: quantized again by bitsandbytes,) written to its safetensors
+   shard, freed;
 3. the check: the exported folder, loaded by transformers in float32, against qshard's own base +
-   adapter on a few fixed prompts;
+   adapter on a few fixed prompts (nf4: with the merged weights quantized and dequantized the same way);
 4. the staging folder (a hidden sibling of OUT_DIR) is renamed into place. A crash before that leaves
    only the hidden staging folder, never a half folder that looks finished.
 """
@@ -16,7 +17,6 @@ The order of work:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import statistics
@@ -29,11 +29,11 @@ from qshard.errors import QShardError
 from qshard.model import folder
 from qshard.model.load import QuantSpec
 from qshard.tools import merge
+from qshard.tools.exportcheck import check_merge
 
 MARKER = ".qshard-export.json"
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PROMPTS = ("The capital of France is", "Quantization stores weights in fewer bits, so",
-           "def add(a, b):\n    return")
+OUT_FORMATS = ("dense", "nf4")
 
 
 @dataclass
@@ -47,6 +47,18 @@ class Source:
 
 
 @dataclass
+class Output:
+    """What the folder holds: every tensor in `dtype`, or (format nf4) the `nf4` linears quantized by
+    bitsandbytes as transformers' load_in_4bit saves them, the rest in `dtype` (also the compute dtype)."""
+
+    format: str
+    dtype: torch.dtype
+    nf4: set[str] = field(default_factory=set)  # module names written as NF4
+    double_quant: bool = True  # as the run's quantization.double_quant (qshard's NF4 default: on)
+    dense_linears: list[str] = field(default_factory=list)  # llm_int8_skip_modules for transformers
+
+
+@dataclass
 class Result:
     out_dir: Path
     files: list[str] = field(default_factory=list)
@@ -54,12 +66,16 @@ class Result:
     check: dict | None = None  # max_abs_diff, tolerance, passed ... (None with --no-check)
 
 
-def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", merge_into: str | None = None,
-           overwrite: bool = False, check: bool = True, max_shard_bytes: int = 5 * 10**9, log=print) -> Result:
+def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", format: str = "dense",
+           merge_into: str | None = None, overwrite: bool = False, check: bool = True,
+           max_shard_bytes: int = 5 * 10**9, log=print) -> Result:
     """The whole command; returns what was written and the check's figures."""
+    check_format(format)
     source = find_source(Path(run_dir).expanduser())
     recipe = source.recipe
-    base = merge.open_trained_base(source.base_path, recipe.model.dtype, run_quant_spec(recipe))
+    quant = merge.run_quant_spec(recipe)
+    base = merge.open_trained_base(source.base_path, recipe.model.dtype, quant)
+    output = plan_output(format, OUT_DTYPES[dtype], base, quant)
     adapter = merge.read_adapter(source.adapter_dir)
     merge.check_adapter_fits(adapter, base.skeleton, set(base.shapes()), base.model_dir)
     original = open_original(merge_into, base) if merge_into else None
@@ -72,14 +88,13 @@ def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", mer
     stage.mkdir()
     try:
         result = Result(out)
-        result.files, result.layers = write_model(stage, base, original, adapter, OUT_DTYPES[dtype],
-                                                  max_shard_bytes, log)
+        result.files, result.layers = write_model(stage, base, original, adapter, output, max_shard_bytes, log)
         log(format_stats(result.layers, merge_into is not None))
         if check:
-            result.check = check_merge(stage, source, adapter, original, OUT_DTYPES[dtype], log)
+            result.check = check_merge(stage, source, adapter, original, output, log)
             if not result.check["passed"]:
                 return result  # the staging folder is removed below; nothing of OUT_DIR was touched
-        write_marker(stage, source, dtype, merge_into, result)
+        write_marker(stage, source, dtype, format, merge_into, result)
         move_into_place(stage, out)
         return result
     finally:
@@ -88,6 +103,23 @@ def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", mer
 
 
 # -- the inputs --------------------------------------------------------------------------------------
+
+def check_format(format: str) -> None:
+    if format not in OUT_FORMATS:
+        raise QShardError(f"export format {format!r} is not supported", where="--format",
+                          fix=f"use one of: {', '.join(OUT_FORMATS)} (dense: merged weights in --dtype; nf4: the "
+                              "base's quantized linears re-quantized by bitsandbytes, loadable with transformers)")
+
+
+def plan_output(format: str, dtype: torch.dtype, base: merge.Base, quant: QuantSpec) -> Output:
+    """Which linears an nf4 export quantizes: those the run's base quantized (merge.nf4_modules). Any
+    --dtype is accepted: it is the dtype of the dense tensors and of the 4-bit matmul, and bitsandbytes
+    computes in float32 as well as in bf16/fp16 (the 4-bit weights are the same size either way)."""
+    if format == "dense":
+        return Output(format, dtype)
+    nf4 = merge.nf4_modules(base.skeleton, quant.skip_modules)
+    return Output(format, dtype, set(nf4), quant.double_quant, merge.dense_linears(base.skeleton, nf4))
+
 
 def find_source(path: Path) -> Source:
     """A finished run folder (adapter/ + recipe.yaml), or one of its checkpoint-N folders."""
@@ -136,14 +168,6 @@ def base_path(recipe_path: str, adapter_dir: Path) -> str:
 def _looks_local(path: str) -> bool:
     """A path rather than a hub id (`org/name`)."""
     return path.startswith((".", "/", "~")) or path.count("/") != 1
-
-
-def run_quant_spec(recipe) -> QuantSpec:
-    """The QuantSpec the run's loader used. The compute dtype does not change stored values: fp32."""
-    from qshard.precision import Precision
-    from qshard.validate import quant_spec
-
-    return quant_spec(recipe, Precision("fp32", torch.device("cpu")))
 
 
 def open_original(path: str, base: merge.Base) -> merge.Base:
@@ -216,59 +240,97 @@ def _real(path: Path) -> Path:
 # -- writing -----------------------------------------------------------------------------------------
 
 def write_model(stage: Path, base: merge.Base, original: merge.Base | None, adapter: merge.Adapter,
-                dtype: torch.dtype, max_shard_bytes: int, log) -> tuple[list[str], dict]:
+                output: Output, max_shard_bytes: int, log) -> tuple[list[str], dict]:
     """Weights (streamed), config.json, generation_config.json and the tokenizer into `stage`."""
     from tqdm import tqdm
 
     from qshard.model.load import release_freed_memory
 
     source = original or base
-    plan = {name: (dtype if stored.is_floating_point else stored, shape)
-            for name, (stored, shape) in source.shapes().items()}
+    plan = plan_tensors(source.shapes(), output)
     writer = merge.ShardWriter(stage, plan, max_shard_bytes)
+    nf4 = f", {len(output.nf4)} linears as NF4" if output.nf4 else ""
     log(f"merging {len(adapter.modules)} adapted layers into {source.model_dir} -> {len(writer.shards)} "
-        f"shard(s), {writer.total / 1e9:.2f} GB in {str(dtype).removeprefix('torch.')}")
+        f"shard(s), {writer.total / 1e9:.2f} GB in {str(output.dtype).removeprefix('torch.')}{nf4}")
     stats = {}
     try:
         for unit in tqdm(source.units, unit="tensor", desc="export", dynamic_ncols=True):
-            stats |= _write_unit(unit, writer, plan, base if original else None, adapter)
+            stats |= _write_unit(unit, writer, plan, base if original else None, adapter, output)
             release_freed_memory()  # the unit's temporaries (else glibc keeps them; see load.py)
         writer.finish()
     finally:
         writer.close()
-    files = writer.files() + write_config(stage, source.model_dir, dtype)
+    files = writer.files() + write_config(stage, source.model_dir, output)
     return files + write_tokenizer(stage, adapter, base), stats
 
 
+def plan_tensors(shapes: dict[str, tuple[torch.dtype, list[int]]], output: Output) -> dict:
+    """Every tensor the folder will hold, in writing order: an NF4 weight becomes its packed codes and
+    QuantState tensors (merge.nf4_plan), a floating tensor takes the output dtype."""
+    plan = {}
+    for name, (stored, shape) in shapes.items():
+        if _is_nf4(name, output):
+            plan |= merge.nf4_plan(name, shape, output.dtype, output.double_quant)
+        else:
+            plan[name] = (output.dtype if stored.is_floating_point else stored, shape)
+    return plan
+
+
+def _is_nf4(name: str, output: Output) -> bool:
+    return name.endswith(".weight") and name.removesuffix(".weight") in output.nf4
+
+
 def _write_unit(unit: merge.Unit, writer: merge.ShardWriter, plan: dict, quantized: merge.Base | None,
-                adapter: merge.Adapter) -> dict:
+                adapter: merge.Adapter, output: Output) -> dict:
     stats = {}
     for name, tensor in unit.load().items():
-        module = name.removesuffix(".weight")
+        module, delta = name.removesuffix(".weight"), None
         if name.endswith(".weight") and module in adapter.modules:
-            tensor, stats[module] = _merge_one(module, tensor, quantized, adapter)
-        writer.write(name, tensor.to(plan[name][0]))
+            tensor, stats[module], delta = _merge_one(module, tensor, quantized, adapter)
+        if _is_nf4(name, output):
+            _write_nf4(name, tensor, writer, output, stats.get(module), delta)
+        else:
+            writer.write(name, tensor.to(plan[name][0]))
     return stats
 
 
 def _merge_one(module: str, weight: torch.Tensor, quantized: merge.Base | None, adapter: merge.Adapter):
-    """The merged weight and its figures: ||delta|| / ||W||, and with --merge-into ||W_orig - W_deq|| / ||delta||."""
+    """The merged weight, its figures (||delta|| / ||W||, and with --merge-into ||W_orig - W_deq|| / ||delta||)
+    and delta."""
     t = adapter.modules[module]
     delta = merge.lora_delta(t, adapter.scaling)
     figures = {"delta_rel": merge.relative(delta, weight)}
     if quantized is not None:
         figures["quant_gap_rel"] = merge.relative(weight.float() - quantized.tensor(f"{module}.weight").float(), delta)
-    return merge.merged_weight(weight, t, delta), figures
+    return merge.merged_weight(weight, t, delta), figures, delta
 
 
-def write_config(stage: Path, model_dir: Path, dtype: torch.dtype) -> list[str]:
-    """config.json without quantization_config, its dtype the output's; generation_config.json copied."""
+def _write_nf4(name: str, weight: torch.Tensor, writer: merge.ShardWriter, output: Output, figures: dict | None,
+               delta: torch.Tensor | None) -> None:
+    """Quantize one weight (cast to the output dtype, as transformers casts before quantizing) and write its
+    tensors in planned order; for an adapted layer record ||Q(W + delta) - (W + delta)|| / ||delta||: how much
+    of the fine-tuning the 4-bit rounding may blur."""
+    import bitsandbytes.functional as bnbF
+
+    tensors, state = merge.quantize_nf4(name, weight.to(output.dtype), output.double_quant)
+    if figures is not None:
+        rounded = bnbF.dequantize_4bit(tensors[name], state).float()
+        figures["requant_rel"] = merge.relative(rounded - weight.float(), delta)
+    for key in merge.nf4_plan(name, list(weight.shape), output.dtype, output.double_quant):
+        writer.write(key, tensors[key])
+
+
+def write_config(stage: Path, model_dir: Path, output: Output) -> list[str]:
+    """config.json, its dtype the output's, without the base's quantization_config; for format nf4 with the
+    one transformers writes for a load_in_4bit model. generation_config.json copied."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # checked by open_base already
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.dtype = dtype
+    if output.nf4:
+        config.quantization_config = bnb_config(output).to_dict()
+    config.dtype = output.dtype
     config.save_pretrained(stage)
     written = ["config.json"]
     generation = model_dir / "generation_config.json"
@@ -276,6 +338,18 @@ def write_config(stage: Path, model_dir: Path, dtype: torch.dtype) -> list[str]:
         (stage / generation.name).write_text(json.dumps(folder.read_json(generation), indent=2) + "\n")
         written.append(generation.name)
     return written
+
+
+def bnb_config(output: Output):
+    """transformers' BitsAndBytesConfig for the folder: NF4, blocks of 64 (bitsandbytes' default, which qshard
+    uses), double quant as the run, uint8 storage; the linears left dense listed (transformers' default list
+    names only the output embedding)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=output.double_quant,
+                              bnb_4bit_compute_dtype=output.dtype, bnb_4bit_quant_storage=torch.uint8,
+                              llm_int8_skip_modules=output.dense_linears)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -296,11 +370,12 @@ def write_tokenizer(stage: Path, adapter: merge.Adapter, base: merge.Base) -> li
     return copied
 
 
-def write_marker(stage: Path, source: Source, dtype: str, merge_into: str | None, result: Result) -> None:
+def write_marker(stage: Path, source: Source, dtype: str, out_format: str, merge_into: str | None,
+                 result: Result) -> None:
     from qshard.state.checkpoint import write_json
 
     write_json(stage / MARKER, {"format": 1, "source": str(source.folder.resolve()), "dtype": dtype,
-                                "merge_into": merge_into, "files": sorted(set(result.files)),
+                                "weights": out_format, "merge_into": merge_into, "files": sorted(set(result.files)),
                                 "check": result.check, "layers": result.layers})
 
 
@@ -318,120 +393,29 @@ def move_into_place(stage: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+REQUANT_LABEL = "||NF4(W + delta) - (W + delta)|| / ||LoRA delta||"
+
+
 def format_stats(layers: dict[str, dict[str, float]], merge_into: bool) -> str:
-    """Median and max of ||delta|| / ||W_base|| (and, with --merge-into, ||W_orig - W_deq|| / ||delta||)."""
+    """Median and max of ||delta|| / ||W_base|| (and, with --merge-into, ||W_orig - W_deq|| / ||delta||; with
+    format nf4, ||NF4(W + delta) - (W + delta)|| / ||delta||, also per layer)."""
     if not layers:
         return "no layer merged"
     lines = [f"merged {len(layers)} layers:"]
     keys = [("delta_rel", "||LoRA delta|| / ||W_base||")]
     if merge_into:
         keys.append(("quant_gap_rel", "||W_original - W_dequantized|| / ||LoRA delta||"))
+    requant = {m: f["requant_rel"] for m, f in layers.items() if "requant_rel" in f}
+    if requant:
+        keys.append(("requant_rel", REQUANT_LABEL))
     for key, label in keys:
-        values = {m: f[key] for m, f in layers.items()}
+        values = {m: f[key] for m, f in layers.items() if key in f}
         top = max(values, key=values.get)
         lines.append(f"  {label}: median {statistics.median(values.values()):.3g}, max {values[top]:.3g} ({top})")
+    if requant:
+        lines += [f"  {REQUANT_LABEL} per layer:"] + [f"    {m}: {v:.3g}" for m, v in requant.items()]
     if merge_into:
         lines.append("  (a gap near or above 1: the original differs from the weights training saw by as much as the "
                      "adapter changed them, so merging into it may undo part of the fine-tuning; the per-layer "
                      f"figures are in {MARKER})")
     return "\n".join(lines)
-
-
-# -- the check ---------------------------------------------------------------------------------------
-
-def tolerance(dtype: torch.dtype, num_layers: int) -> float:
-    """Largest |logit difference| / max |reference logit| the check accepts.
-
-    The exported model is the reference's weights with the LoRA product folded in and each weight
-    rounded once to the output dtype (relative error <= u: 2^-8 bf16, 2^-11 fp16, 2^-24 fp32). Rounding
-    errors are independent, so a layer's output errs by about u relative, and the errors of the
-    ~sqrt(layers + 1) matmuls on the residual path add in quadrature; the maximum over all logits of a
-    few prompts is within ~8 standard deviations. fp32 gets a floor of 1e-4: float32 sums in another
-    order (W + sBA vs Wx + sB(Ax), bitsandbytes' kernels vs a dense matmul)."""
-    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
-    return max(1e-4, 8 * u * math.sqrt(num_layers + 1))
-
-
-@torch.no_grad()
-def check_merge(stage: Path, source: Source, adapter: merge.Adapter, original: merge.Base | None, dtype: torch.dtype,
-                log) -> dict:
-    """Logits of the exported folder (transformers, float32) against qshard's base + adapter, in float32."""
-    from transformers import AutoModelForCausalLM
-
-    from qshard.model.load import load_tokenizer
-
-    tokenizer = load_tokenizer(stage)
-    prompts = [tokenizer(text, return_tensors="pt").input_ids for text in PROMPTS]
-    exported = AutoModelForCausalLM.from_pretrained(stage, dtype=torch.float32, trust_remote_code=False).eval()
-    got = [exported(input_ids=ids).logits for ids in prompts]
-    layers = exported.config.get_text_config().num_hidden_layers
-    del exported
-    reference = reference_model(source, adapter, original)
-    figures = {}
-    if dense_int8_twins(reference, measure_first=lambda: _max_diff(reference, prompts, got)[0], out=figures):
-        log(f"note: LLM.int8()'s forward also quantizes activations, which no dense model does: the run's own "
-            f"int8 forward differs from the export by up to {figures['int8_forward_gap']:.3g}; the check compares "
-            "with the int8 weights dequantized")
-    worst, scale = _max_diff(reference, prompts, got)
-    rel_tol = tolerance(dtype, layers)
-    figures |= {"max_abs_diff": worst, "max_abs_logit": scale, "tolerance": rel_tol * scale,
-                "relative_tolerance": rel_tol, "passed": worst <= rel_tol * scale, "prompts": len(PROMPTS)}
-    verdict = "passed" if figures["passed"] else "FAILED"
-    log(f"check {verdict}: max |logit difference| {worst:.3g} vs tolerance {rel_tol * scale:.3g} "
-        f"({rel_tol:.2g} x max |logit| {scale:.3g}; {str(dtype).removeprefix('torch.')} output) on {len(PROMPTS)} prompts")
-    return figures
-
-
-def _max_diff(reference, prompts: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, float]:
-    """max |reference - got| and max |reference| over every logit of every prompt."""
-    worst, scale = 0.0, 0.0
-    for ids, logits in zip(prompts, got):
-        want = reference(input_ids=ids).logits
-        worst, scale = max(worst, float((want - logits).abs().max())), max(scale, float(want.abs().max()))
-    return worst, scale
-
-
-def dense_int8_twins(model, measure_first, out: dict) -> bool:
-    """Replace every int8 base layer by a dense float32 linear of its dequantized weight (the weight training
-    saw), after `measure_first()` recorded the int8 forward's gap in out['int8_forward_gap']."""
-    from torch import nn
-
-    from qshard.quant.bnb8bit import Linear8bit
-
-    parents = [(m, name, c) for m in model.modules() for name, c in m.named_children() if isinstance(c, Linear8bit)]
-    if not parents:
-        return False
-    out["int8_forward_gap"] = measure_first()
-    for parent, name, layer in parents:
-        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        dense.weight.data = layer.dequantize().float()
-        if layer.bias is not None:
-            dense.bias.data = layer.bias.float()
-        setattr(parent, name, dense.requires_grad_(False))
-    return True
-
-
-def reference_model(source: Source, adapter: merge.Adapter, original: merge.Base | None):
-    """The run's base loaded as training loaded it (or the --merge-into checkpoint), dense tensors in
-    float32, with the adapter attached by qshard and its trained tensors loaded."""
-    from qshard.engines.base import load_adapter_into
-    from qshard.model.load import QUANT_LAYERS, load_model
-    from qshard.model.lora import attach_lora
-
-    quiet = lambda *_: None  # noqa: E731  (the export already said what the loader would)
-    if original is not None:
-        base = load_model(str(original.model_dir), dtype="float32", quant=QuantSpec("none"), log=quiet)
-    else:
-        recipe = source.recipe
-        base = load_model(source.base_path, dtype=recipe.model.dtype, quant=run_quant_spec(recipe), log=quiet)
-    base.float()  # floating tensors only: quantized storage is integer and keeps the values training saw
-    for module in base.modules():
-        if isinstance(module, QUANT_LAYERS):
-            module.compute_dtype = torch.float32
-    model = attach_lora(base, r=adapter.r, alpha=adapter.alpha, dropout=0.0, targets=adapter.targets,
-                        use_dora=adapter.use_dora, seed=0)
-    load_adapter_into(model, adapter.file_state(), lambda param, full: full)
-    for module in model.modules():  # the adapter's own scaling (rsLoRA: alpha / sqrt(r))
-        if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:
-            module.scaling["default"] = adapter.scaling
-    return model.eval()

@@ -9,6 +9,10 @@ The base "as trained" is what the LoRA adapter was fitted against, not the check
   quantized and dequantized again, as the loader converts them);
 - method none, and every tensor that is not a quantized linear: the stored values in model.dtype.
 
+For `--format nf4` the merged weights of the linears the base quantized are quantized again by bitsandbytes
+and written as transformers saves a load_in_4bit model (packed codes + QuantState tensors, planned up
+front like every other tensor).
+
 A unit is what the loader reads at once (one tensor, one conversion target, or one PTQ layer), so an
 export holds one unit (plus its merged copy) at a time, never the model.
 """
@@ -35,9 +39,12 @@ from qshard.model.load import (
     open_base,
     ptq_layers,
     quantized_like,
+    quantized_linear_names,
     tensor_role,
 )
 from qshard.quant import ptq
+from qshard.quant.bnb4bit import BLOCKSIZE, Linear4bit
+from qshard.quant.bnb8bit import Linear8bit
 
 PEFT_PREFIX = "base_model.model."
 ST_DTYPES = {v: k for k, v in folder.SAFETENSORS_DTYPES.items()}
@@ -233,6 +240,107 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a.float())) / denominator if denominator else math.inf
 
 
+# -- NF4 output (bitsandbytes' serialization, as transformers saves a load_in_4bit model) -------------------
+
+NF4_STATE_KEY = "quant_state.bitsandbytes__nf4"
+# The JSON of a QuantState's non-tensor fields is planned before the weight is quantized, but its length
+# depends on the double-quant offset's repr: plan the longest repr a float can have and pad the JSON with
+# spaces (json.loads, which bitsandbytes' unpack_tensor_to_dict calls, ignores trailing whitespace).
+LONGEST_FLOAT = -2.2250738585072014e-308
+
+
+def nf4_modules(skeleton: nn.Module, skip_modules: tuple[str, ...]) -> list[str]:
+    """The linears an NF4 export quantizes: those the run's base quantized (any quantized layer of the
+    skeleton), and for a dense or checkpoint-quantized run the ones an nf4 run would (every plain linear
+    but the output embedding and quantization.skip_modules, as load.quantized_linear_names decides)."""
+    dense = quantized_linear_names(skeleton, QuantSpec("nf4", skip_modules=skip_modules))
+    return [name for name, m in skeleton.named_modules() if isinstance(m, QUANT_LAYERS) or name in dense]
+
+
+def dense_linears(skeleton: nn.Module, quantized: list[str]) -> list[str]:
+    """Linear layers an NF4 export leaves dense: transformers must be told (llm_int8_skip_modules), else
+    it would expect them quantized."""
+    keep = set(quantized)
+    return [name for name, m in skeleton.named_modules() if isinstance(m, nn.Linear) and name not in keep]
+
+
+def nf4_plan(weight: str, shape: list[int], dtype: torch.dtype, double_quant: bool) -> dict:
+    """{name: (dtype, shape)} of what quantize_4bit + QuantState.as_dict(packed=True) give for one weight."""
+    n = math.prod(shape)
+    blocks = -(-n // BLOCKSIZE)
+    plan = {weight: (torch.uint8, [(n + 1) // 2, 1]),
+            f"{weight}.absmax": (torch.uint8 if double_quant else torch.float32, [blocks]),
+            f"{weight}.quant_map": (torch.float32, [16])}
+    if double_quant:
+        plan[f"{weight}.nested_absmax"] = (torch.float32, [-(-blocks // 256)])
+        plan[f"{weight}.nested_quant_map"] = (torch.float32, [256])
+    width = len(_state_json(shape, dtype, double_quant, LONGEST_FLOAT))
+    return plan | {f"{weight}.{NF4_STATE_KEY}": (torch.uint8, [width])}
+
+
+def _state_json(shape: list[int], dtype: torch.dtype, double_quant: bool, offset: float) -> bytes:
+    """QuantState.as_dict's non-tensor fields as bitsandbytes' pack_dict_to_tensor encodes them."""
+    fields = {"quant_type": "nf4", "blocksize": BLOCKSIZE, "dtype": str(dtype).removeprefix("torch."),
+              "shape": list(shape)}
+    if double_quant:
+        fields |= {"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": offset}
+    return json.dumps(fields).encode()
+
+
+def quantize_nf4(weight: str, tensor: torch.Tensor, double_quant: bool):
+    """bitsandbytes' quantize_4bit of `tensor` (in its dtype, which dequantization returns), as the
+    {name: tensor} transformers saves, and the QuantState (to measure the rounding)."""
+    import bitsandbytes.functional as bnbF
+
+    packed, state = bnbF.quantize_4bit(tensor.contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant,
+                                       quant_type="nf4")
+    tensors = {weight: packed} | {f"{weight}.{k}": v for k, v in state.as_dict(packed=True).items()}
+    planned = nf4_plan(weight, list(tensor.shape), tensor.dtype, double_quant)[f"{weight}.{NF4_STATE_KEY}"][1][0]
+    raw = tensors[f"{weight}.{NF4_STATE_KEY}"]
+    tensors[f"{weight}.{NF4_STATE_KEY}"] = torch.cat([raw, torch.full((planned - len(raw),), ord(" "), dtype=torch.uint8)])
+    return tensors, state
+
+
+def requantized_twins(model: nn.Module, modules: list[str], dtype: torch.dtype, double_quant: bool,
+                      adapter: Adapter) -> None:
+    """In a loaded base + adapter (the export check's reference), replace each of `modules` by a dense float32
+    linear holding bitsandbytes' quantize_4bit + dequantize_4bit of its merged weight (W + delta, DoRA-scaled)
+    in `dtype`: the values an NF4 export holds, computed from tensors the real loader placed."""
+    import bitsandbytes.functional as bnbF
+
+    for name in modules:
+        layer = model.get_submodule(name)
+        inner = getattr(layer, "base_layer", layer)
+        weight = _merged_in_memory(layer, inner, adapter).to(dtype)
+        packed, state = bnbF.quantize_4bit(weight, blocksize=BLOCKSIZE, compress_statistics=double_quant,
+                                           quant_type="nf4")
+        dense = nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None)
+        dense.weight.data = bnbF.dequantize_4bit(packed, state).float()
+        if inner.bias is not None:
+            dense.bias.data = inner.bias.float()
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, dense.requires_grad_(False))
+
+
+def _merged_in_memory(layer: nn.Module, inner: nn.Module, adapter: Adapter) -> torch.Tensor:
+    """W (as the loaded layer holds it) merged with the layer's loaded adapter tensors, in float32."""
+    weight = _dense_weight(inner)
+    if inner is layer:  # not adapted
+        return weight
+    t = {"A": layer.lora_A["default"].weight, "B": layer.lora_B["default"].weight}
+    if adapter.use_dora:
+        t["m"] = layer.lora_magnitude_vector["default"].weight
+    return merged_weight(weight, t, lora_delta(t, adapter.scaling))
+
+
+def _dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a base layer multiplies by, in float32: a bitsandbytes layer's dequantized in its stored
+    dtype; a GPTQ / AWQ / compressed-tensors layer's in float32, as its float32 forward and the export do."""
+    if isinstance(layer, (Linear4bit, Linear8bit)):
+        return layer.dequantize().float()
+    return layer.dequantize(torch.float32) if isinstance(layer, QUANT_LAYERS) else layer.weight.float()
+
+
 # -- writing safetensors as the tensors come --------------------------------------------------------
 
 class ShardWriter:
@@ -301,3 +409,11 @@ class ShardWriter:
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
+
+
+def run_quant_spec(recipe) -> QuantSpec:
+    """The QuantSpec the run's loader used. The compute dtype does not change stored values: fp32."""
+    from qshard.precision import Precision
+    from qshard.validate import quant_spec
+
+    return quant_spec(recipe, Precision("fp32", torch.device("cpu")))

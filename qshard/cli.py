@@ -132,6 +132,17 @@ def _export(args) -> int:
     return 0
 
 
+def _stages(args) -> int:
+    from qshard.tools import stages
+
+    if args.plan:
+        from qshard.tools.plan import parse_size
+
+        return stages.plan(args.pipeline, gpus=args.gpus, nodes=args.nodes,
+                           gpu_mem=parse_size(args.gpu_mem, "--gpu-mem"))
+    return stages.run(args.pipeline, until=args.until)
+
+
 def _bench_comm(args) -> int:
     from qshard.tools import commbench
 
@@ -222,6 +233,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="skip comparing the exported model's logits with the run's base + adapter")
     ex.set_defaults(func=_export)
 
+    st = sub.add_parser("stages", help="run a staged workflow (train, export, train on the export, ...) from one "
+                                       "YAML file; rerun the same command to continue after a crash",
+                        description=stages_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("pipeline", help="YAML file with output_dir and stages")
+    st.add_argument("--until", metavar="NAME", help="stop after stage NAME")
+    st.add_argument("--plan", action="store_true", help="print `qshard plan` for every training stage; run nothing")
+    st.add_argument("--gpus", type=_count(1), default=8, help="with --plan: GPUs per node")
+    st.add_argument("--nodes", type=_count(1), default=1, help="with --plan: nodes")
+    st.add_argument("--gpu-mem", default="80GiB", help="with --plan: memory per GPU")
+    st.set_defaults(func=_stages)
+
     bc = sub.add_parser("bench-comm", help="time all-reduce / all-gather / reduce-scatter (algbw, busbw), and "
                                            "say whether a recipe's steps are communication- or compute-bound")
     bc.add_argument("recipe", nargs="?", help="YAML recipe whose per-step communication is estimated")
@@ -234,6 +256,12 @@ def _parser() -> argparse.ArgumentParser:
     bc.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
     bc.set_defaults(func=_bench_comm)
     return p
+
+
+def stages_help() -> str:
+    from qshard.tools import stages
+
+    return stages.__doc__
 
 
 if __name__ == "__main__":

@@ -258,9 +258,14 @@ def _expanded_size(node: yaml.Node, seen: dict[int, int]) -> int:
 
 
 def parse_recipe(raw: dict, source: str = "recipe") -> Recipe:
-    _check_known_keys(raw, Recipe, prefix="", source=source)
+    return parse_section(Recipe, raw, source)
+
+
+def parse_section(model: type[BaseModel], raw: dict, source: str):
+    """`raw` validated as `model` (a recipe, or another qshard YAML file); unknown keys named, with a suggestion."""
+    _check_known_keys(raw, model, prefix="", source=source)
     try:
-        return Recipe.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         raise _to_qshard_error(e, source) from None
 

@@ -4,9 +4,20 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test clean
+QVENV  ?= .venv-quant
+QSTAMP  = $(QVENV)/.installed
+
+.PHONY: setup quantizers demo test clean
 
 setup: $(STAMP)
+
+# `qshard quantize` runs llm-compressor from its own virtualenv (its pins are not qshard's).
+quantizers: $(QSTAMP)
+
+$(QSTAMP): requirements-quant.txt
+	$(PYTHON) -m venv $(QVENV)
+	$(QVENV)/bin/pip install -q -r requirements-quant.txt
+	touch $(QSTAMP)
 
 # torch==2.13.0 (pinned in requirements.txt) is the CPU wheel on this machine's disk; any other
 # version pulls several GB of CUDA packages.
@@ -23,8 +34,8 @@ demo: setup
 	$(BIN)/qshard train examples/demo.yaml --overwrite
 
 # pytest exits 5 when it collected no tests; make treats any non-zero exit as failure.
-test: setup
+test: setup quantizers
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf build runs $(VENV)
+	rm -rf build runs $(VENV) $(QVENV)

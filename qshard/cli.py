@@ -132,6 +132,16 @@ def _export(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from qshard.tools.quantize import quantize
+
+    result = quantize(args.model_dir, args.out_dir, calibration=args.calibration, method=args.method, bits=args.bits,
+                      group_size=args.group_size, symmetric=not args.asymmetric, samples=args.samples,
+                      max_length=args.max_length, overwrite=args.overwrite)
+    print(f"wrote {len(result.files)} files to {result.out_dir} (train on it with quantization.method: checkpoint)")
+    return 0
+
+
 def _stages(args) -> int:
     from qshard.tools import stages
 
@@ -232,6 +242,21 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-check", action="store_true",
                     help="skip comparing the exported model's logits with the run's base + adapter")
     ex.set_defaults(func=_export)
+
+    qz = sub.add_parser("quantize", help="GPTQ-quantize a dense model folder with llm-compressor (`make quantizers`) "
+                                         "into compressed-tensors, which qshard trains on (method: checkpoint)")
+    qz.add_argument("model_dir", help="a dense Hugging Face model folder, e.g. a `qshard export` of a run")
+    qz.add_argument("out_dir", help="the new, quantized model folder")
+    qz.add_argument("--calibration", required=True, metavar="DATA",
+                    help="calibration rows: a file in any format qshard trains on (alpaca, chat, text)")
+    qz.add_argument("--method", default="gptq", choices=["gptq"], help="the quantization algorithm")
+    qz.add_argument("--bits", type=int, default=4, choices=[4, 8], help="bits per weight")
+    qz.add_argument("--group-size", type=_count(1), default=128, help="weights sharing one scale (and zero point)")
+    qz.add_argument("--asymmetric", action="store_true", help="zero points as well as scales")
+    qz.add_argument("--samples", type=_count(1), default=128, help="calibration rows used (the first N)")
+    qz.add_argument("--max-length", type=_count(1), default=512, help="tokens per calibration row (truncated)")
+    qz.add_argument("--overwrite", action="store_true", help="replace an earlier `qshard quantize` in OUT_DIR")
+    qz.set_defaults(func=_quantize)
 
     st = sub.add_parser("stages", help="run a staged workflow (train, export, train on the export, ...) from one "
                                        "YAML file; rerun the same command to continue after a crash",

@@ -101,7 +101,7 @@ def test_plan_covers_every_training_stage_and_reads_an_exported_models_architect
     (lambda s: s[0]["set"].__setitem__("lora.r", -1), "lora.r"),
     (lambda s: s[0]["set"].__setitem__("lora.rank", 8), "unknown recipe key 'lora.rank'"),
     (lambda s: s[1].__setitem__("dtpye", "bf16"), "did you mean dtype?"),
-    (lambda s: s[1].__setitem__("train", "recipe.yaml"), "either `train: RECIPE` or `export: STAGE`"),
+    (lambda s: s[1].__setitem__("train", "recipe.yaml"), "a stage has one of `train: RECIPE`, `export: STAGE` or `quantize: STAGE`"),
     (lambda s: s[0].__setitem__("name", "../up"), "stages[0]"),
     (lambda s: s[0].__setitem__("train", "missing.yaml"), "recipe not found"),
     (lambda s: s[2]["set"].__setitem__("model.path", "runs/staged/merge"), "stage 'qlora' reads model.path"),

@@ -204,32 +204,32 @@ def check_out_location(out: Path, source: Source, base_dir: Path, original_dir: 
                               fix="export to a new folder of its own, e.g. merged/my-model")
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """A missing or empty folder; or, with --overwrite, a folder an earlier export wrote (its marker
-    lists every entry, none a link)."""
+def check_out_dir(out: Path, overwrite: bool, marker: str = MARKER, command: str = "export") -> None:
+    """A missing or empty folder; or, with --overwrite, a folder an earlier `qshard COMMAND` wrote (its
+    marker lists every entry, none a link)."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise QShardError(f"{out} exists and is not a folder", where="OUT_DIR", fix="choose another OUT_DIR")
     if not out.exists() or not any(out.iterdir()):
         return
     if not overwrite:
         raise QShardError(f"OUT_DIR {out} is not empty", where="OUT_DIR",
-                          fix="choose a new folder, or pass --overwrite to replace an earlier export there")
-    why = not_an_export(out)
+                          fix=f"choose a new folder, or pass --overwrite to replace an earlier {command} there")
+    why = not_an_export(out, marker)
     if why:
-        raise QShardError(f"--overwrite replaces only a folder qshard export wrote, and {out} {why}",
+        raise QShardError(f"--overwrite replaces only a folder qshard {command} wrote, and {out} {why}",
                           where="OUT_DIR", fix="choose another OUT_DIR; qshard deletes nothing it did not write")
 
 
-def not_an_export(out: Path) -> str | None:
+def not_an_export(out: Path, marker: str = MARKER) -> str | None:
     entries = list(out.iterdir())
     try:
-        listed = set(json.loads((out / MARKER).read_text())["files"]) | {MARKER}
+        listed = set(json.loads((out / marker).read_text())["files"]) | {marker}
     except (OSError, ValueError, KeyError, TypeError):
         shown = ", ".join(sorted(p.name for p in entries)[:5])
-        return f"has no readable {MARKER} (it holds {shown})"
+        return f"has no readable {marker} (it holds {shown})"
     odd = sorted(p.name for p in entries if p.is_symlink() or p.name not in listed or not p.is_file())
     if odd:
-        return f"holds entries the export did not write: {', '.join(odd[:5])}"
+        return f"holds entries qshard did not write: {', '.join(odd[:5])}"
     return None
 
 

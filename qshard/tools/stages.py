@@ -1,4 +1,4 @@
-"""`qshard stages PIPELINE.yaml`: a staged workflow (train -> export -> train on the export -> ...) as one file.
+"""`qshard stages PIPELINE.yaml`: a staged workflow (train -> export -> quantize -> train on it -> ...) as one file.
 
     output_dir: runs/staged              # stage NAME writes <output_dir>/NAME
     stages:
@@ -15,6 +15,10 @@
         nproc: 2
       - name: final
         export: qlora
+
+A stage `{name: gptq, quantize: merged, calibration: data.jsonl, group_size: 128}` runs `qshard quantize` on
+an earlier dense export (GPTQ with llm-compressor, `make quantizers`); train on its folder with
+`quantization.method: checkpoint`.
 
 Each stage is the qshard command one would type (printed before it runs), run as a child process from the
 current folder, so relative paths mean what they mean to `qshard train`. "{NAME}" in a `set` value is the
@@ -66,6 +70,17 @@ class ExportStage(Section):
     merge_into: PathText | None = None
 
 
+class QuantizeStage(Section):
+    name: StageName = Field(description="The stage's name; its model folder is <output_dir>/<name>.")
+    quantize: StageName = Field(description="The earlier export stage (dense) whose model is quantized.")
+    calibration: PathText = Field(description="Calibration rows, in any format qshard trains on.")
+    method: Literal["gptq"] = "gptq"
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(128, ge=1)
+    samples: int = Field(128, ge=1)
+    max_length: int = Field(512, ge=1)
+
+
 class Pipeline(Section):
     output_dir: PathText = Field(description="The folder that holds every stage's output.")
     stages: list[dict[str, Any]] = Field(min_length=1)
@@ -112,14 +127,30 @@ def load_pipeline(path: str | Path) -> tuple[Path, list[Stage]]:
     return out, stages
 
 
-def _stage_spec(item: Any, where: str) -> TrainStage | ExportStage:
-    if not isinstance(item, dict) or ("train" in item) == ("export" in item):
-        raise QShardError("a stage has either `train: RECIPE` or `export: STAGE`", where=where,
-                          fix="e.g. {name: bf16, train: recipe.yaml} or {name: merged, export: bf16}")
-    return parse_section(TrainStage if "train" in item else ExportStage, item, where)
+KINDS = {"train": TrainStage, "export": ExportStage, "quantize": QuantizeStage}
+
+
+def _stage_spec(item: Any, where: str) -> TrainStage | ExportStage | QuantizeStage:
+    kinds = [key for key in KINDS if isinstance(item, dict) and key in item]
+    if len(kinds) != 1:
+        raise QShardError("a stage has one of `train: RECIPE`, `export: STAGE` or `quantize: STAGE`", where=where,
+                          fix="e.g. {name: bf16, train: recipe.yaml}, {name: merged, export: bf16} or "
+                              "{name: gptq, quantize: merged, calibration: data.jsonl}")
+    return parse_section(KINDS[kinds[0]], item, where)
 
 
 def _argv(spec, folder: Path, folders: dict[str, Path], earlier: list[Stage], where: str) -> list[str]:
+    if isinstance(spec, QuantizeStage):
+        source = next((s for s in earlier if s.name == spec.quantize), None)
+        if source is None or not isinstance(source.spec, ExportStage) or source.spec.format != "dense":
+            raise QShardError(f"stage {spec.name!r} quantizes {spec.quantize!r}, which is not an earlier dense export",
+                              where=f"{where}.quantize", fix="name an `export:` stage (format dense) listed above")
+        if not Path(spec.calibration).is_file():
+            raise QShardError(f"stage {spec.name!r}: calibration file {spec.calibration!r} not found",
+                              where=f"{where}.calibration", fix="give a data file qshard can train on")
+        return ["quantize", str(source.folder), str(folder), f"--calibration={spec.calibration}",
+                f"--method={spec.method}", f"--bits={spec.bits}", f"--group-size={spec.group_size}",
+                f"--samples={spec.samples}", f"--max-length={spec.max_length}"]
     if isinstance(spec, ExportStage):
         source = next((s for s in earlier if s.name == spec.export), None)
         if source is None or not isinstance(source.spec, TrainStage):
@@ -263,6 +294,10 @@ def plan(path: str | Path, gpus: int, nodes: int, gpu_mem: int, log=print) -> in
         recipe = load_recipe(stage.spec.train, [a.removeprefix("--set=") for a in stage.argv
                                                 if a.startswith("--set=")])
         model = architecture_source(recipe.model.path, stages)
+        if model in {str(s.folder) for s in stages if isinstance(s.spec, QuantizeStage)}:
+            log(f"== stage {stage.name!r}: not planned: its model is quantized by an earlier stage; `qshard plan` "
+                "reads a quantized model's format from its folder, once that stage has run ==")
+            continue
         log(f"== stage {stage.name!r} (model: {model}) ==")
         result = planner.make_plan(recipe, planner.read_model_spec(model), gpus=gpus, nodes=nodes, gpu_mem=gpu_mem)
         log(planner.report(result))

@@ -1,0 +1,133 @@
+"""`qshard quantize`: GPTQ by the real llm-compressor (its own virtualenv, `make quantizers`), read back by qshard's
+loader to the values compressed-tensors itself decompresses, trained on under 2-rank FSDP2 as a pipeline stage,
+and every bad input refused before the quantizer starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from qshard.errors import QShardError
+from qshard.model.load import QUANT_LAYERS, QuantSpec, load_model
+from qshard.tools import quantize, stages
+from tests.helpers import recipe_dict, write_rows
+
+IDS = [[1, 5, 9, 200, 33, 41, 7, 300, 12], [1, 77, 78, 79, 80]]
+
+
+@pytest.fixture(scope="module")
+def gptq_model(micro_model, tmp_path_factory) -> tuple[Path, Path]:
+    """The micro Llama (hidden 64) quantized by llm-compressor: 4-bit GPTQ, groups of 32, on the test rows."""
+    root = tmp_path_factory.mktemp("quantize")
+    data = write_rows(root / "train.jsonl")
+    out = root / "gptq"
+    result = quantize.quantize(str(micro_model), str(out), calibration=str(data), group_size=32, log=print)
+    assert result.gap["relative"] < 0.5  # 4-bit on a random 2-layer model: a visible but bounded change
+    return out, data
+
+
+def test_the_output_is_compressed_tensors_and_qshard_reads_the_values_compressed_tensors_decompresses(gptq_model):
+    out, _ = gptq_model
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 32 and config["ignore"] == ["lm_head"]
+    marker = json.loads((out / quantize.MARKER).read_text())
+    assert marker["method"] == "gptq" and set(marker["files"]) == {p.name for p in out.iterdir()} - {quantize.MARKER}
+
+    # the reference: transformers + compressed-tensors, in the quantizer's environment, decompressing the folder
+    script = ("import json, sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()\n"
+              "with torch.no_grad():\n"
+              "    print(json.dumps([m(input_ids=torch.tensor([x])).logits.tolist() for x in json.loads(sys.argv[2])]))\n")
+    run = subprocess.run([quantize.quantizer_python(), "-c", script, str(out), json.dumps(IDS)], capture_output=True,
+                         text=True, check=True)
+    reference = [torch.tensor(x) for x in json.loads(run.stdout.strip().splitlines()[-1])]
+    model = load_model(str(out), dtype="float32", quant=QuantSpec("checkpoint"), log=lambda *_: None).eval()
+    for module in model.modules():
+        if isinstance(module, QUANT_LAYERS):
+            module.compute_dtype = torch.float32
+    with torch.no_grad():
+        for ids, want in zip(IDS, reference):
+            got = model(input_ids=torch.tensor([ids])).logits
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max()  # float32 sums in another order
+
+
+def test_train_export_quantize_and_lora_on_the_gptq_model_under_two_rank_fsdp2_as_one_pipeline(gptq_model,
+                                                                                                micro_model,
+                                                                                                tmp_path, monkeypatch):
+    """The issue's staged workflow, stopped between stages and continued: LoRA on the dense base -> merged ->
+    GPTQ -> LoRA on the GPTQ checkpoint (kept as it is) under FSDP2 on 2 processes -> merged again."""
+    monkeypatch.chdir(tmp_path)
+    write_rows(tmp_path / "train.jsonl")
+    recipe = recipe_dict(micro_model, Path("train.jsonl"), Path("unused"), max_steps=2)
+    del recipe["train"]["output_dir"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"output_dir": "runs", "stages": [
+        {"name": "dense", "train": "recipe.yaml", "set": {"quantization.method": "none"}},
+        {"name": "merged", "export": "dense", "dtype": "fp32"},
+        {"name": "gptq", "quantize": "merged", "calibration": "train.jsonl", "group_size": 32},
+        {"name": "qlora", "train": "recipe.yaml", "nproc": 2,
+         "set": {"model.path": "{gptq}", "quantization.method": "checkpoint", "distributed.engine": "fsdp2"}},
+        {"name": "final", "export": "qlora", "dtype": "fp32"}]}, sort_keys=False))
+    lines: list[str] = []
+    assert stages.run(pipeline, until="gptq", log=lines.append) == 0
+    assert json.loads((tmp_path / "runs" / "gptq" / "config.json").read_text())["quantization_config"]
+    lines.clear()
+    assert stages.run(pipeline, log=lines.append) == 0
+    assert [line.endswith("skipped") for line in lines[:3]] == [True] * 3
+    assert lines[3].startswith("stage 4/5 'qlora': qshard train recipe.yaml") and "--nproc=2" in lines[3]
+    records = [json.loads(r) for r in (tmp_path / "runs" / "qlora" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    assert json.loads((tmp_path / "runs" / "final" / ".qshard-export.json").read_text())["check"]["passed"]
+
+
+@pytest.fixture
+def dense(micro_model, tmp_path) -> tuple[Path, Path]:
+    return micro_model, write_rows(tmp_path / "rows.jsonl")
+
+
+def test_a_missing_quantizer_environment_names_make_quantizers(dense, tmp_path, monkeypatch):
+    monkeypatch.setenv("QSHARD_QUANT_PYTHON", str(tmp_path / "no-such-python"))
+    with pytest.raises(QShardError, match="quantizer's environment is not installed") as e:
+        quantize.quantize(str(dense[0]), str(tmp_path / "out"), calibration=str(dense[1]), group_size=32)
+    assert "make quantizers" in e.value.fix
+
+
+@pytest.mark.parametrize("case, message", [
+    ("group", "model.layers.0.self_attn.q_proj has 64 input features, not a multiple of --group-size 48"),
+    ("quantized", "is already quantized (compressed-tensors)"),
+    ("inside", "is, lies inside or contains the model folder"),
+    ("not-empty", "OUT_DIR"),
+    ("calibration", "no-rows.jsonl"),
+])
+def test_bad_input_is_refused_before_the_quantizer_starts_and_nothing_is_touched(dense, gptq_model, tmp_path, case,
+                                                                                  message):
+    model, rows = dense
+    out, group, calibration = tmp_path / "out", 32, str(rows)
+    if case == "group":
+        group = 48
+    elif case == "quantized":
+        model = gptq_model[0]
+    elif case == "inside":
+        out = model / "quantized"
+    elif case == "not-empty":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "calibration":
+        calibration = str(tmp_path / "no-rows.jsonl")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(QShardError) as e:
+        quantize.quantize(str(model), str(out), calibration=calibration, group_size=group)
+    assert message in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not (model / "quantized").exists()
+    if case == "not-empty":
+        assert (out / "notes.txt").read_text() == "mine"
+    assert os.listdir(model)  # the model folder is as it was

@@ -67,7 +67,8 @@ def stage_offloads(zero_stage: int, offload_params: str, offload_optimizer: str)
 
 def base_key(quant_method: str, checkpoint_format: str | None = None) -> str:
     """The table's name for the base: a dense checkpoint's recipe method, or with method `checkpoint`
-    the PTQ checkpoint's own format (gptq / awq / compressed-tensors)."""
+    the PTQ checkpoint's own format (gptq / awq / compressed-tensors). A bitsandbytes 4-bit checkpoint kept as it
+    is reads nf4's (fp4's) row: its layers are the very Linear4bit that quantizing on load builds."""
     if quant_method == "checkpoint":
         return checkpoint_format or "none"
     return "bf16" if quant_method == "none" else quant_method

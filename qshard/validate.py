@@ -151,7 +151,8 @@ def engine_identity(recipe: Recipe) -> str:
 
 
 def checkpoint_format(recipe: Recipe) -> str | None:
-    """gptq / awq / compressed-tensors when the recipe keeps a PTQ checkpoint's own layers (config.json only)."""
+    """gptq / awq / compressed-tensors / nf4 / fp4 (bitsandbytes) when the recipe keeps a PTQ checkpoint's own
+    layers (config.json only)."""
     if recipe.quantization.method != "checkpoint":
         return None
     from qshard.model.load import resolve_model_dir
@@ -159,7 +160,8 @@ def checkpoint_format(recipe: Recipe) -> str | None:
 
     fmt = ptq.detect(resolve_model_dir(recipe.model.path))
     if fmt is None:
-        raise QShardError(f"{recipe.model.path} is not a GPTQ/AWQ/compressed-tensors checkpoint",
+        raise QShardError(f"{recipe.model.path} is not a GPTQ/AWQ/compressed-tensors checkpoint "
+                          "(nor a bitsandbytes 4-bit one)",
                           where="quantization.method", fix="use nf4 (or fp4 / int8 / none) for a dense checkpoint")
     return fmt.name
 

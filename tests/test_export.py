@@ -332,13 +332,20 @@ def test_bf16_nf4_export_on_the_cli_prints_the_requantization_error_per_layer(ru
     assert config["dtype"] == "bfloat16" and config["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
 
 
-def test_qshard_refuses_to_train_on_a_bnb_prequantized_folder_naming_it(nf4_export):
-    """qshard reads GPTQ / AWQ / compressed-tensors checkpoints, not bitsandbytes ones (yet): train on the
-    dense export (its loader quantizes it) instead."""
+def test_qshard_reads_its_nf4_export_as_it_is_and_refuses_to_requantize_it(nf4_export):
+    """With quantization.method checkpoint qshard keeps the export's NF4 layers (their parameters are the
+    stored bytes; tests/test_prequantized_bnb.py trains on such folders); nf4 would dequantize and quantize
+    them again, so it is refused, naming checkpoint."""
     from qshard.errors import QShardError
-    from qshard.model.load import open_base
+    from qshard.model.load import QuantSpec, load_model, open_base
+    from qshard.quant.bnb4bit import Linear4bit
 
-    with pytest.raises(QShardError, match="'bitsandbytes' is not supported"):
+    stored = load_file(str(nf4_export[0] / "model.safetensors"))
+    model = load_model(str(nf4_export[0]), quant=QuantSpec("checkpoint"), **QUIET)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    assert len(layers) == 14 and all(torch.equal(m.packed, stored[f"{n}.weight"].view(-1)) and
+                                     torch.equal(m.absmax, stored[f"{n}.weight.absmax"]) for n, m in layers.items())
+    with pytest.raises(QShardError, match="already quantized by bitsandbytes"):
         open_base(str(nf4_export[0]))
 
 

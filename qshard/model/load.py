@@ -229,6 +229,7 @@ def open_base(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec())
     model_dir = resolve_model_dir(path)
     folder.read_config(model_dir)  # a JSON object that asks for no code of its own
     fmt = ptq.detect(model_dir)
+    check_method_fits(fmt, quant, model_dir)
     reader = CheckpointReader(checkpoint_files(model_dir))  # every header checked; no tensor read
     folder.check_index(model_dir, {key: entry[0] for key, entry in reader.entries.items()})
     torch_dtype = checkpoint_dtype(model_dir) if dtype == "auto" else DTYPES[dtype]
@@ -238,16 +239,29 @@ def open_base(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec())
     return model_dir, skeleton
 
 
+def check_method_fits(fmt, quant: QuantSpec, model_dir: Path) -> None:
+    """A bitsandbytes 4-bit checkpoint is already what nf4/fp4 would make: refuse re-quantizing it (it would
+    dequantize and quantize again, moving the double-quantized scales, for nothing) and name `checkpoint`,
+    which keeps its layers bit for bit. int8 and none convert it, as they convert any PTQ checkpoint."""
+    if fmt is not None and fmt.name in ("nf4", "fp4") and quant.method in ("nf4", "fp4"):
+        raise QShardError(f"{model_dir} is already quantized by bitsandbytes ({fmt.name}); quantization.method "
+                          f"{quant.method} would dequantize it and quantize it again", where="quantization.method",
+                          fix="set quantization.method: checkpoint to train on its stored 4-bit layers as they are "
+                              "(or int8 / none to convert it)")
+
+
 def load_base_model(skeleton: nn.Module, model_dir: Path, *, quant: QuantSpec = QuantSpec(),
                     device: torch.device = torch.device("cpu"), log=print) -> nn.Module:
     """Stream the weights into the skeleton, quantizing on the fly. Frozen, in eval mode.
 
-    A post-training-quantized checkpoint (GPTQ, AWQ, compressed-tensors) keeps its own layers with
-    quantization.method `checkpoint`, is converted (dequantized, then quantized by bitsandbytes) with
-    nf4/fp4/int8, or dequantized to dense with none."""
+    A post-training-quantized checkpoint (GPTQ, AWQ, compressed-tensors, bitsandbytes 4-bit) keeps its own
+    layers with quantization.method `checkpoint`, is converted (dequantized, then quantized by bitsandbytes)
+    with nf4/fp4/int8 (a bitsandbytes 4-bit one only to int8: see check_method_fits), or dequantized to dense
+    with none."""
     fmt = ptq.detect(model_dir)
     if fmt is None and quant.method == "checkpoint":
-        raise QShardError(f"{model_dir} is not a GPTQ/AWQ/compressed-tensors checkpoint", where="quantization.method",
+        raise QShardError(f"{model_dir} is not a GPTQ/AWQ/compressed-tensors checkpoint "
+                          "(nor a bitsandbytes 4-bit one)", where="quantization.method",
                           fix="use nf4 (or fp4 / int8 / none) for a dense checkpoint")
     reader = CheckpointReader(checkpoint_files(model_dir))
     layers = ptq_layers(skeleton, reader.keys(), fmt)
@@ -285,7 +299,7 @@ def checkpoint_plan(model: nn.Module, reader: CheckpointReader,
     (qshard/model/convert.py), and the keys the architecture has no place for. A PTQ layer's tensors
     (`layers`) are read by their own names."""
     headers = {key: (stored, shape) for key, (_, _, stored, shape) in reader.entries.items()
-               if key.rpartition(".")[0] not in layers}
+               if ptq.layer_of(key, layers) is None}
     return convert.plan(model, headers, checkpoint_names(model))
 
 
@@ -443,12 +457,13 @@ def tensor_role(model: nn.Module, key: str, layers: dict[str, list[str]]) -> tup
     wrappers in place), with its module and leaf name. The one answer of the whole and the sharded load:
     ptq (a tensor of a PTQ layer in `layers`), quantized (the dense weight of a quantized layer), dense (a
     parameter), buffer, or ignored (no place in this architecture: logged, as transformers does)."""
+    owner = ptq.layer_of(key, layers) if layers else None
+    if owner is not None:
+        return "ptq", _submodule(model, owner[0]), owner[1]
     module_name, _, leaf = key.rpartition(".")
     module = _submodule(model, module_name)
     if module is None:
         return "ignored", None, leaf
-    if module_name in layers:
-        return "ptq", module, leaf
     if isinstance(module, QUANT_LAYERS) and leaf == "weight":
         return "quantized", module, leaf
     if module._parameters.get(leaf) is not None:
@@ -483,7 +498,8 @@ def check_checkpoint_fits(skeleton: nn.Module, reader: CheckpointReader, fmt, mo
     order = {name: i for i, name in enumerate(skeleton.state_dict())}  # the first disagreement in model order
     for name in sorted(stored, key=lambda n: order.get(n, len(order))):
         role, module, leaf = tensor_role(skeleton, name, layers)
-        expected = getattr(module, leaf, None) if role != "ignored" else None  # a PTQ layer's bias, not its codes
+        # a PTQ layer's bias, not its codes (bitsandbytes' are `weight`): ptq_layout checks those
+        expected = getattr(module, leaf, None) if role != "ignored" and (role != "ptq" or leaf == "bias") else None
         if isinstance(expected, torch.Tensor):
             what, file, dtype, shape = stored[name]
             if list(expected.shape) != shape:
@@ -510,7 +526,7 @@ def converted_headers(reader: CheckpointReader, targets: list[convert.Target],
     checkpoint: a PTQ layer's tensors as stored, the others as transformers' rules convert them."""
     headers = {}
     for key, (file, _, dtype, shape) in reader.entries.items():
-        if key.rpartition(".")[0] in layers:
+        if ptq.layer_of(key, layers) is not None:
             headers[key] = (f"tensor {key}", file, dtype, shape)
     for target in targets:
         file, _, dtype, _ = reader.entries[target.sources[0]]
@@ -526,7 +542,8 @@ def ptq_layout(reader: CheckpointReader, fmt, name: str, leaves: list[str]) -> Q
     traced there: the format's own builder and dequantizer check the layout, and no tensor is read."""
     file = reader.entries[f"{name}.{leaves[0]}"][0]
     try:
-        layer = fmt.build({leaf: stand_in(reader, f"{name}.{leaf}") for leaf in leaves}, fmt.config, name).to("meta")
+        tensors = {leaf: stand_in(reader, f"{name}.{leaf}", leaf.startswith(fmt.layout_leaves)) for leaf in leaves}
+        layer = fmt.build(tensors, fmt.config, name).to("meta")
         dense_shape = list(layer.dequantize(torch.float32).shape)
     except QShardError as e:
         raise QShardError(e.what, where=f"{file}: {name}", fix=e.fix) from None
@@ -541,12 +558,13 @@ def ptq_layout(reader: CheckpointReader, fmt, name: str, leaves: list[str]) -> Q
     return layer
 
 
-def stand_in(reader: CheckpointReader, key: str) -> torch.Tensor:
+def stand_in(reader: CheckpointReader, key: str, read: bool = False) -> torch.Tensor:
     """A stand-in for a checkpoint tensor when only a layer's layout is wanted: uninitialised, of its
     shape and dtype (builders rewrite values, e.g. GPTQ v1 zero points, so meta tensors would not do);
-    read when tiny, since a layer's shape may be stored as values (compressed-tensors' weight_shape)."""
+    read when tiny or `read` (a format's layout leaves), since a layer's shape may be stored as values
+    (compressed-tensors' weight_shape, bitsandbytes' QuantState JSON)."""
     shape = reader.shape(key)
-    return reader.rows(key) if math.prod(shape) <= 16 else torch.empty(shape, dtype=reader.entries[key][2])
+    return reader.rows(key) if read or math.prod(shape) <= 16 else torch.empty(shape, dtype=reader.entries[key][2])
 
 
 def _mismatch(what: str, stored: list[int], expected: list[int], file: Path, config) -> QShardError:

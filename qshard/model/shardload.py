@@ -24,9 +24,10 @@ no communication during load, is exact by construction, and costs N x the disk r
 the page cache on one node) and N x the quantization compute, which is what today's per-rank
 whole-model load costs anyway. Dense tensors are read only where owned.
 
-Post-training-quantized checkpoints (GPTQ, AWQ, compressed-tensors): their packed tensors are stored
-transposed or grouped and some are rewritten when a layer is built (GPTQ v1 zero points, missing g_idx,
-scales kept as bytes), so a rank cannot read its part of a parameter directly. One layer at a time is
+Post-training-quantized checkpoints (GPTQ, AWQ, compressed-tensors, bitsandbytes 4-bit): their packed
+tensors are stored transposed or grouped and some are rewritten when a layer is built (GPTQ v1 zero
+points, missing g_idx, scales kept as bytes, the bitsandbytes offset read from JSON), so a rank cannot
+read its part of a parameter directly. One layer at a time is
 read and built whole (its packed tensors: a fraction of a dense layer), converted as the whole load
 converts it when `quantization.method` is not `checkpoint` (dequantized, then quantized: one dense
 layer), and each rank copies out its part. Kept as they are, the skeleton first gets each PTQ layer

@@ -131,3 +131,13 @@ def test_bad_input_is_refused_before_the_quantizer_starts_and_nothing_is_touched
     if case == "not-empty":
         assert (out / "notes.txt").read_text() == "mine"
     assert os.listdir(model)  # the model folder is as it was
+
+
+def test_the_working_directory_is_never_an_output_folder(dense, tmp_path, monkeypatch):
+    work = tmp_path / "project"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", ".."):
+        with pytest.raises(QShardError, match="working directory"):
+            quantize.quantize(str(dense[0]), out, calibration=str(dense[1]), group_size=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "rows.jsonl"] and not any(work.iterdir())

@@ -32,16 +32,11 @@ def check_location(out_dir: Path, inputs: dict[str, Path]) -> None:
     """Refuse a run folder that is, or holds, something qshard must never replace (before any write).
 
     `inputs` maps recipe options (model.path, data.path, ...) to the paths they name."""
-    target = _real(out_dir)
-    cwd = Path.cwd().resolve()
-    forbidden = {cwd: "the working directory", Path.home().resolve(): "your home folder",
-                 Path(target.anchor): "the filesystem root"}
-    if target in forbidden or target in cwd.parents:
-        what = forbidden.get(target, "a folder that contains the working directory")
-        raise QShardError(f"train.output_dir {out_dir} is {what}; a run writes (and --overwrite replaces) a folder "
-                          "of its own", where="train.output_dir", fix="name a new folder, e.g. runs/my-run")
+    target = real_path(out_dir)
+    check_not_protected(out_dir, "train.output_dir", "a run writes (and --overwrite replaces) a folder of its own",
+                        fix="name a new folder, e.g. runs/my-run")
     for option, path in inputs.items():
-        real = _real(path)
+        real = real_path(path)
         if real == target or target in real.parents:
             relation = "is" if real == target else "contains"
             raise QShardError(f"train.output_dir {out_dir} {relation} {option} ({path})", where="train.output_dir",
@@ -132,6 +127,17 @@ def torchrun_job() -> str | None:
     return f"{run_id}@{socket.gethostname()}:{os.getppid()}"
 
 
-def _real(path: Path) -> Path:
+def check_not_protected(out: Path, where: str, why: str, fix: str) -> None:
+    """An output folder (a run's, an export's, a quantized model's) is never the working directory, a folder
+    holding it, the home folder or the filesystem root: those hold what the user has."""
+    target, cwd = real_path(out), Path.cwd().resolve()
+    forbidden = {cwd: "the working directory", Path.home().resolve(): "your home folder",
+                 Path(target.anchor): "the filesystem root"}
+    if target in forbidden or target in cwd.parents:
+        what = forbidden.get(target, "a folder that contains the working directory")
+        raise QShardError(f"{where} {out} is {what}; {why}", where=where, fix=fix)
+
+
+def real_path(path: Path) -> Path:
     """Absolute, symlinks resolved (the folder a path really names, existing or not)."""
     return Path(os.path.realpath(Path(path).expanduser()))

@@ -28,6 +28,7 @@ import torch
 from qshard.errors import QShardError
 from qshard.model import folder
 from qshard.model.load import QuantSpec
+from qshard.state.rundir import check_not_protected, real_path
 from qshard.tools import merge
 from qshard.tools.exportcheck import check_merge
 
@@ -188,16 +189,19 @@ def open_original(path: str, base: merge.Base) -> merge.Base:
 
 
 def check_out_location(out: Path, source: Source, base_dir: Path, original_dir: Path | None) -> None:
-    """OUT_DIR is none of the inputs, lies inside none of them (adapter, base, --merge-into), and holds none."""
-    target = _real(out)
-    if target == _real(source.folder) or target in _real(source.folder).parents:
+    """OUT_DIR is no protected folder and none of the inputs, lies inside none of them (adapter, base,
+    --merge-into), and holds none."""
+    check_not_protected(out, "OUT_DIR", "an export writes (and --overwrite replaces) a folder of its own",
+                        fix="export to a new folder of its own, e.g. merged/my-model")
+    target = real_path(out)
+    if target == real_path(source.folder) or target in real_path(source.folder).parents:
         raise QShardError(f"OUT_DIR {out} is or contains the run folder {source.folder}", where="OUT_DIR",
                           fix="export to a new folder of its own, e.g. merged/my-model")
     inputs = {"the run's adapter folder": source.adapter_dir, "the base model folder": base_dir}
     if original_dir is not None:
         inputs["the --merge-into checkpoint"] = original_dir
     for what, path in inputs.items():
-        real = _real(path)
+        real = real_path(path)
         if target == real or real in target.parents or target in real.parents:
             relation = "is" if target == real else ("lies inside" if real in target.parents else "contains")
             raise QShardError(f"OUT_DIR {out} {relation} {what} ({path})", where="OUT_DIR",
@@ -231,10 +235,6 @@ def not_an_export(out: Path, marker: str = MARKER) -> str | None:
     if odd:
         return f"holds entries qshard did not write: {', '.join(odd[:5])}"
     return None
-
-
-def _real(path: Path) -> Path:
-    return Path(os.path.realpath(Path(path).expanduser()))
 
 
 # -- writing -----------------------------------------------------------------------------------------

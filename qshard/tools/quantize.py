@@ -25,7 +25,8 @@ import torch
 
 from qshard.errors import QShardError
 from qshard.model.load import QuantSpec
-from qshard.tools.export import _real, check_out_dir, move_into_place
+from qshard.state.rundir import check_not_protected, real_path
+from qshard.tools.export import check_out_dir, move_into_place
 
 MARKER = ".qshard-quantize.json"
 METHODS = ("gptq",)  # llm-compressor 0.14's AWQ needs an accelerator ("Cannot access accelerator device")
@@ -50,7 +51,9 @@ def quantize(model_dir: str, out_dir: str, *, calibration: str, method: str = "g
     source, skeleton = open_dense(model_dir)
     ignore = check_groups(skeleton, group_size)
     out = Path(out_dir).expanduser()
-    target, src = _real(out), _real(source)
+    check_not_protected(out, "OUT_DIR", "qshard quantize writes (and --overwrite replaces) a folder of its own",
+                        fix="write the quantized model to a new folder of its own")
+    target, src = real_path(out), real_path(source)
     if target == src or src in target.parents or target in src.parents:
         raise QShardError(f"OUT_DIR {out} is, lies inside or contains the model folder {source}", where="OUT_DIR",
                           fix="write the quantized model to a new folder of its own")

@@ -47,6 +47,26 @@ def peft_weight_placeholders(layers, active: bool):
             layer.weight_is_placeholder = False
 
 
+def peft_refused_targets(model, names) -> list[str]:
+    """The LoRA target names PEFT refuses for this architecture (PEFT 0.21: `out_proj` and `conv1d` of
+    Mamba-based models, `_check_lora_target_modules_mamba`, a private check PEFT runs while wrapping, so the
+    refusal would come after loading). Asked of PEFT itself, so a rule PEFT adds or drops is followed;
+    without that function (another PEFT), nothing is refused here and PEFT's own check stands."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+    except ImportError:
+        return []
+    config = LoraConfig(target_modules=["_"])
+    refused = []
+    for name in names:
+        try:
+            _check_lora_target_modules_mamba(config, model, name.rpartition(".")[2])
+        except ValueError:
+            refused.append(name)
+    return refused
+
+
 @contextlib.contextmanager
 def quiet_peft_custom_layer_warning():
     """PEFT (0.12 - at least 0.21) warns "Unsupported layer type ... proceed at your own risk" for every

@@ -24,6 +24,21 @@ class Cell:
 SUPPORT: dict[tuple[str, str], Cell] = {(engine, base): Cell(True) for engine in ENGINES for base in BASES}
 
 
+# Mixture-of-Experts bases (fused expert weights, qshard/model/experts.py): the same for every engine, since
+# an expert stack is parameters like any other (ZeRO-3 and FSDP2 split it; tests/test_moe.py).
+MOE_SUPPORT: dict[str, Cell] = {base: Cell(True) for base in ("bf16", "nf4", "fp4", "int8")} | {
+    base: Cell(False, "the checkpoint stores each expert as a packed layer, and transformers fuses a layer's experts "
+                      "into one tensor; qshard keeps packed layers only as linear layers (refused at load, by name)",
+               "the dense checkpoint with quantization.method nf4 (each expert quantized and sharded)")
+    for base in ("gptq", "awq", "compressed-tensors")}
+MOE_OPTION_RULES = [
+    ("lora.dropout > 0", "PEFT's LoRA on fused expert weights (target_parameters) has no dropout",
+     "lora.dropout: 0, or lora.target_modules without the expert weights"),
+    ("lora.use_dora", "PEFT's LoRA on fused expert weights has no DoRA",
+     "lora.use_dora: false, or lora.target_modules without the expert weights"),
+]
+
+
 # Engines that partition parameters, the quantized base's included (each rank holds 1/N of it).
 SHARDS_BASE = ("zero3", "zero3_offload", "fsdp2")
 
@@ -131,4 +146,13 @@ def markdown_table() -> str:
         lines.append(f"| {engine} | " + " | ".join(cells) + " |")
     lines += [f"\n- {option} with {', '.join(engines)}: refused ({why}); use {instead}."
               for engines, option, why, instead in OPTION_RULES]
+    lines += ["\nMixture-of-Experts models (every engine alike; the router stays dense, expert weights are "
+              "stored per expert as the base method says):\n", "| base | " + " | ".join(BASES) + " |",
+              "|---" * (len(BASES) + 1) + "|",
+              "| MoE | " + " | ".join("yes" if MOE_SUPPORT[b].supported else "no (below)" for b in BASES) + " |"]
+    refused = [b for b in BASES if not MOE_SUPPORT[b].supported]
+    lines += [f"\n- MoE with a {' / '.join(refused)} base: {MOE_SUPPORT[refused[0]].reason}; use "
+              f"{MOE_SUPPORT[refused[0]].instead}."]
+    lines += [f"\n- {option} with LoRA on expert weights: refused ({why}); use {instead}."
+              for option, why, instead in MOE_OPTION_RULES]
     return "\n".join(lines)

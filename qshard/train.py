@@ -24,6 +24,7 @@ from qshard.loss import next_token_loss_sum
 from qshard.model import shardload
 from qshard.model.load import QuantSpec, load_base_model
 from qshard.model.lora import (
+    adapted_tensors_line,
     attach_lora,
     finish_for_sharing,
     save_adapter,
@@ -162,6 +163,9 @@ def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe
     outcome = Outcome(output_dir=out_dir, model=engine.peft_model)
     warnings_log = WarningsLog(out_dir, rt.is_main, say)
     outcome.sharding = report_sharding(engine, engine_key, recipe, rt, warnings_log, say)
+    aux_coef = router_aux_coef(engine.peft_model)
+    if aux_coef:
+        say(f"adding the router's load-balancing loss x {aux_coef} (router_aux_loss_coef), logged as aux_loss")
     step = 0
     if resume_from is not None:
         step = restore(resume_from, engine, scheduler, rt, say)
@@ -199,24 +203,27 @@ def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe
             comm.start()
             model.train()
             loss_sum = torch.zeros((), device=rt.device)
+            aux_sum = torch.zeros((), device=rt.device)  # router load-balancing loss x loss tokens (MoE)
             for k, micro in enumerate(micro_batches):
                 last = k == len(micro_batches) - 1
                 with (engine.accumulating() if not last else contextlib.nullcontext()):
                     with precision.autocast():
-                        micro_loss = token_loss_sum(model, data.collate(micro, pad_id), rt.device)
+                        micro_loss, aux = loss_sums(model, data.collate(micro, pad_id), rt.device, aux_coef)
                     if faults.poisoned(step + 1, rt.rank):
                         micro_loss = micro_loss * float("nan")
                     # Engines average gradients over ranks; multiplying by world_size undoes that, so the
                     # gradient is exactly d(global token-mean loss), whatever the number of ranks.
-                    engine.backward(micro_loss * rt.world_size / loss_tokens)
+                    engine.backward((micro_loss + aux_coef * aux) * rt.world_size / loss_tokens)
                 loss_sum += micro_loss.detach()
+                aux_sum += aux.detach()
             faults.point("step", step + 1, rt.rank)
             # One collective, before the optimizer step, for the global loss, "is any rank's loss
             # non-finite" and "did any rank get SIGTERM/SIGINT" (so that every rank stops together).
             flags = torch.tensor([float(not torch.isfinite(loss_sum)), float(stop.requested is not None)],
                                  dtype=torch.float64, device=rt.device)
             with comm.paused():  # the loop's own collective, not the engine's: left out of comm_bytes
-                totals = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), flags]), rt)
+                totals = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), flags,
+                                                   aux_sum.double().reshape(1)]), rt)
             loss, nonfinite_ranks, stopping = float(totals[0]) / loss_tokens, int(totals[1]), bool(totals[2] > 0)
             if nonfinite_ranks and tr.on_nonfinite == "stop":
                 raise nonfinite_error(step + 1, rt.rank, bool(flags[0]), engine.local_grads())
@@ -244,6 +251,7 @@ def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe
             elapsed = time.perf_counter() - start
             record = {"step": step, "epoch": epoch, "loss": round(loss, 6), "lr": lr,
                       "grad_norm": round(grad_norm, 6), "tokens": tokens_seen,
+                      **({"aux_loss": round(float(totals[3]) / loss_tokens, 6)} if aux_coef else {}),
                       "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 3),
                       **comm_record(traffic, planned_comm)}
             evaluating = bool(tr.eval_every and step % tr.eval_every == 0 and datasets.eval and step < total_steps)
@@ -357,6 +365,39 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device) 
     return next_token_loss_sum(model(**inputs, use_cache=False).logits, batch["labels"])
 
 
+def router_aux_coef(peft_model) -> float:
+    """The weight of a Mixture-of-Experts model's router load-balancing loss (config.json's
+    `router_aux_loss_coef`), for a model whose forward computes it on request (`output_router_logits`);
+    0 for any other model."""
+    base = peft_model.get_base_model()
+    config = base.config.get_text_config()
+    if not hasattr(config, "output_router_logits"):
+        return 0.0
+    # transformers records router logits from the modules of one class (`_can_record_outputs`); a model
+    # built without them (DeepSeek-V4 with hash routing only) would fail in its own loss function
+    recorder = (getattr(type(base), "_can_record_outputs", None) or {}).get("router_logits")
+    target = getattr(recorder, "target_class", recorder)
+    if not isinstance(target, type) or not any(isinstance(m, target) for m in base.modules()):
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def loss_sums(model, batch: dict[str, torch.Tensor], device: torch.device,
+              aux_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_loss_sum, the router's load-balancing loss x this micro-batch's loss tokens). The second is
+    transformers' own (the model's `load_balancing_loss_func`, via `output_router_logits`), weighted by
+    tokens so that the step adds aux_coef x the token-weighted mean over micro-batches: with one micro-batch,
+    exactly what the model's forward adds to its loss. Zero without a router loss."""
+    if not aux_coef:
+        return token_loss_sum(model, batch, device), torch.zeros((), device=device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, use_cache=False, output_router_logits=True)
+    tokens = (batch["labels"][:, 1:] != data.IGNORE).sum()
+    aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)  # no router ran
+    return next_token_loss_sum(out.logits, batch["labels"]), aux.float() * tokens
+
+
 def nonfinite_error(step: int, rank: int, mine: bool, grads: dict) -> QShardError:
     """Name the step, whether this rank's loss was non-finite, and the first module whose gradient is."""
     bad = next((name for name, g in grads.items() if g is not None and not bool(torch.isfinite(g).all())), None)
@@ -415,7 +456,7 @@ def make_scheduler(optimizer, kind: str, warmup: int, total: int):
 
 def _trainable_line(model) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"LoRA: {trainable:,} trainable parameters"
+    return f"LoRA: {trainable:,} trainable parameters. {adapted_tensors_line(model)}"
 
 
 # -- the end of a run ------------------------------------------------------------------------------

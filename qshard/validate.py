@@ -175,13 +175,14 @@ def protected_inputs(recipe: Recipe) -> dict[str, Path]:
 
 def _check_model(c: Checked, recipe: Recipe) -> None:
     from qshard.model.load import load_tokenizer, open_base
-    from qshard.model.lora import resolve_targets
+    from qshard.model.lora import check_expert_options, resolve_targets
 
     with c.check():
         dtype = recipe.model.dtype
         c.model_dir, c.skeleton = open_base(recipe.model.path, dtype=dtype,
                                             quant=quant_spec(recipe, c.precision or Precision("fp32", torch.device("cpu"))))
         c.targets = resolve_targets(c.skeleton, recipe.lora.target_modules)
+        check_expert_options(c.skeleton, c.targets, recipe.lora.dropout, recipe.lora.use_dora)
     if c.model_dir is not None:
         with c.check():
             c.tokenizer = load_tokenizer(c.model_dir)

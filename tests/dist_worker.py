@@ -56,6 +56,19 @@ def _detached(suffix: str | None):
         train.attach_lora = original
 
 
+def _experts_held(model) -> list[int]:
+    """[bytes this rank holds, bytes unsharded] of the MoE expert weights' storage (ExpertStacks)."""
+    from qshard.engines.base import local_numel
+    from qshard.model.experts import ExpertStack
+
+    held = [0, 0]
+    for stack in (m for m in model.modules() if isinstance(m, ExpertStack)):
+        for _, p in stack.storage():
+            held[0] += local_numel(p) * p.element_size()
+            held[1] += getattr(p, "ds_numel", p.numel()) * p.element_size()
+    return held
+
+
 def main(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     rt = init_runtime()
@@ -82,6 +95,7 @@ def main(spec_file: str) -> None:
         with torch.no_grad():
             logits = model(input_ids=probe.to(rt.device), use_cache=False).logits.float().cpu()
         result = {"name": cell["name"], "rank": rt.rank, "world_size": rt.world_size, "losses": outcome.losses,
+                  "experts_held": _experts_held(model),
                   "sharding": outcome.sharding, "logits": logits.tolist(),
                   "load": next((line for line in said if line.startswith("loading the")), None)}
         out = Path(recipe.train.output_dir) / f"result-rank{rt.rank}.json"

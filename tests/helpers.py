@@ -34,6 +34,18 @@ def recipe_dict(model: Path, data: Path, out: Path, **train) -> dict:
     }
 
 
+def set_engine(recipe: dict, engine: str) -> dict:
+    """Set the recipe's distributed section for a compatibility-table engine name (none, ddp, zero1..3,
+    zero3_offload, fsdp2)."""
+    if engine.startswith("zero"):
+        recipe["distributed"] = {"engine": "deepspeed", "zero_stage": int(engine[4])}
+        if engine.endswith("offload"):
+            recipe["distributed"].update(offload_optimizer="cpu", offload_params="cpu")
+    elif engine != "none":
+        recipe["distributed"] = {"engine": engine}
+    return recipe
+
+
 def write_rows(path: Path) -> Path:
     """ROWS as an alpaca JSONL file."""
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from qshard.engines import create_engine
 from qshard.model import shardload
+from qshard.model.experts import ExpertStack
 from qshard.model.load import QuantSpec, load_base_model, open_base
 from qshard.model.lora import attach_lora, resolve_targets
 from qshard.runtime import init_runtime
@@ -82,7 +83,10 @@ def main(spec_file: str) -> None:
                   "largest_sharded_load": sharded_watch.largest, "largest_whole_load": whole_watch.largest,
                   "largest_param": max(p.untyped_storage().nbytes() for p in expected.values()),
                   "largest_linear_elements": max(m.in_features * m.out_features for m in reference.modules()
-                                                 if hasattr(m, "in_features"))}
+                                                 if hasattr(m, "in_features")),
+                  # the dense bytes of the largest fused MoE expert weight (one layer's expert stack)
+                  "largest_expert_stack": max((s.num_experts * s.rows * s.cols * s.dtype.itemsize
+                                               for s in reference.modules() if isinstance(s, ExpertStack)), default=0)}
         Path(spec["out"], f"{engine_name}-{method}-{dtype}-{model}-rank{rt.rank}.json").write_text(json.dumps(result))
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()

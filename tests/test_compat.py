@@ -469,3 +469,17 @@ def test_deepspeed_cpu_fp16_asks_what_deepspeeds_cpu_accelerator_asks():
 
     assert "_is_mkldnn_fp16_supported" in inspect.getsource(CPU_Accelerator.is_fp16_supported)
     assert _compat.deepspeed_cpu_fp16() == bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+def test_peft_still_refuses_out_proj_of_mamba_models_and_peft_refused_targets_finds_it_first():
+    """PEFT 0.21 refuses LoRA on `out_proj` / `conv1d` of Mamba-based models only while wrapping (after the
+    base is loaded); qshard asks PEFT's own check up front (all-linear leaves them out)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    model = AutoModelForCausalLM.from_config(MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=64,
+                                                         state_size=4, expand=2))
+    with pytest.raises(ValueError, match="incompatible with Mamba"):
+        get_peft_model(model, LoraConfig(target_modules=["out_proj", "in_proj"]))
+    assert _compat.peft_refused_targets(model, ["in_proj", "x_proj", "out_proj", "backbone.layers.0.mixer.out_proj"]) \
+        == ["out_proj", "backbone.layers.0.mixer.out_proj"]

@@ -41,7 +41,7 @@ from qshard.model.load import QuantSpec, load_model
 from qshard.model.lora import attach_lora, resolve_targets
 from qshard.observe.metrics import read_metrics
 from qshard.train import run
-from tests.helpers import recipe_dict, run_cells, write_rows
+from tests.helpers import recipe_dict, run_cells, set_engine, write_rows
 
 # (engine, base) from the table; DoRA (which reads the dense base weight) rides on the NF4 cells of
 # the engines the option rules allow it with, as "nf4+dora".
@@ -93,13 +93,7 @@ def _recipe(model_dir, data, out, engine: str, base: str, micro_batch: int, accu
         base = "checkpoint"
     r["quantization"]["method"] = {"bf16": "none"}.get(base, base)
     r["model"]["dtype"] = "bfloat16" if base == "bf16" else "float32"
-    if engine.startswith("zero"):
-        r["distributed"] = {"engine": "deepspeed", "zero_stage": int(engine[4])}
-        if engine.endswith("offload"):
-            r["distributed"].update(offload_optimizer="cpu", offload_params="cpu")
-    elif engine != "none":
-        r["distributed"] = {"engine": engine}
-    return r
+    return set_engine(r, engine)
 
 
 def _varied_cell(model_dir, data, root: Path, v: Varied) -> dict:

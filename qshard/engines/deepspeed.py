@@ -20,6 +20,7 @@ from torch import nn
 from qshard.dsconfig import reduce_bucket_size
 from qshard.engines.base import nullcontext
 from qshard.errors import QShardError
+from qshard.model import experts
 
 
 class DeepSpeedEngine:
@@ -66,6 +67,7 @@ class DeepSpeedEngine:
         zero = self.config.setdefault("zero_optimization", {})
         zero.setdefault("reduce_bucket_size", reduce_bucket_size(sum(p.numel() for p in params)))
         self.optimizer = make_optimizer(params)
+        experts.mark_zero3_leaves(model)  # MoE expert weights are read by index, not by a child's forward
         self.model, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=self.optimizer,
                                                    config=self.config)
         self.params = params

@@ -68,6 +68,26 @@ class Target:
         return {name: value[0] if isinstance(value, list) else value for name, value in built.items()}
 
 
+    def expert_reader(self, model: nn.Module, read: Read, count: int) -> Callable[[int], dict[str, torch.Tensor]] | None:
+        """e -> {parameter name: expert e's slice}, built from expert e's sources alone, when this target
+        stacks `count` experts with transformers' MergeModulelist first (dim 0) and no other source:
+        the slice is then the rule applied to one source per pattern. None otherwise."""
+        ops = list(getattr(self.rule, "operations", []))
+        if not ops or type(ops[0]).__name__ != "MergeModulelist" or getattr(ops[0], "dim", 0) != 0:
+            return None
+        by_pattern: dict[str, list[str]] = {}
+        for pattern, key in zip(self.patterns, self.sources):
+            by_pattern.setdefault(pattern, []).append(key)
+        if any(len(keys) != count for keys in by_pattern.values()):
+            return None
+
+        def expert(e: int) -> dict[str, torch.Tensor]:
+            one = Target(self.first, [keys[e] for keys in by_pattern.values()], self.rule, list(by_pattern))
+            return {name: tensor[0] for name, tensor in one.build(model, read).items()}
+
+        return expert
+
+
 def plan(model: nn.Module, headers: dict[str, tuple[torch.dtype, list[int]]],
          names: list[str]) -> tuple[list[Target], list[str]]:
     """The targets of a checkpoint whose tensors are `headers` {key: (stored dtype, shape)} for `model`

@@ -14,12 +14,14 @@ place for is ignored and named in the log, as transformers does.
 Checkpoint names are read as transformers reads them (qshard/model/convert.py): its own conversion
 rules rename tensors (GPT-NeoX's `embed_out` -> `lm_head`) and stack Mixture-of-Experts tensors
 (`experts.N.w1/w3` -> `experts.gate_up_proj`), one target (at most one layer's experts) at a time;
-the header check compares the converted names and shapes. Fused expert parameters are 3-D
-nn.Parameters, not linear layers: they load dense in the recipe's dtype, as does the router.
+the header check compares the converted names and shapes. Fused expert parameters (3-D, one per
+MoE layer and projection) become ExpertStacks (qshard/model/experts.py): quantized per expert as the
+linear layers are (nf4/fp4/int8), dense otherwise; the router stays in the recipe's dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from qshard.errors import QShardError
-from qshard.model import convert, folder
+from qshard.model import convert, experts, folder
 from qshard.quant import ptq
 from qshard.quant.base import QuantLinear
 from qshard.quant.bnb4bit import Linear4bit
@@ -236,7 +238,19 @@ def open_base(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec())
     skeleton = build_skeleton(model_dir, torch_dtype)
     check_checkpoint_fits(skeleton, reader, fmt, model_dir)  # on the dense linears, before shells replace them
     swap_in_quantized_shells(skeleton, quantized_linear_names(skeleton, quant), quant, torch_dtype)
+    experts.swap_in_stacks(skeleton, torch_dtype, expert_layer_factory(quant, torch_dtype))
     return model_dir, skeleton
+
+
+def expert_layer_factory(quant: QuantSpec, dtype: torch.dtype):
+    """How an ExpertStack stores one expert: as the quantized linear layer of this method would (in, out ->
+    an empty layer), or None (dense) for none / checkpoint."""
+    if quant.method in ("none", "checkpoint"):
+        return None
+    if quant.method == "int8":
+        return lambda n_in, n_out: Linear8bit(n_in, n_out, threshold=quant.int8_threshold, weight_dtype=dtype)
+    return lambda n_in, n_out: Linear4bit(n_in, n_out, quant_type=quant.method, double_quant=quant.double_quant,
+                                          compute_dtype=quant.compute_dtype, weight_dtype=dtype)
 
 
 def check_method_fits(fmt, quant: QuantSpec, model_dir: Path) -> None:
@@ -312,6 +326,9 @@ def checkpoint_names(model: nn.Module) -> list[str]:
         leaves = [n for n, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
         if isinstance(module, QUANT_LAYERS):
             leaves = ["weight", *(n for n in leaves if n == "bias")]
+        if isinstance(module, experts.ExpertStack):  # stored as the fused parameter it replaced
+            names.append(prefix[:-1])
+            continue
         names += [prefix + leaf for leaf in leaves]
     return names
 
@@ -433,7 +450,11 @@ def _load_ptq(model: nn.Module, reader: CheckpointReader, targets: list[convert.
 def place_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], quant: QuantSpec, dtype: torch.dtype) -> None:
     for key, tensor in tensors.items():
         role, module, leaf = tensor_role(model, key, {})
-        if role == "quantized":
+        if role == "experts":
+            parts = [module.quantize_expert(w, functools.partial(quantized_like, spec=quant)) for w in tensor]
+            for pname, _ in module.storage():
+                module._parameters[pname] = nn.Parameter(torch.stack([p[pname] for p in parts]), requires_grad=False)
+        elif role == "quantized":
             quantize_into(module, tensor.to(dtype), quant)
         elif role == "dense":
             module._parameters[leaf] = nn.Parameter(tensor.to(dtype), requires_grad=False)
@@ -455,8 +476,9 @@ def ptq_layers(model: nn.Module, keys, fmt) -> dict[str, list[str]]:
 def tensor_role(model: nn.Module, key: str, layers: dict[str, list[str]]) -> tuple[str, nn.Module | None, str]:
     """What checkpoint tensor `key` is to `model` (empty or loaded; quantized shells, PTQ layers or LoRA
     wrappers in place), with its module and leaf name. The one answer of the whole and the sharded load:
-    ptq (a tensor of a PTQ layer in `layers`), quantized (the dense weight of a quantized layer), dense (a
-    parameter), buffer, or ignored (no place in this architecture: logged, as transformers does)."""
+    ptq (a tensor of a PTQ layer in `layers`), quantized (the dense weight of a quantized layer), experts
+    (a fused expert parameter: an ExpertStack), dense (a parameter), buffer, or ignored (no place in this
+    architecture: logged, as transformers does)."""
     owner = ptq.layer_of(key, layers) if layers else None
     if owner is not None:
         return "ptq", _submodule(model, owner[0]), owner[1]
@@ -464,6 +486,8 @@ def tensor_role(model: nn.Module, key: str, layers: dict[str, list[str]]) -> tup
     module = _submodule(model, module_name)
     if module is None:
         return "ignored", None, leaf
+    if isinstance(module._modules.get(leaf), experts.ExpertStack):
+        return "experts", module._modules[leaf], ""
     if isinstance(module, QUANT_LAYERS) and leaf == "weight":
         return "quantized", module, leaf
     if module._parameters.get(leaf) is not None:
@@ -478,7 +502,7 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
         module = model.get_submodule(name)
     except AttributeError:
         return None
-    return getattr(module, "base_layer", module)  # under a LoRA wrapper
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module  # under LoRA wrapper(s)
 
 
 def log_ignored(ignored: list[str], log) -> None:
@@ -493,6 +517,7 @@ def check_checkpoint_fits(skeleton: nn.Module, reader: CheckpointReader, fmt, mo
     present (a tied output embedding may be absent). A refusal names the tensor, both shapes, the file
     and the config.json key that probably disagrees."""
     layers = ptq_layers(skeleton, reader.keys(), fmt)
+    check_no_packed_experts(skeleton, reader, fmt, layers, model_dir)
     targets, _ = checkpoint_plan(skeleton, reader, layers)
     stored = converted_headers(reader, targets, layers)
     order = {name: i for i, name in enumerate(skeleton.state_dict())}  # the first disagreement in model order
@@ -518,6 +543,24 @@ def check_checkpoint_fits(skeleton: nn.Module, reader: CheckpointReader, fmt, mo
     optional = _tied_output_names(skeleton)
     raise_if_missing([n for n, _ in skeleton.named_parameters() if n not in provided and n not in optional],
                      model_dir)
+
+
+def check_no_packed_experts(skeleton: nn.Module, reader: CheckpointReader, fmt, layers: dict[str, list[str]],
+                            model_dir: Path) -> None:
+    """A post-training-quantized Mixture-of-Experts checkpoint stores each expert as a packed layer
+    (`experts.0.w1.qweight`), while the architecture transformers builds fuses a layer's experts into one
+    3-D tensor: qshard keeps packed layers only as linear layers, so it refuses such a checkpoint by name,
+    before any weight is read, rather than reporting the fused tensors missing."""
+    if fmt is None or not experts.fused_parameters(skeleton):
+        return
+    packed = sorted(set(ptq.quantized_modules(reader.keys(), fmt.marker)) - set(layers))
+    if packed:
+        raise QShardError(f"this {fmt.name} checkpoint stores its Mixture-of-Experts experts as packed per-expert "
+                          f"layers ({convert.shown(packed)}), which qshard does not load yet: transformers builds "
+                          f"{type(skeleton).__name__}'s experts as one fused tensor per layer, and qshard keeps "
+                          f"{fmt.name} layers only as linear layers", where=f"{model_dir}: {packed[0]}",
+                          fix="train on the original dense checkpoint with quantization.method nf4 (each expert is "
+                              "quantized to NF4 per expert and sharded by ZeRO-3 / FSDP2)")
 
 
 def converted_headers(reader: CheckpointReader, targets: list[convert.Target],
@@ -605,6 +648,9 @@ def check_materialised(model: nn.Module, model_dir: Path) -> None:
     missing = []
     for name, module in model.named_modules():
         unread = [p for p, t in module.named_parameters(recurse=False) if t.device.type == "meta"]
+        if unread and isinstance(module, experts.ExpertStack):  # all from the one fused tensor `<name>`
+            missing.append(name)
+            continue
         # a quantized layer's packed tensors all come from one checkpoint tensor: `<name>.weight`
         keys = ["weight"] if unread and isinstance(module, QUANT_LAYERS) and unread != ["bias"] else unread
         missing += [f"{name}.{k}" for k in keys]

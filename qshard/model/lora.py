@@ -13,6 +13,7 @@ from torch import nn
 
 from qshard import _compat
 from qshard.errors import QShardError
+from qshard.model import experts
 from qshard.model.load import QUANT_LAYERS
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -29,23 +30,97 @@ def linear_module_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) 
 
 
 def resolve_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
-    """Leaf names to adapt. 'all-linear' = every linear but the head; a name that matches nothing is an error."""
+    """Leaf names to adapt. 'all-linear' = every linear but the head, and every fused expert weight of a
+    Mixture-of-Experts model (`gate_up_proj`, `down_proj`: what the per-expert linears were before
+    transformers fused them); not the router. A name may also be an experts module (`experts`: all its
+    expert weights). A name that matches nothing is an error."""
     linears = linear_module_names(model)
-    leaves = sorted({name.rpartition(".")[2] for name in linears})
+    stacks = expert_weight_names(model)
+    leaves = sorted({name.rpartition(".")[2] for name in linears} | {n.rpartition(".")[2] for n in stacks})
     if target_modules == "all-linear":
-        return leaves
-    unknown = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linears)]
+        # a leaf that also names another kind of module (CTRL's `0` of `ffn.0` and of the block `h.0`) would
+        # make PEFT wrap that module too: those linears are named in full
+        linear_set = set(linears)
+        others = {n.rpartition(".")[2] for n, m in model.named_modules()
+                  if n and n not in linear_set and not isinstance(m, experts.ExpertStack)}
+        chosen = sorted({leaf for leaf in leaves if leaf not in others} |
+                        {n for n in linears if n.rpartition(".")[2] in others})
+        refused = set(_compat.peft_refused_targets(model, chosen))  # all-linear: what PEFT allows
+        if not chosen:
+            conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+            raise QShardError(f"{model.config.model_type} has no linear layer (nn.Linear) for all-linear to adapt"
+                              + (f": its projections are GPT-2-style Conv1D layers ({conv1d[0]}, ...), which qshard "
+                                 "neither quantizes nor adapts yet" if conv1d else ""), where="lora.target_modules",
+                              fix="train an architecture built from nn.Linear layers (Llama, Qwen, Mistral, GPT-NeoX, "
+                                  "...)")
+        return [t for t in chosen if t not in refused]
+    known = linears + stacks + sorted({n.rpartition(".")[0] for n in stacks})
+    unknown = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in known)]
+    refused = _compat.peft_refused_targets(model, target_modules)
+    if refused:
+        raise QShardError(f"PEFT refuses LoRA on {refused} of {model.config.model_type} models",
+                          where="lora.target_modules", fix=f"leave them out (all-linear does), e.g. use names from: "
+                                                           f"{', '.join(n for n in leaves if n not in refused)}")
     if unknown:
+        experts_hint = " (expert weights: their names, or the experts module's)" if stacks else ""
         raise QShardError(f"LoRA target(s) {unknown} match no linear layer of this model",
-                          where="lora.target_modules", fix=f"use names from: {', '.join(leaves)} (or all-linear)")
+                          where="lora.target_modules",
+                          fix=f"use names from: {', '.join(leaves)}{experts_hint} (or all-linear)")
     return list(target_modules)
+
+
+def expert_weight_names(model: nn.Module) -> list[str]:
+    """Full names of the fused expert weights (ExpertStacks), as checkpoints name them."""
+    return [name.replace(".base_layer", "") for name, m in model.named_modules()
+            if isinstance(m, experts.ExpertStack)]
+
+
+def split_targets(model: nn.Module, targets: list[str]) -> tuple[list[str], list[str]]:
+    """(PEFT target_modules, PEFT target_parameters) for resolved `targets`: a name that is a linear layer
+    goes to the first, a fused expert weight (or its experts module) to the second (`experts.down_proj`);
+    a name that is both (Qwen2-MoE's `down_proj`: the shared expert's linear and the experts' weight) to
+    both."""
+    linears = linear_module_names(model)
+    modules = [t for t in targets if any(n == t or n.endswith("." + t) for n in linears)]
+    return modules, experts.parameter_targets(model, targets)
+
+
+def check_expert_options(model: nn.Module, targets: list[str], dropout: float, use_dora: bool) -> None:
+    """PEFT's LoRA on fused expert weights (ParamWrapper) refuses dropout and DoRA; say so before loading."""
+    _, params = split_targets(model, targets)
+    if params and dropout:
+        raise QShardError(f"LoRA on expert weights ({', '.join(params)}) cannot use dropout: PEFT's adapter for "
+                          f"fused expert weights does not support it (lora.dropout is {dropout})",
+                          where="lora.dropout", fix="set lora.dropout: 0, or list lora.target_modules without the "
+                                                    "expert weights (e.g. [q_proj, k_proj, v_proj, o_proj])")
+    if params and use_dora:
+        raise QShardError(f"DoRA cannot adapt expert weights ({', '.join(params)}): PEFT's adapter for fused expert "
+                          "weights does not support it", where="lora.use_dora",
+                          fix="set lora.use_dora: false, or list lora.target_modules without the expert weights")
 
 
 def adapted_shapes(model: nn.Module, targets: list[str]) -> list[tuple[int, int]]:
     """(in_features, out_features) of every linear LoRA will adapt, from the model (the empty skeleton will
-    do); qshard.tools.plan.lora_param_count turns them into the adapter's parameter count."""
-    return [(m.in_features, m.out_features) for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, *QUANT_LAYERS)) and name.rpartition(".")[2] in targets]
+    do), an expert weight counted once per expert; qshard.tools.plan.lora_param_count turns them into the
+    adapter's parameter count."""
+    shapes = [(m.in_features, m.out_features) for name, m in model.named_modules()
+              if isinstance(m, (nn.Linear, *QUANT_LAYERS)) and any(name == t or name.endswith("." + t) for t in targets)]
+    for _, stack, n_in, n_out, _ in experts.adapted(model, targets):
+        shapes += [(n_in, n_out)] * stack.num_experts
+    return shapes
+
+
+def adapted_tensors_line(peft_model: nn.Module) -> str:
+    """Which base tensors got adapters, for the log: linear layers and expert weights, by leaf name."""
+    from collections import Counter
+
+    linears = Counter(name.rpartition(".")[2] for name, m in peft_model.named_modules()
+                      if hasattr(m, "lora_A") and not hasattr(m, "parameter_name"))
+    stacks = Counter(f"{name.replace('.base_layer', '').rpartition('.')[2]}.{m.parameter_name} "
+                     f"({m.get_param().num_experts} experts)"
+                     for name, m in peft_model.named_modules() if hasattr(m, "parameter_name"))
+    return "LoRA adapters on: " + ", ".join(f"{leaf} x{n}" for leaf, n in [*sorted(linears.items()),
+                                                                          *sorted(stacks.items())])
 
 
 def attach_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, targets: list[str],
@@ -54,14 +129,15 @@ def attach_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, targe
     from peft import LoraConfig, get_peft_model
     from peft.tuners import lora
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        use_dora=use_dora, bias="none", task_type="CAUSAL_LM")
+    modules, parameters = split_targets(model, targets)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
+                        target_parameters=parameters or None, use_dora=use_dora, bias="none", task_type="CAUSAL_LM")
     # our quantized layers get PEFT's standard LoRA Linear wrapper, which calls them as `base_layer` and
     # reads `.weight` (dequantized) only for DoRA
     _compat.peft_register_custom_layers(config, {cls: lora.Linear for cls in QUANT_LAYERS})
     quant_layers = [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
     with _compat.peft_weight_placeholders(quant_layers, active=not use_dora), \
-            _compat.quiet_peft_custom_layer_warning():
+            _compat.quiet_peft_custom_layer_warning(), experts.peft_placeholders(model):
         peft_model = get_peft_model(model, config)
     for p in peft_model.parameters():
         if p.requires_grad:

@@ -34,10 +34,14 @@ layer), and each rank copies out its part. Kept as they are, the skeleton first 
 built from stand-ins of the checkpoint's header (the layer `load._load_ptq` builds, moved to the meta
 device). Peak beyond the shards: one layer.
 
-Tensors transformers' conversion rules combine (MoE experts stacked into `experts.gate_up_proj`,
-qshard/model/convert.py) are built whole on every rank, one target at a time (one layer's expert
-stack, the largest tensor a rank then holds), and each rank copies out its part. Reading only the
-experts a rank owns is left for when the experts are quantized.
+Fused MoE expert weights (ExpertStacks, qshard/model/experts.py) are filled one expert at a time, and
+only the experts whose part of the storage this rank holds are read and quantized (FSDP2: whole
+experts; ZeRO-3: a flat range, so at most two experts are shared with a neighbour). Where the
+checkpoint stores experts one tensor each, transformers' rule (qshard/model/convert.py) is applied to
+that expert's sources alone (`Target.expert_reader`); a stored fused tensor is read one expert's rows
+at a time. A rule that cannot be split by expert is applied whole, once per target (one layer's
+expert stack), with a log line saying so. Other tensors transformers' rules combine are built whole
+(one target at a time) and each rank copies out its part.
 
 Not covered (loaded whole, then sharded, with a log line saying so): DoRA (its magnitude is computed
 from the whole base weight when attached).
@@ -45,6 +49,7 @@ from the whole base weight when attached).
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Callable
@@ -53,6 +58,7 @@ import torch
 from torch import nn
 
 from qshard import _compat
+from qshard.model.experts import ExpertStack
 from qshard.model.load import (
     CheckpointReader,
     QuantSpec,
@@ -63,6 +69,7 @@ from qshard.model.load import (
     log_ignored,
     ptq_layers,
     ptq_layout,
+    quantized_like,
     raise_if_missing,
     release_freed_memory,
     tensor_role,
@@ -181,6 +188,7 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
         for name in target.names:
             kind, module, pname = tensor_role(base, name, packed)
             params = ([p for _, p in _storage(module)] if kind == "quantized" else
+                      [p for _, p in module.storage()] if kind == "experts" else
                       [module._parameters[pname]] if kind == "dense" else [])
             if kind == "buffer" or (params and id(params[0]) not in covered):  # once if tied
                 parts.append((kind, name, module, pname))
@@ -193,6 +201,8 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
         for layer_name, target, parts in jobs:
             if layer_name is not None:
                 _fill_ptq(packed, reader, fmt, layer_name, parts[0][2], span, local, device, quant, dtype, error)
+            elif parts[0][0] == "experts":
+                _fill_experts(base, reader, target, parts[0], span, local, device, quant, dtype, log)
             elif target.rule is None:
                 _fill_read(reader, target.sources[0], parts[0], world_size, span, local, device)
             else:
@@ -216,6 +226,43 @@ def _fill_ptq(packed: dict[str, list[str]], reader: CheckpointReader, fmt, key: 
     for name, param in module.named_parameters(recurse=False):
         owned = span(param)
         _checked(local(param, owned), owned, f"{key}.{name}").copy_(whole[name].reshape(-1)[owned[0]:owned[1]])
+
+
+def _fill_experts(base: nn.Module, reader: CheckpointReader, target, part, span: Span, local: Local,
+                  device: torch.device, quant: QuantSpec, dtype: torch.dtype, log) -> None:
+    """An ExpertStack: each expert whose storage this rank holds any of is read (alone, where the checkpoint
+    allows: see the module docstring), quantized as the whole load quantizes it, and its owned part kept."""
+    _, name, stack, _ = part
+    count, sizes = stack.num_experts, stack.expert_numel()
+    read = functools.partial(_read_to, reader, dtype=dtype, device=device)
+    if target.rule is None:  # stored fused: expert e is rows e of the tensor
+        expert = lambda e: reader.rows(target.sources[0], e, e + 1, dtype=dtype).to(device)[0]  # noqa: E731
+    else:
+        one = target.expert_reader(base, read, count)
+        if one is None:
+            log(f"{name}: transformers' rule cannot be applied one expert at a time; building the layer's "
+                f"{count} experts whole")
+            whole = target.build(base, read)[name]
+            expert = lambda e: whole[e]  # noqa: E731
+        else:
+            expert = lambda e: one(e)[name]  # noqa: E731
+    owned = {n: span(p) for n, p in stack.storage()}
+    targets = {n: _checked(local(p, owned[n]), owned[n], f"{name}.{n}") for n, p in stack.storage()}
+    quantize = functools.partial(quantized_like, spec=quant)
+    for e in range(count):
+        hits = {n: (max(o[0], e * sizes[n]), min(o[1], (e + 1) * sizes[n])) for n, o in owned.items()}
+        if all(a >= b for a, b in hits.values()):
+            continue  # none of expert e is here: not read
+        pieces = stack.quantize_expert(expert(e), quantize)
+        for n, (a, b) in hits.items():
+            if a < b:
+                first = e * sizes[n]
+                targets[n][a - owned[n][0]:b - owned[n][0]].copy_(pieces[n].reshape(-1)[a - first:b - first])
+        release_freed_memory()
+
+
+def _read_to(reader: CheckpointReader, key: str, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return reader.rows(key, dtype=dtype).to(device)
 
 
 def _fill_read(reader: CheckpointReader, key: str, part, world_size: int, span: Span, local: Local,
@@ -276,7 +323,9 @@ def _checkpoint_keys(base: nn.Module, which: Callable[[nn.Parameter], bool]) -> 
     keys: dict[str, None] = {}
     for name, module in base.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if which(p):
+            if which(p) and isinstance(module, ExpertStack):  # stored as the fused tensor it replaced
+                keys[name.replace('.base_layer', '')] = None
+            elif which(p):
                 stored = "weight" if isinstance(module, QuantLinear) and pname != "bias" else pname
                 keys[f"{name.replace('.base_layer', '')}.{stored}"] = None
     return list(keys)

@@ -83,13 +83,16 @@ def expected_adapter_shapes(skeleton: torch.nn.Module, targets: list[str], r: in
             shapes[f"{key}.lora_B.weight"] = (module.out_features, r)
             if use_dora:
                 shapes[f"{key}.lora_magnitude_vector"] = (module.out_features,)
-    return shapes
+    from qshard.model.experts import adapter_shapes
+
+    return shapes | adapter_shapes(skeleton, targets, r)
 
 
 def verify_adapter(adapter: dict[str, torch.Tensor], r: int, step: int, rt: Runtime) -> None:
     """Every LoRA tensor present with the configured rank, finite, and the same on every rank."""
+    # rank r, or r per expert for a fused expert weight (PEFT's ParamWrapper: lora_A [r*E, in], lora_B [out, r*E])
     problems = [f"{k}: shape {tuple(v.shape)}" for k, v in adapter.items()
-                if (".lora_A." in k and v.shape[0] != r) or (".lora_B." in k and v.shape[-1] != r) or v.numel() == 0]
+                if (".lora_A." in k and v.shape[0] % r) or (".lora_B." in k and v.shape[-1] % r) or v.numel() == 0]
     problems += [f"{k}: non-finite values" for k, v in adapter.items() if not bool(torch.isfinite(v).all())]
     if not adapter or problems:
         raise QShardError(f"the adapter gathered at step {step} is unusable: {'; '.join(problems[:3]) or 'empty'}",

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from qshard.errors import QShardError
-from qshard.model import folder
+from qshard.model import experts, folder
 from qshard.model.load import QuantSpec
 from qshard.state.rundir import check_not_protected, real_path
 from qshard.tools import merge
@@ -250,7 +250,8 @@ def write_model(stage: Path, base: merge.Base, original: merge.Base | None, adap
     plan = plan_tensors(source.shapes(), output)
     writer = merge.ShardWriter(stage, plan, max_shard_bytes)
     nf4 = f", {len(output.nf4)} linears as NF4" if output.nf4 else ""
-    log(f"merging {len(adapter.modules)} adapted layers into {source.model_dir} -> {len(writer.shards)} "
+    adapted = len(adapter.modules) + len(adapter.experts)
+    log(f"merging {adapted} adapted layers into {source.model_dir} -> {len(writer.shards)} "
         f"shard(s), {writer.total / 1e9:.2f} GB in {str(output.dtype).removeprefix('torch.')}{nf4}")
     stats = {}
     try:
@@ -287,6 +288,13 @@ def _write_unit(unit: merge.Unit, writer: merge.ShardWriter, plan: dict, quantiz
         module, delta = name.removesuffix(".weight"), None
         if name.endswith(".weight") and module in adapter.modules:
             tensor, stats[module], delta = _merge_one(module, tensor, quantized, adapter)
+        elif name in adapter.experts:  # a fused MoE expert weight: PEFT's ParamWrapper update, every expert
+            t = adapter.experts[name]
+            delta = experts.lora_delta(t["A"], t["B"], t["experts"], adapter.scaling, t["transposed"])
+            stats[name] = {"delta_rel": merge.relative(delta, tensor)}
+            if quantized is not None:
+                stats[name]["quant_gap_rel"] = merge.relative(tensor.float() - quantized.tensor(name).float(), delta)
+            tensor = tensor.float() + delta
         if _is_nf4(name, output):
             _write_nf4(name, tensor, writer, output, stats.get(module), delta)
         else:

@@ -128,6 +128,7 @@ def reference_model(source: Source, adapter: merge.Adapter, original: merge.Base
     """The run's base loaded as training loaded it (or the --merge-into checkpoint), dense tensors in
     float32, with the adapter attached by qshard and its trained tensors loaded."""
     from qshard.engines.base import load_adapter_into
+    from qshard.model.experts import ExpertStack
     from qshard.model.load import QUANT_LAYERS, load_model
     from qshard.model.lora import attach_lora
 
@@ -141,8 +142,10 @@ def reference_model(source: Source, adapter: merge.Adapter, original: merge.Base
     for module in base.modules():
         if isinstance(module, QUANT_LAYERS):
             module.compute_dtype = torch.float32
-    model = attach_lora(base, r=adapter.r, alpha=adapter.alpha, dropout=0.0, targets=adapter.targets,
-                        use_dora=adapter.use_dora, seed=0)
+        if isinstance(module, ExpertStack):  # its experts, dequantized as training did, then in float32
+            module.weight_dtype = torch.float32
+    model = attach_lora(base, r=adapter.r, alpha=adapter.alpha, dropout=0.0,
+                        targets=adapter.targets + adapter.target_parameters, use_dora=adapter.use_dora, seed=0)
     load_adapter_into(model, adapter.file_state(), lambda param, full: full)
     for module in model.modules():  # the adapter's own scaling (rsLoRA: alpha / sqrt(r))
         if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:

@@ -102,6 +102,8 @@ def _dense_unit(skeleton: nn.Module, reader: CheckpointReader, target, quant: Qu
 
 def _as_trained(skeleton: nn.Module, name: str, tensor: torch.Tensor, quant: QuantSpec) -> torch.Tensor:
     role, module, _ = tensor_role(skeleton, name, {})
+    if role == "experts":  # each expert as the loader stores it (qshard/model/experts.py)
+        return module.as_stored(tensor, lambda layer, weight: quantized_like(layer, weight, quant))
     if role != "quantized":
         return tensor
     return quantized_like(module, tensor.to(skeleton.dtype), quant).dequantize()
@@ -140,6 +142,9 @@ class Adapter:
     use_dora: bool
     targets: list[str]
     modules: dict[str, dict[str, torch.Tensor]]  # module name -> {"A", "B", "m" (DoRA)}
+    target_parameters: list[str] = field(default_factory=list)  # PEFT's LoRA on fused MoE expert weights
+    # fused expert weight name -> {"A", "B", "experts", "transposed"}: filled by check_adapter_fits
+    experts: dict[str, dict] = field(default_factory=dict)
 
     def file_state(self) -> dict[str, torch.Tensor]:
         """The tensors under PEFT's file keys (as adapter_model.safetensors holds them)."""
@@ -175,7 +180,9 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     modules = _group_by_module(load_file(str(weights)), weights)
     targets = config.get("target_modules")
     targets = sorted(targets) if isinstance(targets, list) else sorted({m.rpartition(".")[2] for m in modules})
-    return Adapter(adapter_dir, r, float(alpha), scaling, bool(config.get("use_dora")), targets, modules)
+    parameters = config.get("target_parameters") or []
+    return Adapter(adapter_dir, r, float(alpha), scaling, bool(config.get("use_dora")), targets, modules,
+                   sorted(parameters) if isinstance(parameters, list) else [])
 
 
 def _group_by_module(state: dict[str, torch.Tensor], file: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -196,8 +203,25 @@ def _group_by_module(state: dict[str, torch.Tensor], file: Path) -> dict[str, di
 
 
 def check_adapter_fits(adapter: Adapter, skeleton: nn.Module, names: set[str], base_dir: Path) -> None:
-    """Every adapted module is a linear layer of the base whose shape fits A [r, in], B [out, r], m [out]."""
+    """Every adapted module is a linear layer of the base whose shape fits A [r, in], B [out, r], m [out]; the
+    tensors of PEFT's LoRA on fused MoE expert weights (`target_parameters`: A [r*E, in], B [out, r*E]) move to
+    `adapter.experts`, by the expert weight they adapt."""
+    from qshard.model import experts
+
     where = str(adapter.folder / "adapter_model.safetensors")
+    for key, stack, n_in, n_out, name in experts.adapted(skeleton, adapter.target_parameters):
+        t = adapter.modules.pop(key.removeprefix(PEFT_PREFIX), None)
+        if t is None:
+            continue
+        want = {"A": [adapter.r * stack.num_experts, n_in], "B": [n_out, adapter.r * stack.num_experts]}
+        got = {k: list(v.shape) for k, v in t.items()}
+        if got != want:
+            shown = ", ".join(f"{k} {shape}" for k, shape in got.items())
+            raise QShardError(f"the adapter's tensors for {name} ({shown}) do not fit the base's {stack.num_experts} "
+                              f"experts (expected A {want['A']}, B {want['B']})", where=f"{where}: {key}",
+                              fix="export with the base the adapter was trained on (recipe.yaml model.path)")
+        transposed = bool(getattr(skeleton.get_submodule(name.rpartition(".")[0]), "is_transposed", False))
+        adapter.experts[name] = {**t, "experts": stack.num_experts, "transposed": transposed}
     for module_name, t in adapter.modules.items():
         try:
             module = skeleton.get_submodule(module_name)

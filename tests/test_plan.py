@@ -57,7 +57,8 @@ def tiny_spec(size: str) -> plan.ModelSpec:
 
 # -- the model spec ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", False), ("mistral", False), ("llama", True)])
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", False), ("mistral", False), ("llama", True),
+                                       ("qwen3", False), ("olmo2", False)])
 def test_parameter_count_from_config_equals_transformers_model(arch, tied):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -77,6 +78,153 @@ def test_llama3_70b_has_70_6b_parameters_and_its_nf4_base_is_39_5_gb():
     assert base["layers"] == pytest.approx(35.31e9, rel=1e-3)
     assert 35e9 < sum(base.values()) < 40e9
     assert sum(base.values()) == pytest.approx(39.52e9, rel=1e-3)
+
+
+# -- Mixture-of-Experts --------------------------------------------------------------------------------
+
+# tiny configs with dense layers among the MoE ones (mlp_only_layers, decoder_sparse_step, first_k_dense_replace),
+# shared experts (Qwen2-MoE's gated one, DeepSeek's n_shared_experts) and latent attention (DeepSeek-V3)
+MOE_CONFIGS = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 80, "mlp_only_layers": [1]},
+    "qwen3_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 2,
+                  "mlp_only_layers": [3], "head_dim": 24},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2, "eos_token_id": 2, "pad_token_id": 1},
+    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                    "n_shared_experts": 2, "first_k_dense_replace": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
+                    "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12},
+}
+MIXTRAL_8X7B = {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000, "num_local_experts": 8,
+                "num_experts_per_tok": 2, "torch_dtype": "bfloat16"}
+QWEN3_30B_A3B = {"model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                 "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                 "vocab_size": 151936, "torch_dtype": "bfloat16"}
+DEEPSEEK_V3 = {"model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
+               "num_key_value_heads": 128, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+               "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+               "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+               "v_head_dim": 128, "vocab_size": 129280, "torch_dtype": "bfloat16"}
+
+
+def tiny_moe_config(arch: str, layers: int = 4):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(arch, vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                num_attention_heads=4, num_key_value_heads=2, **MOE_CONFIGS[arch])
+
+
+@pytest.mark.parametrize("arch, total", [("mixtral", 473_664), ("qwen2_moe", 317_440), ("qwen3_moe", 307_456),
+                                         ("olmoe", 474_048), ("deepseek_v3", 294_368)])
+def test_moe_parameter_count_from_config_equals_transformers_model(arch, total):
+    """Every parameter of transformers' own model (built on the meta device), by component: the fused experts
+    (gate_up_proj [E, 2I, H], down_proj [E, H, I]), the routers [E, H], and the layers that keep a dense MLP."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_moe_config(arch)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    named = dict(model.named_parameters())
+    spec = model_spec(config.to_dict())
+    c = spec.components()
+    assert spec.params == sum(p.numel() for p in named.values()) == total
+    assert c["experts"] == sum(p.numel() for n, p in named.items() if n.endswith(("experts.gate_up_proj",
+                                                                                   "experts.down_proj")))
+    assert c["routers"] == sum(p.numel() for n, p in named.items() if n.endswith("mlp.gate.weight"))
+    dense = {int(n.split(".")[2]) for n in named if n.endswith("mlp.gate_proj.weight")}
+    assert set(spec.dense_layers) == dense and spec.layer_kinds()[True] == spec.layers - len(dense)
+
+
+@pytest.mark.parametrize("config, total, experts, active", [
+    (MIXTRAL_8X7B, 46_702_792_704, 32 * 8 * 3 * 4096 * 14336, 12_879_925_248),  # layers x E x (gate, up, down) x H x I
+    (QWEN3_30B_A3B, 30_532_122_624, 48 * 128 * 3 * 2048 * 768, 3_353_032_704),
+    (DEEPSEEK_V3, 671_026_404_352, 58 * 256 * 3 * 7168 * 2048, 37_552_282_624),  # 3 of 61 layers dense
+])
+def test_active_parameters_are_the_rest_and_top_k_of_e_routed_experts(config, total, experts, active):
+    """Published: Mixtral-8x7B 46.7B parameters, 12.9B active per token; Qwen3-30B-A3B 30.5B, 3.3B; DeepSeek-V3
+    671B, 37B. Active = everything but the routed experts (shared experts and routers included) + k/E of them."""
+    spec = model_spec(config)
+    assert spec.params == total and spec.components()["experts"] == experts and spec.active_params == active
+    assert active == total - experts + experts * spec.experts_per_token // spec.experts
+
+
+@pytest.mark.parametrize("method, bits", [("nf4", 4.127), ("int8", 8.006), ("none", 16.0)])
+def test_mixtral_experts_take_e_times_one_linears_bytes_and_fsdp2_gathers_them(method, bits):
+    """Each expert's matrix is quantized as one linear of its shape, the 8 stacked: E x linear_storage_bytes;
+    the routers stay bf16. FSDP2's gathered layer (current + prefetched) holds its experts and their LoRA."""
+    spec = model_spec(MIXTRAL_8X7B)
+    s = Settings(quant=method, dense_dtype="bfloat16", engine="fsdp2", gpus=8, global_batch=8)
+    one_expert = sum(plan.linear_storage_bytes(n_in, n_out, method, True, 2) for n_in, n_out in
+                     ((4096, 2 * 14336), (14336, 4096)))
+    b = plan.base_bytes(spec, s)
+    assert b["experts"] == 32 * (8 * one_expert + 8 * 4096 * 2)
+    assert 8 * one_expert * 8 / (8 * 3 * 4096 * 14336) == pytest.approx(bits, abs=1e-3)
+    layer = plan.decoder_layer_bytes(spec, s)
+    assert layer == (b["layers"] + b["experts"]) // 32 + 2 * 4096 * 2
+    lora_per_layer = plan.lora_params(spec, s) // 32
+    assert lora_per_layer == 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 8 * (4096 + 2 * 14336 + 14336 + 4096))
+    gathered = estimate(spec, s).gpu["gathered_weights"]
+    assert gathered == 2 * (layer + lora_per_layer * 2) + plan.fsdp2_peak_outside(spec, s)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_lora_parameter_count_equals_peft_target_parameters(arch):
+    """PEFT adapts a fused [E, out, in] tensor with lora_A [r E, in] and lora_B [out, r E] (target_parameters):
+    all-linear adapts the attention, the shared expert (and its gate), dense MLPs and both expert tensors, not
+    the router; naming `gate_up_proj` adapts that expert tensor alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_moe_config(arch)
+    spec = model_spec(config.to_dict())
+    for targets in ("all-linear", ("q_proj", "gate_up_proj")):
+        modules = list(spec.layer_linears(moe=True) | spec.layer_linears()) if targets == "all-linear" else ["q_proj"]
+        params = ["experts.gate_up_proj", "experts.down_proj"] if targets == "all-linear" else ["experts.gate_up_proj"]
+        model = AutoModelForCausalLM.from_config(config)
+        peft = get_peft_model(model, LoraConfig(r=4, target_modules=modules, target_parameters=params))
+        real = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+        assert plan.lora_params(spec, Settings(lora_r=4, lora_targets=targets)) == real
+    # r (in + out) of q_proj in every layer and of each of the 4 experts' gate_up in the MoE layers
+    assert real == 4 * (spec.layers * (64 + 64) + spec.layer_kinds()[True] * 4 * (64 + 2 * spec.expert_intermediate))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_storage_from_config_equals_qshards_loaded_model(arch, tmp_path):
+    """The planner's bytes for a MoE base quantized on load equal the parameters qshard's loader builds
+    (qshard/model/experts.py: per-expert NF4 / int8 storage stacked, the router dense), and ZeRO-3's element
+    count of a MoE layer equals theirs."""
+    from transformers import AutoModelForCausalLM
+
+    from qshard.model.load import QuantSpec, load_model
+
+    AutoModelForCausalLM.from_config(tiny_moe_config(arch, layers=2)).save_pretrained(tmp_path)
+    spec = plan.read_model_spec(str(tmp_path))
+    for method in ("nf4", "int8"):
+        model = load_model(str(tmp_path), dtype="float32", quant=QuantSpec(method), log=lambda *_: None)
+        params = dict(model.named_parameters())
+        s = Settings(quant=method, dense_dtype="float32")
+        assert sum(plan.base_bytes(spec, s).values()) == sum(p.numel() * p.element_size() for p in params.values())
+        assert plan.decoder_layer_elements(spec, s) == sum(p.numel() for n, p in params.items() if ".layers.0." in n)
+
+
+def test_a_moe_config_without_a_valid_top_k_is_refused_naming_the_key():
+    from qshard.errors import QShardError
+
+    for top_k in (None, 9):
+        with pytest.raises(QShardError, match="8 experts and num_experts_per_tok") as refused:
+            model_spec({**MIXTRAL_8X7B, "num_experts_per_tok": top_k})
+        assert refused.value.where == "model.path: config.json num_experts_per_tok"
+
+
+def test_plan_command_reports_expert_and_active_parameters(tmp_path, capsys):
+    model = write_model_dir(tmp_path / "mixtral", MIXTRAL_8X7B)
+    recipe = write_recipe(tmp_path, model)
+    assert main(["plan", str(recipe), "--gpus", "8", "--gpu-mem", "80GiB", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "46.70B parameters" in out
+    assert "8 per MoE layer in 32 of 32 layers, 2 routed per token: 45.10B expert parameters; 12.88B active" in out
 
 
 # -- exact storage of quantized layers ----------------------------------------------------------------

@@ -136,7 +136,7 @@ def estimate(recipe, spec, rows: list[Row], world: int, flops: float) -> dict:
     lora = lora_params(spec, s)
     tokens = s.micro_batch * s.seq_len * s.accumulation  # per rank; data.max_length as the upper bound
     comm, compute = sum(t["seconds"] for t in traffic), compute_seconds(spec, s, lora, flops)
-    return {"engine": s.engine, "world_size": world, "params": spec.params + lora, "tokens_per_rank": tokens,
+    return {"engine": s.engine, "world_size": world, "params": spec.active_params + lora, "tokens_per_rank": tokens,
             "flops": flops, "traffic": traffic, "comm_s": comm, "compute_s": compute,
             "bound": "communication" if comm > compute else "compute"}
 

@@ -63,7 +63,8 @@ DISK_MARGIN = 16 << 20
 
 # transformers' module path of each layer linear (how a checkpoint's quantization_config names them)
 LAYER_MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+                 "q_a_proj": "self_attn", "q_b_proj": "self_attn", "kv_a_proj_with_mqa": "self_attn",
+                 "kv_b_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,19 @@ class PackedLayout:
         return stored
 
 
+# q/k norms inside attention, which config.json does not record: over the head dimension (Qwen3) or the
+# projections' whole width (OLMo 2, OLMoE)
+QK_NORMS = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "width", "olmoe": "width"}
+# config.json's shapes of multi-head latent attention (DeepSeek-V2/V3), in ModelSpec.mla's order
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+# config.json's count of routed experts, by the names transformers' MoE configs give it
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shapes of a Llama / Qwen2 / Mistral-style decoder (the fields of its config.json)."""
+    """Shapes of a Llama / Qwen2 / Mistral-style decoder (the fields of its config.json), and of its
+    Mixture-of-Experts blocks where it has them (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3-style)."""
 
     model_type: str
     hidden: int
@@ -110,23 +121,78 @@ class ModelSpec:
     # linears it quantized (read for the first layer), with their layout; the others are dense
     checkpoint_format: str | None = None
     packed: tuple[tuple[str, PackedLayout], ...] = ()
+    qk_norm: int = 0  # elements of one layer's norms inside attention (QK_NORMS; MLA's q_a and kv_a norms)
+    # multi-head latent attention (DeepSeek-V2/V3): q_lora_rank (0: one q_proj), kv_lora_rank, qk_nope_head_dim,
+    # qk_rope_head_dim, v_head_dim; () for Llama-style attention
+    mla: tuple[int, ...] = ()
+    # Mixture-of-Experts (0 experts: a dense model). A MoE layer holds `experts` routed experts of width
+    # expert_intermediate, experts_per_token of them run per token; shared experts (run for every token) of
+    # total width shared_intermediate, behind a sigmoid gate where shared_expert_gate (Qwen2-MoE). The layers
+    # in dense_layers keep a dense MLP of width `intermediate`.
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    shared_expert_gate: bool = False
+    dense_layers: tuple[int, ...] = ()
 
-    def layer_linears(self) -> dict[str, tuple[int, int]]:
-        """Linear layers of one decoder layer: name -> (in_features, out_features)."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    def layer_is_moe(self) -> list[bool]:
+        """For each decoder layer in order: whether it holds a MoE block (else a dense MLP)."""
+        return [self.experts > 0 and i not in self.dense_layers for i in range(self.layers)]
+
+    def layer_kinds(self) -> dict[bool, int]:
+        """How many decoder layers have a dense MLP (False) and how many a MoE block (True); absent kinds left out."""
+        moe = sum(self.layer_is_moe())
+        return {kind: n for kind, n in ((False, self.layers - moe), (True, moe)) if n}
+
+    def layer_linears(self, moe: bool = False) -> dict[str, tuple[int, int]]:
+        """Linear layers of one decoder layer: name -> (in_features, out_features). A MoE layer's are the
+        attention's and its shared experts' (named as transformers names them); its experts are `expert_tensors`."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        linears = self.latent_attention_linears() if self.mla else {
+            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+        i = self.shared_intermediate if moe else self.intermediate
+        if i:
+            linears |= {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        if moe and self.shared_expert_gate:
+            linears["shared_expert_gate"] = (h, 1)
+        return linears
+
+    def latent_attention_linears(self) -> dict[str, tuple[int, int]]:
+        """Multi-head latent attention's linears (transformers' DeepseekV3Attention)."""
+        (q_rank, kv_rank, nope, rope, v), h, n = self.mla, self.hidden, self.heads
+        q = {"q_a_proj": (h, q_rank), "q_b_proj": (q_rank, n * (nope + rope))} if q_rank else {
+            "q_proj": (h, n * (nope + rope))}
+        return q | {"kv_a_proj_with_mqa": (h, kv_rank + rope), "kv_b_proj": (kv_rank, n * (nope + v)),
+                    "o_proj": (n * v, h)}
+
+    def expert_tensors(self) -> dict[str, tuple[int, int]]:
+        """A MoE layer's fused expert tensors, each as one expert's matrix (in_features, out_features):
+        `experts.gate_up_proj` [E, 2 I, H] and `experts.down_proj` [E, H, I]. The router is [E, H]."""
+        h, i = self.hidden, self.expert_intermediate
+        return {"gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
 
     def components(self) -> dict[str, int]:
         """Parameter count per component (biases counted with the layer's linears)."""
-        linears = self.layers * sum(i * o for i, o in self.layer_linears().values())
+        kinds = self.layer_kinds()
+        linears = sum(n * sum(i * o for i, o in self.layer_linears(moe).values()) for moe, n in kinds.items())
         bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        moe = kinds.get(True, 0)
         return {"embed_tokens": self.vocab * self.hidden, "layer_linears": linears + bias,
-                "norms": (2 * self.layers + 1) * self.hidden, "lm_head": 0 if self.tied else self.vocab * self.hidden}
+                "experts": moe * self.experts * sum(i * o for i, o in self.expert_tensors().values()),
+                "routers": moe * self.experts * self.hidden,
+                "norms": (2 * self.layers + 1) * self.hidden + self.layers * self.qk_norm,
+                "lm_head": 0 if self.tied else self.vocab * self.hidden}
 
     @property
     def params(self) -> int:
         return sum(self.components().values())
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token computes with: all but the routed experts, and experts_per_token of those."""
+        experts = self.components()["experts"]
+        return self.params - experts + (experts // self.experts * self.experts_per_token if self.experts else 0)
 
 
 def model_spec(config: dict) -> ModelSpec:
@@ -136,22 +202,60 @@ def model_spec(config: dict) -> ModelSpec:
     if missing:
         raise QShardError(f"config.json lacks {', '.join(missing)}", where="model.path",
                           fix="the planner understands Llama / Qwen2 / Mistral-style decoder configs")
-    sizes = need + ("num_key_value_heads", "head_dim")
-    bad = [k for k in sizes if config.get(k) is not None
-           and (isinstance(config[k], bool) or not isinstance(config[k], int) or config[k] < 1)]
-    if bad:
-        raise QShardError(f"config.json: {', '.join(f'{k}={config[k]!r}' for k in bad)} must be positive whole "
-                          "numbers", where=f"model.path: config.json {bad[0]}",
-                          fix="restore config.json as save_pretrained writes it")
+    _check_whole_numbers(config, need + ("num_key_value_heads", "head_dim", "num_experts_per_tok",
+                                         "moe_intermediate_size", "decoder_sparse_step"), minimum=1)
+    _check_whole_numbers(config, EXPERT_COUNTS + MLA_KEYS + ("shared_expert_intermediate_size", "n_shared_experts",
+                                                             "first_k_dense_replace"), minimum=0)
     heads = config["num_attention_heads"]
     model_type = config.get("model_type", "llama")
-    return ModelSpec(model_type=model_type, hidden=config["hidden_size"], layers=config["num_hidden_layers"],
-                     heads=heads, kv_heads=config.get("num_key_value_heads") or heads,
-                     head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    norm = QK_NORMS.get(model_type)
+    spec = ModelSpec(model_type=model_type, hidden=config["hidden_size"], layers=config["num_hidden_layers"],
+                     heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      intermediate=config["intermediate_size"], vocab=config["vocab_size"],
                      tied=bool(config.get("tie_word_embeddings", False)),
-                     qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
-                     dtype=str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"))
+                     qkv_bias=model_type == "qwen2" or bool(config.get("qkv_bias") or config.get("attention_bias")),
+                     dtype=str(config.get("dtype") or config.get("torch_dtype") or "bfloat16"),
+                     qk_norm={"head": 2 * head_dim, "width": (heads + kv_heads) * head_dim}.get(norm, 0))
+    if config.get("kv_lora_rank"):  # multi-head latent attention, with a norm on each low-rank projection
+        mla = tuple(config.get(k) or 0 for k in MLA_KEYS)
+        spec = replace(spec, mla=mla, qk_norm=mla[0] + mla[1])
+    return replace(spec, **moe_fields(config))
+
+
+def moe_fields(config: dict) -> dict:
+    """ModelSpec's Mixture-of-Experts fields from config.json ({} for a dense model). The experts' width is
+    moe_intermediate_size where given (Qwen-MoE, DeepSeek), else intermediate_size (Mixtral, OLMoE); shared
+    experts are one MLP of shared_expert_intermediate_size (with its gate) or n_shared_experts x the experts'
+    width; a layer keeps a dense MLP when listed in mlp_only_layers, off the decoder_sparse_step, or among the
+    first_k_dense_replace (as transformers' decoder layers decide)."""
+    experts = next((config[k] for k in EXPERT_COUNTS if config.get(k)), 0)
+    if not experts:
+        return {}
+    top_k = config.get("num_experts_per_tok")
+    if not top_k or top_k > experts:
+        raise QShardError(f"config.json has {experts} experts and num_experts_per_tok={top_k!r}",
+                          where="model.path: config.json num_experts_per_tok",
+                          fix="restore config.json as save_pretrained writes it (1 to the number of experts)")
+    width = config.get("moe_intermediate_size") or config["intermediate_size"]
+    gated = bool(config.get("shared_expert_intermediate_size"))
+    shared = config.get("shared_expert_intermediate_size") or (config.get("n_shared_experts") or 0) * width
+    step, first = config.get("decoder_sparse_step") or 1, config.get("first_k_dense_replace") or 0
+    only = set(config.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(config["num_hidden_layers"]) if i in only or i < first or (i + 1) % step)
+    return {"experts": experts, "experts_per_token": top_k, "expert_intermediate": width,
+            "shared_intermediate": shared, "shared_expert_gate": gated, "dense_layers": dense}
+
+
+def _check_whole_numbers(config: dict, keys: tuple[str, ...], minimum: int) -> None:
+    bad = [k for k in keys if config.get(k) is not None
+           and (isinstance(config[k], bool) or not isinstance(config[k], int) or config[k] < minimum)]
+    if bad:
+        kind = "positive" if minimum else "non-negative"
+        raise QShardError(f"config.json: {', '.join(f'{k}={config[k]!r}' for k in bad)} must be {kind} whole "
+                          "numbers", where=f"model.path: config.json {bad[0]}",
+                          fix="restore config.json as save_pretrained writes it")
 
 
 def read_model_spec(path: str) -> ModelSpec:
@@ -272,10 +376,10 @@ class Settings:
         return f"{self.engine}{off}"
 
 
-def stored_linear(spec: ModelSpec, s: Settings, name: str) -> list[tuple[int, int]]:
-    """(elements, bytes per element) of what qshard stores for a layer linear or the head: the checkpoint's
-    packed tensors (method `checkpoint`), the on-load quantization, or the dense weight."""
-    n_in, n_out = (spec.hidden, spec.vocab) if name == "lm_head" else spec.layer_linears()[name]
+def stored_linear(spec: ModelSpec, s: Settings, name: str, moe: bool = False) -> list[tuple[int, int]]:
+    """(elements, bytes per element) of what qshard stores for a layer linear (of a MoE layer where `moe`) or
+    the head: the checkpoint's packed tensors (method `checkpoint`), the on-load quantization, or the dense weight."""
+    n_in, n_out = (spec.hidden, spec.vocab) if name == "lm_head" else spec.layer_linears(moe)[name]
     dense = DTYPE_BYTES[s.dense_dtype]
     if s.quant == "checkpoint":
         layout = dict(spec.packed).get(name)
@@ -294,19 +398,51 @@ def qkv_bias(spec: ModelSpec, s: Settings) -> tuple[int, int]:
     return elements, layout.scale_bytes if layout else DTYPE_BYTES[s.dense_dtype]
 
 
-def base_bytes(spec: ModelSpec, s: Settings) -> dict[str, int]:
-    """Frozen base weights by component, as stored (quantized linears, dense embeddings and norms)."""
+def stored_experts(spec: ModelSpec, s: Settings) -> list[tuple[int, int]]:
+    """(elements, bytes per element) of one MoE layer's fused expert tensors and its router. Each expert's
+    matrix is stored as qshard stores a linear layer's weight of that shape, the E of them stacked along a
+    leading dimension (qshard/model/experts.py ExpertStack): E x `linear_tensors`. The router stays dense, as do
+    the experts with method `none`, and `checkpoint` (planned dense: a PTQ checkpoint's experts are not read
+    packed)."""
     dense = DTYPE_BYTES[s.dense_dtype]
-    linears = sum(_nbytes(stored_linear(spec, s, name)) for name in spec.layer_linears())
+    method = "none" if s.quant == "checkpoint" else s.quant
+    stacks = [(spec.experts * k, size) for n_in, n_out in spec.expert_tensors().values()
+              for k, size in linear_tensors(n_in, n_out, method, s.double_quant, dense)]
+    return stacks + [(spec.experts * spec.hidden, dense)]
+
+
+def stored_layer_linears(spec: ModelSpec, s: Settings, moe: bool) -> list[tuple[int, int]]:
+    """(elements, bytes per element) of one decoder layer's stored linears and q/k/v biases."""
+    return [t for name in spec.layer_linears(moe) for t in stored_linear(spec, s, name, moe)] + [qkv_bias(spec, s)]
+
+
+def layer_tensors(spec: ModelSpec, s: Settings, moe: bool) -> list[tuple[int, int]]:
+    """The same, and in a MoE layer its experts and router: all a decoder layer stores but its norms."""
+    return stored_layer_linears(spec, s, moe) + (stored_experts(spec, s) if moe else [])
+
+
+def base_bytes(spec: ModelSpec, s: Settings) -> dict[str, int]:
+    """Frozen base weights by component, as stored (quantized linears and experts, dense embeddings, routers
+    and norms); `layers` holds the layers' linears, `experts` the MoE layers' experts and routers."""
+    dense = DTYPE_BYTES[s.dense_dtype]
+    kinds = spec.layer_kinds()
+    layers = sum(n * _nbytes(stored_layer_linears(spec, s, moe)) for moe, n in kinds.items())
+    experts = kinds.get(True, 0) * _nbytes(stored_experts(spec, s)) if spec.experts else 0
     head = 0 if spec.tied else _nbytes(stored_linear(spec, s, "lm_head"))
-    layer = linears + _nbytes([qkv_bias(spec, s)])
-    return {"embed_tokens": spec.vocab * spec.hidden * dense, "layers": spec.layers * layer,
-            "norms": (2 * spec.layers + 1) * spec.hidden * dense, "lm_head": head}
+    return {"embed_tokens": spec.vocab * spec.hidden * dense, "layers": layers, "experts": experts,
+            "norms": spec.components()["norms"] * dense, "lm_head": head}
 
 
-def decoder_layer_bytes(spec: ModelSpec, s: Settings) -> int:
-    """One decoder layer's frozen storage: the unit FSDP2 / ZeRO-3 all-gather at a time."""
-    return base_bytes(replace(spec, layers=1), s)["layers"] + 2 * spec.hidden * DTYPE_BYTES[s.dense_dtype]
+def layer_norm_elements(spec: ModelSpec) -> int:
+    """One decoder layer's norms: the two around attention and the MLP, and its q/k norms."""
+    return 2 * spec.hidden + spec.qk_norm
+
+
+def decoder_layer_bytes(spec: ModelSpec, s: Settings, moe: bool | None = None) -> int:
+    """One decoder layer's frozen storage: the unit FSDP2 / ZeRO-3 all-gather at a time. By default the
+    largest kind: a MoE layer (its experts included) where the model has one."""
+    moe = True in spec.layer_kinds() if moe is None else moe
+    return _nbytes(layer_tensors(spec, s, moe)) + layer_norm_elements(spec) * DTYPE_BYTES[s.dense_dtype]
 
 
 def root_bytes(spec: ModelSpec, s: Settings) -> int:
@@ -321,12 +457,22 @@ def fsdp2_peak_outside(spec: ModelSpec, s: Settings) -> int:
     return root_bytes(spec, s) - (0 if spec.tied else base_bytes(spec, s)["embed_tokens"])
 
 
-def decoder_layer_elements(spec: ModelSpec, s: Settings) -> int:
+def decoder_layer_elements(spec: ModelSpec, s: Settings, moe: bool | None = None) -> int:
     """Elements of one decoder layer's frozen parameters as ZeRO-3 counts them (`ds_numel`): one per byte of
-    on-load quantized storage (uint8 parameters), one per int32 word of a PTQ checkpoint's codes, one per
-    dense weight."""
-    linears = sum(k for name in spec.layer_linears() for k, _ in stored_linear(spec, s, name))
-    return linears + qkv_bias(spec, s)[0] + 2 * spec.hidden
+    on-load quantized storage (uint8 parameters, experts included), one per int32 word of a PTQ checkpoint's
+    codes, one per dense weight. By default the largest kind, as `decoder_layer_bytes`."""
+    moe = True in spec.layer_kinds() if moe is None else moe
+    return sum(k for k, _ in layer_tensors(spec, s, moe)) + layer_norm_elements(spec)
+
+
+def gathered_layer_sizes(spec: ModelSpec, s: Settings) -> dict[bool, tuple[int, int]]:
+    """(bytes, elements) of each kind of decoder layer (MoE or not) as ZeRO-3 and FSDP2 gather it: its frozen
+    storage and its LoRA tensors whole, in the compute dtype (DeepSpeed casts them to it, FSDP2's param_dtype
+    gathers them so)."""
+    half = 4 if s.precision == "fp32" else 2
+    return {moe: (decoder_layer_bytes(spec, s, moe) + layer_lora_params(spec, s, moe) * half,
+                  decoder_layer_elements(spec, s, moe) + layer_lora_params(spec, s, moe))
+            for moe in spec.layer_kinds()}
 
 
 def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
@@ -338,11 +484,15 @@ def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
     (deepspeed/runtime/zero/partitioned_param_coordinator.py, `__params_to_release`). A decoder layer is used
     again in its own backward, after every later layer and the head have been fetched twice (forward, then
     backward), so it stays gathered when 2 x (elements after it) < 1e9: below ~5e8 elements the whole model
-    does. The head and final norm, used again at once, stay too; the embedding (no backward) is released."""
-    layer_elements = decoder_layer_elements(spec, s) + lora // spec.layers
+    does. The head and final norm, used again at once, stay too; the embedding (no backward) is released.
+    Each layer counts its own elements and LoRA (`gathered_layer_sizes`; `lora`, the adapter's total, is not
+    needed for that)."""
+    sizes = gathered_layer_sizes(spec, s)
     after, kept = spec.vocab * spec.hidden + spec.hidden, 0  # elements of the head and final norm
-    while kept < spec.layers and 2 * after < DS_MAX_REUSE_DISTANCE:
-        after, kept = after + layer_elements, kept + 1
+    for moe in reversed(spec.layer_is_moe()):
+        if 2 * after >= DS_MAX_REUSE_DISTANCE:
+            break
+        after, kept = after + sizes[moe][1], kept + 1
     return kept
 
 
@@ -356,13 +506,12 @@ def zero3_gathered_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
     estimator budgets two copies of the largest layer (`largest_layer_memory` in stage3.py's
     estimate_zero3_model_states_mem_needs). Measured with bench/plan_validation_dist.py (BENCHMARKS.md)."""
     b = base_bytes(spec, s)
-    half = 4 if s.precision == "fp32" else 2
-    layer_bytes = decoder_layer_bytes(spec, s) + lora // spec.layers * half
-    layer_elements = decoder_layer_elements(spec, s) + lora // spec.layers
+    sizes, order = gathered_layer_sizes(spec, s), spec.layer_is_moe()
     head_bytes = b["lm_head"] or b["embed_tokens"]  # a tied head is the embedding
-    kept = zero3_layers_kept(spec, s, lora)
-    gathered = head_bytes + b["norms"] // (2 * spec.layers + 1) + kept * layer_bytes
-    rest = (spec.layers - kept) * layer_elements
+    released = spec.layers - zero3_layers_kept(spec, s, lora)
+    gathered = head_bytes + spec.hidden * DTYPE_BYTES[s.dense_dtype] + sum(sizes[m][0] for m in order[released:])
+    rest = sum(sizes[m][1] for m in order[:released])
+    layer_bytes, layer_elements = sizes[True in sizes]  # prefetched at the largest layer's bytes per element
     prefetched = min(rest, DS_PREFETCH_BUCKET) * layer_bytes // layer_elements
     return gathered + prefetched + max(b["embed_tokens"], b["lm_head"])
 
@@ -375,11 +524,24 @@ def lora_param_count(shapes, r: int, use_dora: bool = False) -> int:
     return sum(r * (n_in + n_out) + (n_out if use_dora else 0) for n_in, n_out in shapes)
 
 
+def layer_lora_params(spec: ModelSpec, s: Settings, moe: bool) -> int:
+    """Trainable parameters of the recipe's targets in one decoder layer (a MoE layer where `moe`). A fused
+    expert tensor [E, out, in] is adapted as PEFT's `target_parameters` adapts it (lora_A [r E, in], lora_B
+    [out, r E]: E x one linear's LoRA; PEFT allows no DoRA there) under all-linear, or when its name or `experts`
+    is a target (qshard/model/experts.py parameter_targets). The router is not adapted."""
+    linears, every = spec.layer_linears(moe), s.lora_targets == "all-linear"
+    names = list(linears) if every else [t for t in s.lora_targets if t in linears]
+    count = lora_param_count([linears[n] for n in names], s.lora_r, s.use_dora)
+    if moe:
+        adapted = [shape for name, shape in spec.expert_tensors().items()
+                   if every or name in s.lora_targets or "experts" in s.lora_targets]
+        count += spec.experts * lora_param_count(adapted, s.lora_r)
+    return count
+
+
 def lora_params(spec: ModelSpec, s: Settings) -> int:
     """Trainable parameters of the recipe's targets over all decoder layers."""
-    linears = spec.layer_linears()
-    names = list(linears) if s.lora_targets == "all-linear" else [t for t in s.lora_targets if t in linears]
-    return spec.layers * lora_param_count([linears[n] for n in names], s.lora_r, s.use_dora)
+    return sum(n * layer_lora_params(spec, s, moe) for moe, n in spec.layer_kinds().items())
 
 
 def checkpoint_disk_bytes(lora_params: int, keep: int) -> int:
@@ -396,7 +558,8 @@ def optimizer_bytes_per_param(optimizer: str) -> float:
     return 2 + 8 / 256 if optimizer.endswith("8bit") else 8.0
 
 
-def layer_activation_bytes(spec: ModelSpec, tokens: int, precision: str, fp32_adapters: bool = True) -> int:
+def layer_activation_bytes(spec: ModelSpec, tokens: int, precision: str, fp32_adapters: bool = True,
+                           moe: bool = False) -> int:
     """Bytes one LoRA'd decoder layer saves for backward (all-linear targets, LoRA dropout 0, SDPA).
 
     Counted op by op in transformers' Llama/Qwen2/Mistral layer (per token; p = activation bytes,
@@ -411,27 +574,38 @@ def layer_activation_bytes(spec: ModelSpec, tokens: int, precision: str, fp32_ad
                    copy: (q,k,v,o,gate,up) 6h + I. Adapters already in p (DeepSpeed casts them; FSDP2's
                    param_dtype gathers them so) share their inputs as in fp32: (2h + I) p.
     fp32 total: 4 (6h + 2kv + 4I) + small; bf16: 8h + 2 (8h + 2kv + 4I) + small. Korthikanti et al.'s
-    GPT layer (34 sbh) counts dropout masks, s^2 attention scores and GeLU inputs that this layer lacks."""
-    h, kv, i = spec.hidden, spec.kv_heads * spec.head_dim, spec.intermediate
+    GPT layer (34 sbh) counts dropout masks, s^2 attention scores and GeLU inputs that this layer lacks.
+
+    A MoE layer (`moe`): its shared experts count as the MLP above with their width (I = shared_intermediate,
+    none without them). Its routed experts run transformers' eager loop, which qshard/model/experts.py keeps
+    from saving any dequantized expert; per token, for each of the k chosen experts: the gathered input and
+    the weighted output (2h p), gate_up's output, the silu and the product, down_proj's input (4 I_e p), plus
+    the router's fp32 probabilities (4 E). Counted from the code, not measured. Latent attention (DeepSeek)
+    is counted as the attention above: an approximation."""
+    h, kv = spec.hidden, spec.kv_heads * spec.head_dim
+    i = spec.shared_intermediate if moe else spec.intermediate
     p = 4 if precision == "fp32" else 2
     norms = 2 * (4 * h + 4)
     attention = p * (2 * h + 2 * kv) + 4 * spec.heads
     mlp = 3 * i * p
-    lora_inputs = (6 * h + i) * p if precision != "fp32" and fp32_adapters else (2 * h + i) * p
-    return tokens * (norms + attention + mlp + lora_inputs)
+    own_copies = 4 * h + (2 * h + i if i else 0)  # q, k, v, o and the MLP's gate, up, down adapters
+    lora_inputs = own_copies * p if precision != "fp32" and fp32_adapters else (2 * h + i) * p
+    experts = spec.experts_per_token * (2 * h + 4 * spec.expert_intermediate) * p + 4 * spec.experts if moe else 0
+    return tokens * (norms + attention + mlp + lora_inputs + experts)
 
 
 def activation_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
     """All layers' saved activations. With activation checkpointing each layer keeps only its input
-    (p h per token) and one layer at a time is recomputed in backward."""
+    (p h per token) and one layer at a time (the largest) is recomputed in backward."""
     tokens = s.micro_batch * s.seq_len
     p = 4 if s.precision == "fp32" else 2
-    adapter_outputs = tokens * 7 * s.lora_r * p  # A's outputs, kept by B
     fp32_adapters = s.engine in ("none", "ddp")  # DeepSpeed and FSDP2 compute with half-precision adapters
-    layer = layer_activation_bytes(spec, tokens, s.precision, fp32_adapters) + adapter_outputs
+    # plus A's outputs, kept by B, of each adapted linear (an expert's LoRA update is added to its weight instead)
+    layer = {moe: layer_activation_bytes(spec, tokens, s.precision, fp32_adapters, moe)
+             + tokens * len(spec.layer_linears(moe)) * s.lora_r * p for moe in spec.layer_kinds()}
     if s.checkpointing:
-        return spec.layers * tokens * spec.hidden * p + layer
-    return spec.layers * layer
+        return spec.layers * tokens * spec.hidden * p + max(layer.values())
+    return sum(n * layer[moe] for moe, n in spec.layer_kinds().items())
 
 
 def logits_bytes(spec: ModelSpec, s: Settings) -> int:
@@ -501,8 +675,10 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
         # bench/plan_validation_dist.py: 400m peaks -2.0% (bf16) and -7.5% (fp32: the embedding out of the root
         # lowered the measured peak by 30 MiB, not by its 125 MiB; not traced), BENCHMARKS.md.
         # Without reshard_after_forward every layer stays gathered from its forward to its backward.
-        layer = decoder_layer_bytes(spec, s) + lora // spec.layers * half
-        gpu["gathered_weights"] = (2 if s.reshard_after_forward else spec.layers) * layer + fsdp2_peak_outside(spec, s)
+        sizes = gathered_layer_sizes(spec, s)
+        layers = 2 * sizes[True in sizes][0] if s.reshard_after_forward else sum(
+            n * sizes[moe][0] for moe, n in spec.layer_kinds().items())
+        gpu["gathered_weights"] = layers + fsdp2_peak_outside(spec, s)
     if s.offload_optimizer:
         for key in ("master_weights", "optimizer_states"):
             cpu[key] = gpu.pop(key, 0)
@@ -532,9 +708,10 @@ def step_seconds(spec: ModelSpec, s: Settings, base: int, lora: int) -> float:
 def compute_seconds(spec: ModelSpec, s: Settings, lora: int, flops: float = GPU_FLOPS) -> float:
     """One rank's compute per optimizer step at `flops` per second. Full training costs 6 N FLOPs per token
     (forward 2N, backward 4N: Kaplan et al. 2020); with a frozen base the weight-gradient half of backward is
-    skipped: 4 N, + 2 N with recomputation, + 6 per LoRA parameter; dequantizing slows the base's matmuls."""
+    skipped: 4 N, + 2 N with recomputation, + 6 per LoRA parameter; dequantizing slows the base's matmuls.
+    N counts the parameters a token computes with (a MoE model's chosen experts only: `active_params`)."""
     tokens = s.micro_batch * s.seq_len * s.accumulation
-    flop = tokens * ((6 if s.checkpointing else 4) * spec.params + 6 * lora)
+    flop = tokens * ((6 if s.checkpointing else 4) * spec.active_params + 6 * lora)
     return flop / flops * DEQUANT_SLOWDOWN[s.quant]
 
 
@@ -593,16 +770,17 @@ def step_traffic(spec: ModelSpec, s: Settings) -> list[Traffic]:
         return [Traffic("reduce_scatter", reductions * n_lora * half, n_lora * half,
                         f"LoRA gradients, {reductions} time(s) a step"),
                 Traffic("all_gather", n_lora * half, n_lora * half, "updated LoRA params, once a step")]
-    layer = decoder_layer_bytes(spec, s) + n_lora // spec.layers * half
+    sizes, order = gathered_layer_sizes(spec, s), spec.layer_is_moe()
+    layer = sizes[True in sizes][0]  # the largest layer's gather
     if engine == "zero3":
         # every parameter for forward; the layers DeepSpeed released after it (zero3_layers_kept) again for backward.
         # With checkpointing a released layer is gathered for the recomputed forward too (3 in all), a kept one
         # gathers its frozen storage once more (its LoRA tensors stay), and the embedding, released after forward,
         # comes back for the backward checkpointing gives it (the first layer's input needs a gradient).
         released = spec.layers - zero3_layers_kept(spec, s, n_lora)
-        again = released * layer
+        again = sum(sizes[moe][0] for moe in order[:released])
         if s.checkpointing:
-            again += released * layer + (spec.layers - released) * decoder_layer_bytes(spec, s)
+            again += again + sum(decoder_layer_bytes(spec, s, moe) for moe in order[released:])
             again += base_bytes(spec, s)["embed_tokens"] if released else 0
         return [Traffic("all_gather", micro * (base + n_lora * half + again), layer,
                         f"packed base + LoRA params a layer at a time, {micro} time(s) a step, and {released} "
@@ -873,7 +1051,7 @@ def report(plan: Plan) -> str:
     """What `qshard plan` prints."""
     s = plan.spec
     lines = [f"model: {s.model_type}, {s.params / 1e9:.2f}B parameters ({s.layers} layers, hidden {s.hidden}, "
-             f"{s.heads} heads / {s.kv_heads} kv, vocab {s.vocab})" + checkpoint_line(s),
+             f"{s.heads} heads / {s.kv_heads} kv, vocab {s.vocab})" + experts_line(s) + checkpoint_line(s),
              f"hardware: {plan.current.settings.world} GPU(s) of {gib(plan.gpu_mem)} GiB"
              + (f", {gib(plan.cpu_mem)} GiB CPU per node" if plan.cpu_mem else ""),
              f"sequence length {plan.current.settings.seq_len} (data.max_length), global batch "
@@ -891,6 +1069,16 @@ def report(plan: Plan) -> str:
     lines.append("\nstep times are relative estimates (assumptions in qshard/tools/plan.py); memory includes "
                  f"{gib(CUDA_CONTEXT_BYTES)} GiB CUDA context and {FRAGMENTATION:.0%} allocator fragmentation")
     return "\n".join(lines)
+
+
+def experts_line(spec: ModelSpec) -> str:
+    """A MoE model's experts and its parameters per token, for the report ('' for a dense model)."""
+    if not spec.experts:
+        return ""
+    shared = f", shared experts of width {spec.shared_intermediate}" if spec.shared_intermediate else ""
+    return (f"\nexperts: {spec.experts} per MoE layer in {spec.layer_kinds().get(True, 0)} of {spec.layers} layers, "
+            f"{spec.experts_per_token} routed per token{shared}: {spec.components()['experts'] / 1e9:.2f}B expert "
+            f"parameters; {spec.active_params / 1e9:.2f}B active per token")
 
 
 def checkpoint_line(spec: ModelSpec) -> str:

@@ -52,6 +52,7 @@ CELLS += [("mixtral", engine, method) for engine in ENGINES for method in ("int8
 SPLITS = ("zero3", "zero3_offload", "fsdp2")
 PROBE = [[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10, 12, 14, 16]]
 STEPS = 4
+MOE_FIXTURES = Path(__file__).parent / "fixtures" / "moe"
 
 
 def save_moe(kind: str, out: Path) -> Path:
@@ -273,3 +274,25 @@ def test_export_merges_expert_adapters_into_the_fused_weights(trained, tmp_path,
     assert len(experts) == 2 * SIZES["num_hidden_layers"], sorted(result.layers)
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert f.get_slice("model.layers.0.mlp.experts.gate_up_proj").get_shape() == [8, 512, 64]
+
+
+def test_llm_compressor_moe_checkpoint_is_refused_by_name_before_loading():
+    """A compressed-tensors MoE checkpoint made by the real llm-compressor (tests/fixtures/moe/make_ct_mixtral.py)
+    stores every expert as a packed linear under per-expert names transformers 5's rules do not stack back:
+    refused by name, before any weight is read."""
+    from qshard.model.load import open_base
+
+    with pytest.raises(QShardError) as e:
+        open_base(str(MOE_FIXTURES / "ct_mixtral_w4a16_g32"), quant=QuantSpec(method="checkpoint"))
+    assert "compressed-tensors checkpoint stores its Mixture-of-Experts experts as packed per-expert" in e.value.what
+    assert "block_sparse_moe.experts.0.down_proj" in e.value.what
+
+
+def test_quantize_refuses_moe_models_before_calibrating(moe_models, tmp_path):
+    from qshard.tools.quantize import quantize
+
+    with pytest.raises(QShardError) as e:
+        quantize(str(moe_models["mixtral"]), str(tmp_path / "out"), calibration=str(write_rows(tmp_path / "r.jsonl")),
+                 log=lambda *_: None)
+    assert "Mixture-of-Experts" in e.value.what and e.value.where == "MODEL_DIR"
+    assert not (tmp_path / "out").exists()

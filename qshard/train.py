@@ -455,7 +455,7 @@ def make_scheduler(optimizer, kind: str, warmup: int, total: int):
 # -- set-up ----------------------------------------------------------------------------------------
 
 def _trainable_line(model) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)  # ZeRO-3: whole
     return f"LoRA: {trainable:,} trainable parameters. {adapted_tensors_line(model)}"
 
 

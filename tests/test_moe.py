@@ -10,7 +10,7 @@ layer's expert stack is the largest tensor of the model. On them:
   one process with the same micro-batches, fp32 rule 1e-4 (tests/test_engines.py); each rank holds half
   of the quantized expert bytes. Mixtral also under DDP, ZeRO-1, ZeRO-2 and ZeRO-3 with offload, with int8
   and dense (method none) bases under ZeRO-3 and FSDP2, and FP4 under FSDP2 (CELLS: the MoE row of
-  qshard/compat.py);
+  qshard/compat.py), and NF4 under ZeRO-3 and FSDP2 with activation checkpointing (against one process without);
 - the saved adapter (PEFT target_parameters) loads with PEFT onto a transformers model whose weights are
   the base qshard trained on, and reproduces the trained, still sharded model's logits;
 - the sharded load is bit-identical to the whole load, and no tensor it touches is a layer's expert
@@ -49,6 +49,7 @@ ENGINES = ("zero3", "fsdp2")
 CELLS = [(kind, engine, "nf4") for kind in CONFIGS for engine in ENGINES]
 CELLS += [("mixtral", engine, "nf4") for engine in ("ddp", "zero1", "zero2", "zero3_offload")]
 CELLS += [("mixtral", engine, method) for engine in ENGINES for method in ("int8", "none")] + [("mixtral", "fsdp2", "fp4")]
+CELLS += [("mixtral", engine, "nf4+ckpt") for engine in ENGINES]  # activation checkpointing: experts recomputed
 SPLITS = ("zero3", "zero3_offload", "fsdp2")
 PROBE = [[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10, 12, 14, 16]]
 STEPS = 4
@@ -79,7 +80,9 @@ def _recipe(model: Path, data: Path, out: Path, engine: str, method: str, micro:
     r = recipe_dict(model, data, out, max_steps=STEPS, micro_batch_size=micro, gradient_accumulation_steps=accumulation,
                     sample_tokens=0)
     r["lora"]["target_modules"] = "all-linear"
+    method, _, variant = method.partition("+")
     r["quantization"]["method"] = method
+    r["model"]["gradient_checkpointing"] = variant == "ckpt"
     return set_engine(r, engine)
 
 
@@ -93,7 +96,7 @@ def trained(moe_models, tmp_path_factory):
              for c in CELLS]
     run_cells(root, cells, PROBE)
     singles = {}
-    for kind, method in sorted({(kind, method) for kind, _, method in CELLS}):
+    for kind, method in sorted({(kind, method.partition("+")[0]) for kind, _, method in CELLS}):
         recipe = _recipe(moe_models[kind], data, root / f"{kind}-single-{method}", "none", method, 2, 2)
         outcome = run(parse_recipe(recipe), log=lambda *_: None)
         singles[kind, method] = {"losses": outcome.losses,
@@ -141,7 +144,7 @@ def test_expert_weights_are_bitsandbytes_nf4_per_expert_and_train_like_transform
 @pytest.mark.parametrize("cell", CELLS, ids=["-".join(c) for c in CELLS])
 def test_two_ranks_give_the_losses_of_one_process(trained, cell):
     kind, _, method = cell
-    single, cell = trained["singles"][kind, method], trained["sharded"]["-".join(cell)]
+    single, cell = trained["singles"][kind, method.partition("+")[0]], trained["sharded"]["-".join(cell)]
     assert len(single["losses"]) == STEPS
     for rank in cell["ranks"]:
         assert max(abs(a - b) for a, b in zip(rank["losses"], single["losses"])) < 1e-4, (rank["losses"], single)
@@ -170,7 +173,7 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_the_sharded_logits(train
     from transformers import AutoModelForCausalLM
 
     kind, _, method = cell
-    cell = trained["sharded"]["-".join(cell)]
+    method, cell = method.partition("+")[0], trained["sharded"]["-".join(cell)]
     adapter_dir = cell["dir"] / "adapter"
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]

@@ -52,6 +52,11 @@ def fused_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return found
 
 
+def has_experts(model: nn.Module) -> bool:
+    """Whether the model has fused expert weights (as transformers builds them, or as ExpertStacks)."""
+    return bool(fused_parameters(model)) or any(isinstance(m, ExpertStack) for m in model.modules())
+
+
 def expert_modules(model: nn.Module) -> list[nn.Module]:
     """The experts modules that hold ExpertStacks (one per MoE layer)."""
     return [m for m in model.modules() if any(isinstance(c, ExpertStack) for c in m.children())]

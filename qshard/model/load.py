@@ -25,6 +25,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -279,6 +280,7 @@ def load_base_model(skeleton: nn.Module, model_dir: Path, *, quant: QuantSpec = 
                           fix="use nf4 (or fp4 / int8 / none) for a dense checkpoint")
     reader = CheckpointReader(checkpoint_files(model_dir))
     layers = ptq_layers(skeleton, reader.keys(), fmt)
+    register_packed_experts(skeleton, reader, fmt, layers)
     targets, ignored = checkpoint_plan(skeleton, reader, layers)
     log_ignored(ignored, log)
     if fmt is None:
@@ -313,7 +315,8 @@ def checkpoint_plan(model: nn.Module, reader: CheckpointReader,
     (qshard/model/convert.py), and the keys the architecture has no place for. A PTQ layer's tensors
     (`layers`) are read by their own names."""
     headers = {key: (stored, shape) for key, (_, _, stored, shape) in reader.entries.items()
-               if ptq.layer_of(key, layers) is None}
+               if ptq.layer_of(key, layers) is None
+               and (key in reader.dequantized or ptq.layer_of(key, reader.packed) is None)}
     return convert.plan(model, headers, checkpoint_names(model))
 
 
@@ -367,6 +370,9 @@ class CheckpointReader:
 
     def __init__(self, files: list[Path]):
         self.entries: dict[str, tuple[Path, int, torch.dtype, list[int]]] = {}
+        # dense tensors that exist only as packed layers (register_packed_experts): key -> dtype -> tensor
+        self.dequantized: dict[str, Callable[[torch.dtype], torch.Tensor]] = {}
+        self.packed: dict[str, list[str]] = {}  # their layers: {module: leaves}
         for file in files:
             for key, (offset, dtype, shape) in folder.read_header(file).items():
                 if key in self.entries:
@@ -378,6 +384,12 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def add_dequantized(self, key: str, shape: list[int], file: Path, build: Callable[[torch.dtype], torch.Tensor]):
+        """A dense float32 tensor `key` that the checkpoint stores as a packed layer: `build(dtype)` dequantizes
+        it when it is read."""
+        self.entries[key] = (file, -1, torch.float32, shape)
+        self.dequantized[key] = build
+
     def shape(self, key: str) -> list[int]:
         return self.entries[key][3]
 
@@ -388,6 +400,9 @@ class CheckpointReader:
         shape = self.shape(key)
         count = shape[0] if shape else 1
         stop = count if stop is None else min(stop, count)
+        if key in self.dequantized:
+            rows = self.dequantized[key](dtype or torch.float32)[start:stop]
+            return rows if out is None else out.copy_(rows)
         row = math.prod(shape[1:])
         if out is None:
             out = torch.empty([stop - start, *shape[1:]] if shape else [], dtype=self._target(key, dtype))
@@ -399,6 +414,9 @@ class CheckpointReader:
         """Elements [start, stop) of the flattened tensor, as a 1-d tensor (or written into `out`, on any
         device), floating values converted at most CHUNK_BYTES of stored elements at a time."""
         file, offset, stored, _ = self.entries[key]
+        if key in self.dequantized:
+            values = self.dequantized[key](dtype or torch.float32).reshape(-1)[start:stop]
+            return values if out is None else out.copy_(values)
         if out is None:
             out = torch.empty(stop - start, dtype=self._target(key, dtype))
         if out.numel() != stop - start:
@@ -517,8 +535,9 @@ def check_checkpoint_fits(skeleton: nn.Module, reader: CheckpointReader, fmt, mo
     present (a tied output embedding may be absent). A refusal names the tensor, both shapes, the file
     and the config.json key that probably disagrees."""
     layers = ptq_layers(skeleton, reader.keys(), fmt)
-    check_no_packed_experts(skeleton, reader, fmt, layers, model_dir)
-    targets, _ = checkpoint_plan(skeleton, reader, layers)
+    register_packed_experts(skeleton, reader, fmt, layers)
+    targets, ignored = checkpoint_plan(skeleton, reader, layers)
+    check_packed_experts_placed(reader, ignored, fmt, skeleton, model_dir)
     stored = converted_headers(reader, targets, layers)
     order = {name: i for i, name in enumerate(skeleton.state_dict())}  # the first disagreement in model order
     for name in sorted(stored, key=lambda n: order.get(n, len(order))):
@@ -545,20 +564,43 @@ def check_checkpoint_fits(skeleton: nn.Module, reader: CheckpointReader, fmt, mo
                      model_dir)
 
 
-def check_no_packed_experts(skeleton: nn.Module, reader: CheckpointReader, fmt, layers: dict[str, list[str]],
-                            model_dir: Path) -> None:
+def register_packed_experts(skeleton: nn.Module, reader: CheckpointReader, fmt, layers: dict[str, list[str]]) -> None:
     """A post-training-quantized Mixture-of-Experts checkpoint stores each expert as a packed layer
-    (`experts.0.w1.qweight`), while the architecture transformers builds fuses a layer's experts into one
-    3-D tensor: qshard keeps packed layers only as linear layers, so it refuses such a checkpoint by name,
-    before any weight is read, rather than reporting the fused tensors missing."""
-    if fmt is None or not experts.fused_parameters(skeleton):
+    (`experts.0.gate_proj.qweight`), while the architecture transformers builds fuses a layer's experts into one
+    3-D tensor. As transformers does, such layers are decompressed: each becomes a dense tensor `<layer>.weight`
+    of the reader, dequantized (one expert at a time) when read, which transformers' rules then stack like the
+    experts of a dense checkpoint. Kept packed they are not (yet): the fused weight is stored as the recipe's
+    quantization.method says (dense with `checkpoint` / `none`, NF4 with nf4, ...)."""
+    if fmt is None or not experts.has_experts(skeleton):
         return
-    packed = sorted(set(ptq.quantized_modules(reader.keys(), fmt.marker)) - set(layers))
-    if packed:
+    reader.packed = {name: leaves for name, leaves in ptq.quantized_modules(reader.keys(), fmt.marker).items()
+                     if name not in layers}
+    shapes: dict[tuple, list[int]] = {}  # one layout per distinct set of stored shapes (one per expert kind)
+    for name, leaves in reader.packed.items():
+        stored = tuple((leaf, tuple(reader.shape(f"{name}.{leaf}"))) for leaf in leaves)
+        if stored not in shapes:
+            layout = ptq_layout(reader, fmt, name, leaves)
+            shapes[stored] = [layout.out_features, layout.in_features]
+        reader.add_dequantized(f"{name}.weight", shapes[stored], reader.entries[f"{name}.{leaves[0]}"][0],
+                               functools.partial(_dequantized_layer, reader, fmt, name, leaves))
+
+
+def _dequantized_layer(reader: CheckpointReader, fmt, name: str, leaves: list[str], dtype: torch.dtype) -> torch.Tensor:
+    layer = fmt.build({leaf: reader.rows(f"{name}.{leaf}") for leaf in leaves}, fmt.config, name)
+    return layer.dequantize(dtype)
+
+
+def check_packed_experts_placed(reader: CheckpointReader, ignored: list[str], fmt, skeleton: nn.Module,
+                                model_dir: Path) -> None:
+    """Packed expert layers that transformers' rules give no place (llm-compressor's `block_sparse_moe.experts.0.
+    gate_proj` in a Mixtral, whose rules stack `experts.*.w1`): refused by name before any weight is read,
+    rather than reported as missing fused tensors."""
+    unplaced = sorted(key.removesuffix(".weight") for key in ignored if key in reader.dequantized)
+    if unplaced:
         raise QShardError(f"this {fmt.name} checkpoint stores its Mixture-of-Experts experts as packed per-expert "
-                          f"layers ({convert.shown(packed)}), which qshard does not load yet: transformers builds "
-                          f"{type(skeleton).__name__}'s experts as one fused tensor per layer, and qshard keeps "
-                          f"{fmt.name} layers only as linear layers", where=f"{model_dir}: {packed[0]}",
+                          f"layers ({convert.shown(unplaced)}) under names transformers' rules for "
+                          f"{type(skeleton).__name__} do not stack into its fused expert weights (transformers "
+                          "itself would leave those experts uninitialised)", where=f"{model_dir}: {unplaced[0]}",
                           fix="train on the original dense checkpoint with quantization.method nf4 (each expert is "
                               "quantized to NF4 per expert and sharded by ZeRO-3 / FSDP2)")
 

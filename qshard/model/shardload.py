@@ -71,6 +71,7 @@ from qshard.model.load import (
     ptq_layout,
     quantized_like,
     raise_if_missing,
+    register_packed_experts,
     release_freed_memory,
     tensor_role,
 )
@@ -177,6 +178,7 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
     reader, jobs, covered = CheckpointReader(checkpoint_files(model_dir)), [], set()
     fmt = ptq.detect(model_dir)
     packed = ptq_layers(base, reader.keys(), fmt)
+    register_packed_experts(base, reader, fmt, packed)
     targets, ignored = checkpoint_plan(base, reader, packed)
     log_ignored(ignored, log)
     for name, leaves in packed.items():  # a PTQ layer: built whole from all its tensors, once

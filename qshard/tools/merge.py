@@ -40,6 +40,7 @@ from qshard.model.load import (
     ptq_layers,
     quantized_like,
     quantized_linear_names,
+    register_packed_experts,
     tensor_role,
 )
 from qshard.quant import ptq
@@ -83,6 +84,7 @@ def open_trained_base(path: str, dtype: str, quant: QuantSpec) -> Base:
     fmt = ptq.detect(model_dir)
     reader = CheckpointReader(checkpoint_files(model_dir))
     layers = ptq_layers(skeleton, reader.keys(), fmt)
+    register_packed_experts(skeleton, reader, fmt, layers)
     targets, _ = checkpoint_plan(skeleton, reader, layers)
     units = [_dense_unit(skeleton, reader, target, quant) for target in targets]
     units += [_ptq_unit(skeleton, reader, fmt, name, leaves, quant) for name, leaves in layers.items()]

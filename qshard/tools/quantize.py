@@ -49,7 +49,6 @@ def quantize(model_dir: str, out_dir: str, *, calibration: str, method: str = "g
     if method not in METHODS:
         raise QShardError(f"--method {method} is not available", where="--method", fix=f"use one of: {METHODS}")
     source, skeleton = open_dense(model_dir)
-    check_not_moe(skeleton, source)
     ignore = check_groups(skeleton, group_size)
     out = Path(out_dir).expanduser()
     check_not_protected(out, "OUT_DIR", "qshard quantize writes (and --overwrite replaces) a folder of its own",
@@ -111,21 +110,6 @@ def open_dense(model_dir: str):
         raise QShardError(f"{source} is already quantized ({method})", where="MODEL_DIR",
                           fix="quantize the dense model, e.g. a `qshard export` of the run (its default is dense)")
     return source, skeleton
-
-
-def check_not_moe(skeleton, source: Path) -> None:
-    """llm-compressor 0.14 quantizes a Mixture-of-Experts model's experts as per-expert linears
-    (`block_sparse_moe.experts.0.gate_proj.weight_packed`), names that transformers 5's rules do not stack
-    back into its fused expert weights (transformers 5.17 loads such a folder with the experts newly
-    initialised) and that qshard refuses: say so before calibrating."""
-    from qshard.model.experts import ExpertStack
-
-    if any(isinstance(m, ExpertStack) for m in skeleton.modules()):
-        raise QShardError(f"{source} is a Mixture-of-Experts model: llm-compressor writes its experts as packed "
-                          "per-expert layers, which neither transformers 5 (it would initialise the experts anew) "
-                          "nor qshard loads back", where="MODEL_DIR",
-                          fix="train the MoE model with quantization.method nf4: qshard quantizes each expert as "
-                              "it loads")
 
 
 def check_groups(skeleton, group_size: int) -> list[str]:

@@ -62,8 +62,9 @@ def _loads_in_transformers(out: Path, dtype: torch.dtype) -> None:
 def test_export_reproduces_the_runs_base_plus_adapter(runs, method, dtype, tmp_path):
     """fp32: within 1e-4 of the largest logit (measured ~1e-6); bf16/fp16 within the rounding bound
     export.tolerance derives (8 u sqrt(layers + 1): 0.054 bf16, 0.0068 fp16 for 2 layers). nf4-bf16: an NF4 run
-    over a bf16 model (its weights dequantized to bf16 in training) exported in float32: the check's reference
-    computes with those bf16 values too (exportcheck.rounded_twins; before, 0.031 vs a tolerance of 3.9e-4)."""
+    over a bf16 model, exported in float32: its 4-bit layers' float32 forward applied the unrounded code x scale
+    products, and so must the export's base (merge.exact; rounded to bf16 first, the check missed: 0.031 vs a
+    tolerance of 3.9e-4)."""
     result = export(runs[method], tmp_path / "out", dtype=dtype, **QUIET)
     check = result.check
     assert check["passed"] and check["max_abs_diff"] <= check["tolerance"]

@@ -104,25 +104,6 @@ def _max_diff(reference, prompts: list[torch.Tensor], got: list[torch.Tensor]) -
     return worst, scale
 
 
-def rounded_twins(model) -> None:
-    """Replace every 4-bit base layer of a bf16/fp16 model by a dense float32 linear of its weight dequantized to
-    that dtype: the values a bf16 run computed with and the export's base "as trained" (merge._as_trained). In
-    float32 bitsandbytes' CPU matmul would use the unrounded code x scale products instead, 3e-2 of the largest
-    logit away from both on the micro model (a bf16-rounded base vs an exact one: not what the check is for)."""
-    from torch import nn
-
-    from qshard.quant.bnb4bit import Linear4bit
-
-    for parent in list(model.modules()):
-        for name, layer in list(parent.named_children()):
-            if isinstance(layer, Linear4bit) and layer.weight_dtype != torch.float32:
-                dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-                dense.weight.data = layer.dequantize().float()
-                if layer.bias is not None:
-                    dense.bias.data = layer.bias.float()
-                setattr(parent, name, dense.requires_grad_(False))
-
-
 def dense_int8_twins(model, measure_first, out: dict) -> bool:
     """Replace every int8 base layer by a dense float32 linear of its dequantized weight (the weight training
     saw), after `measure_first()` recorded the int8 forward's gap in out['int8_forward_gap']."""
@@ -158,7 +139,6 @@ def reference_model(source: Source, adapter: merge.Adapter, original: merge.Base
         recipe = source.recipe
         base = load_model(source.base_path, dtype=recipe.model.dtype, quant=merge.run_quant_spec(recipe), log=quiet)
     base.float()  # floating tensors only: quantized storage is integer and keeps the values training saw
-    rounded_twins(base)
     for module in base.modules():
         if isinstance(module, QUANT_LAYERS):
             module.compute_dtype = torch.float32

@@ -108,7 +108,14 @@ def _as_trained(skeleton: nn.Module, name: str, tensor: torch.Tensor, quant: Qua
         return module.as_stored(tensor, lambda layer, weight: quantized_like(layer, weight, quant))
     if role != "quantized":
         return tensor
-    return quantized_like(module, tensor.to(skeleton.dtype), quant).dequantize()
+    return exact(quantized_like(module, tensor.to(skeleton.dtype), quant))
+
+
+def exact(layer: nn.Module) -> torch.Tensor:
+    """The weight a quantized layer's float32 forward applies: a 4-bit layer's code x scale products in float32
+    (bitsandbytes' matmul uses them unrounded, whatever dtype its QuantState names: the recipe's bf16 included;
+    Linear4bit.dequantize), an int8 layer's dequantized weight. An export's base "as trained"."""
+    return layer.dequantize(torch.float32) if isinstance(layer, Linear4bit) else layer.dequantize()
 
 
 def _ptq_unit(skeleton: nn.Module, reader: CheckpointReader, fmt, name: str, leaves: list[str],
@@ -125,7 +132,7 @@ def _ptq_unit(skeleton: nn.Module, reader: CheckpointReader, fmt, name: str, lea
         else:
             weight = layer.dequantize(skeleton.dtype)
             if isinstance(linear, QUANT_LAYERS):  # converted to nf4/int8 by the loader
-                weight = quantized_like(linear, weight, quant).dequantize()
+                weight = exact(quantized_like(linear, weight, quant))
         out = {f"{name}.weight": weight}
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.to(skeleton.dtype)
@@ -363,7 +370,7 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor:
     """The weight a base layer multiplies by, in float32: a bitsandbytes layer's dequantized in its stored
     dtype; a GPTQ / AWQ / compressed-tensors layer's in float32, as its float32 forward and the export do."""
     if isinstance(layer, (Linear4bit, Linear8bit)):
-        return layer.dequantize().float()
+        return exact(layer).float()
     return layer.dequantize(torch.float32) if isinstance(layer, QUANT_LAYERS) else layer.weight.float()
 
 

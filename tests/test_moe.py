@@ -229,6 +229,24 @@ def test_all_linear_adapts_expert_weights_and_dropout_is_refused_before_loading(
     check_expert_options(skeleton, ["q_proj", "v_proj"], dropout=0.05, use_dora=False)  # no expert weights: fine
 
 
+@pytest.mark.parametrize("run_name", ["mixtral-single-nf4", "qwen3_moe-fsdp2-nf4", "mixtral-zero3-none"])
+def test_export_merges_expert_adapters_into_the_fused_weights(trained, tmp_path, run_name):
+    """`qshard export` folds PEFT's expert update (every expert) into the fused weights, writes them under the
+    model's own names (which transformers loads as they are), and its check (transformers' logits of the
+    folder against qshard's base + adapter, float32) passes."""
+    from safetensors import safe_open
+
+    from qshard.tools.export import export
+
+    run_dir = trained["root"] / run_name
+    result = export(run_dir, tmp_path / "out", dtype="fp32", log=lambda *_: None)
+    assert result.check["passed"], result.check
+    experts = [name for name in result.layers if ".experts." in name]
+    assert len(experts) == 2 * SIZES["num_hidden_layers"], sorted(result.layers)
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.0.mlp.experts.gate_up_proj").get_shape() == [8, 512, 64]
+
+
 def test_compressed_tensors_moe_checkpoint_loads_its_experts_as_transformers_decompresses_them():
     """A Qwen3-MoE quantized by the real llm-compressor (tests/fixtures/moe/make_fixtures.py) stores each expert as
     a packed linear; transformers (with compressed-tensors) decompresses them into its fused expert weights, and

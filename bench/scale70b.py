@@ -145,17 +145,20 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--min-free-gib", type=float, default=1.0)
+    p.add_argument("--no-vocab-parallel", action="store_true",
+                   help="distributed.vocab_parallel: false (the engine gathers embedding and head like a layer)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "scale70b")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
     model = build_model(REPO / "build" / f"llama70b-shaped-L{args.layers}", args.layers)
-    args.out = args.out / f"{args.engine}-n{args.nproc}-L{args.layers}"
+    args.out = args.out / f"{args.engine}-n{args.nproc}-L{args.layers}{'-gathered' if args.no_vocab_parallel else ''}"
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     from tests.helpers import write_rows
 
     data = write_rows(args.out / "train.jsonl")
     distributed = {"engine": "fsdp2"} if args.engine == "fsdp2" else {"engine": "deepspeed", "zero_stage": 3}
+    distributed["vocab_parallel"] = not args.no_vocab_parallel
     recipe = {"model": {"path": str(model), "dtype": "bfloat16"}, "quantization": {"method": "nf4"},
               "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "data": {"path": str(data), "max_length": args.seq},
               "train": {"output_dir": str(args.out / "run"), "max_steps": 2, "micro_batch_size": 1,
@@ -169,6 +172,7 @@ def main() -> int:
                           cwd=REPO, capture_output=True, text=True)
     (args.out / "plan.txt").write_text(plan.stdout + plan.stderr)
     result = {"engine": args.engine, "nproc": args.nproc, "layers": args.layers, "seq": args.seq,
+              "vocab_parallel": not args.no_vocab_parallel,
               "available_gib_before": round(available_gib(), 2)}
     result["train"] = run_train(args, args.out / "recipe.yaml", [])
     if result["train"]["rc"] == 0:

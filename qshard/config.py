@@ -136,6 +136,10 @@ class DistributedSection(Section):
     fsdp_cpu_offload: bool = Field(False, description="FSDP2: keep sharded parameters on CPU.")
     shard_on_load: bool = Field(True, description="ZeRO-3 / FSDP2: no rank holds the whole base while loading "
                                                   "(not with DoRA); false loads it whole first.")
+    vocab_parallel: bool = Field(True, description="ZeRO-3 / FSDP2: each rank keeps only its rows of the input "
+                                                   "embedding and the head and the ranks exchange activations, "
+                                                   "so neither is ever gathered whole; false lets the engine "
+                                                   "gather them like a layer.")
 
 
 class Recipe(Section):
@@ -196,8 +200,9 @@ def _engine_conflicts(d_: "DistributedSection") -> list[str]:
                 if getattr(d_, key) != defaults[key].default]
     elif d_.offload_params == "cpu" and d_.engine == "deepspeed" and d_.zero_stage != 3:
         out.append("distributed.offload_params: cpu needs engine: deepspeed with zero_stage: 3")
-    if not d_.shard_on_load and d_.engine in ("none", "ddp"):
-        out.append(f"distributed.shard_on_load applies to ZeRO-3 and FSDP2, not {d_.engine}")
+    for key in ("shard_on_load", "vocab_parallel"):
+        if not getattr(d_, key) and d_.engine in ("none", "ddp"):
+            out.append(f"distributed.{key} applies to ZeRO-3 and FSDP2, not {d_.engine}")
     return out
 
 

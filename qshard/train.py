@@ -21,7 +21,7 @@ from qshard.config import Recipe, dump_recipe
 from qshard.engines import create_engine
 from qshard.errors import QShardError
 from qshard.loss import next_token_loss_sum
-from qshard.model import shardload
+from qshard.model import shardload, vocab
 from qshard.model.load import QuantSpec, load_base_model
 from qshard.model.lora import (
     adapted_tensors_line,
@@ -134,8 +134,10 @@ def build_model(checked: validate.Checked, quant: QuantSpec, engine, recipe: Rec
     def attach(base):
         if recipe.model.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return attach_lora(base, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
-                           targets=checked.targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
+        model = attach_lora(base, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+                            targets=checked.targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
+        split_vocabulary(model, checked.engine, recipe, rt, say)
+        return model
 
     skeleton, model_dir = checked.skeleton, checked.model_dir
     whole = shardload.why_not(checked.engine, rt.world_size, recipe.lora.use_dora,
@@ -148,6 +150,19 @@ def build_model(checked: validate.Checked, quant: QuantSpec, engine, recipe: Rec
     if checked.engine in compat.SHARDS_BASE:
         say(f"loading the whole base on every rank before sharding it: {whole}")
     return attach(load_base_model(skeleton, model_dir, quant=quant, device=rt.device, log=say))
+
+
+def split_vocabulary(model, engine_key: str, recipe: Recipe, rt: Runtime, say) -> None:
+    """Vocabulary-parallel embedding and head (qshard/model/vocab.py) where the engine shards parameters."""
+    if engine_key not in compat.SHARDS_BASE or rt.world_size < 2:
+        return
+    why = "distributed.vocab_parallel is false" if not recipe.distributed.vocab_parallel else vocab.why_not(model)
+    if why is None:
+        vocab.shard(model, rt.rank, rt.world_size, rt.device)
+        say(f"embedding and head: vocabulary-parallel, each of the {rt.world_size} ranks keeps 1/{rt.world_size} "
+            f"of their rows and neither is ever gathered whole")
+    else:
+        say(f"embedding and head: gathered by the engine like a layer ({why})")
 
 
 def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe: Recipe, rt: Runtime,
@@ -360,9 +375,17 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device) 
     """Sum (not mean) of next-token cross-entropy over labelled tokens, computed in fp32."""
     batch = {k: v.to(device) for k, v in batch.items()}
     inputs = {k: v for k, v in batch.items() if k != "labels"}  # input_ids, attention_mask (+ position_ids)
-    # The model's logits go straight to the chunked loss, which upcasts one chunk at a time and
-    # overwrites them with their gradient in backward (qshard/loss.py): no full fp32 copy.
-    return next_token_loss_sum(model(**inputs, use_cache=False).logits, batch["labels"])
+    return _forward_and_loss(model, inputs, batch["labels"])[0]
+
+
+def _forward_and_loss(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor, **options):
+    """(next-token loss sum, the model's output). The logits go straight to the chunked loss, which upcasts
+    one chunk at a time and overwrites them with their gradient in backward (qshard/loss.py): no full fp32
+    copy. A vocabulary-parallel head hands over its slice of every rank's logits instead (qshard/model/vocab.py)."""
+    head = vocab.head_of(model)
+    with vocab.logits_for_loss(head):
+        out = model(**inputs, use_cache=False, **options)
+        return (next_token_loss_sum(out.logits, labels) if head is None else head.loss_sum(out.logits, labels)), out
 
 
 def router_aux_coef(peft_model) -> float:
@@ -392,10 +415,10 @@ def loss_sums(model, batch: dict[str, torch.Tensor], device: torch.device,
         return token_loss_sum(model, batch, device), torch.zeros((), device=device)
     batch = {k: v.to(device) for k, v in batch.items()}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**inputs, use_cache=False, output_router_logits=True)
+    loss, out = _forward_and_loss(model, inputs, batch["labels"], output_router_logits=True)
     tokens = (batch["labels"][:, 1:] != data.IGNORE).sum()
     aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)  # no router ran
-    return next_token_loss_sum(out.logits, batch["labels"]), aux.float() * tokens
+    return loss, aux.float() * tokens
 
 
 def nonfinite_error(step: int, rank: int, mine: bool, grads: dict) -> QShardError:
@@ -419,8 +442,11 @@ def evaluate(model, examples: list[data.Example], pad_id: int, micro_batch: int,
     model.eval()
     mine = examples[rt.rank::rt.world_size]
     total = torch.zeros(2, device=rt.device, dtype=torch.float64)
-    for i in range(0, len(mine), micro_batch):
-        chunk = mine[i:i + micro_batch]
+    # Every rank runs as many forwards (the engines' gathers and a vocabulary-parallel head pair them up
+    # across ranks): a rank with fewer examples runs a last one with no labelled token.
+    blank = data.Example(examples[0].input_ids, [data.IGNORE] * len(examples[0].input_ids))
+    for i in range(0, -(-len(examples) // rt.world_size), micro_batch):
+        chunk = mine[i:i + micro_batch] or [blank]
         with precision.autocast():
             total[0] += token_loss_sum(model, data.collate(chunk, pad_id), rt.device).double()
         total[1] += sum(_loss_tokens(ex) for ex in chunk)

@@ -97,7 +97,10 @@ def main(spec_file: str) -> None:
         result = {"name": cell["name"], "rank": rt.rank, "world_size": rt.world_size, "losses": outcome.losses,
                   "experts_held": _experts_held(model),
                   "sharding": outcome.sharding, "logits": logits.tolist(),
-                  "load": next((line for line in said if line.startswith("loading the")), None)}
+                  "load": next((line for line in said if line.startswith("loading the")), None),
+                  "vocab": next((line for line in said if line.startswith("embedding and head")), None),
+                  "vocab_rows": [getattr(m, "weight").shape[0] for m in (model.get_input_embeddings(),
+                                                                        model.get_output_embeddings())]}
         out = Path(recipe.train.output_dir) / f"result-rank{rt.rank}.json"
         out.write_text(json.dumps(result))
         torch.distributed.barrier()

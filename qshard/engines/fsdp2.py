@@ -129,10 +129,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def embedding_units(model: nn.Module) -> list[nn.Module]:
     """The input embedding and the head as units of their own; none where they are tied (one parameter
-    cannot belong to two units: both then stay in the root)."""
+    cannot belong to two units: both then stay in the root) or vocabulary-parallel (no parameters: each rank
+    keeps its rows, qshard/model/vocab.py)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     embed, head = base.get_input_embeddings(), base.get_output_embeddings()
-    if embed is None or head is None:
+    if embed is None or head is None or not any(True for _ in (*embed.parameters(), *head.parameters())):
         return []
     tied = {id(p) for p in embed.parameters()} & {id(p) for p in head.parameters()}
     return [] if tied else [embed, head]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from qshard.errors import QShardError
-from qshard.model import convert, experts, folder
+from qshard.model import convert, experts, folder, vocab
 from qshard.quant import ptq
 from qshard.quant.base import QuantLinear
 from qshard.quant.bnb4bit import Linear4bit
@@ -495,7 +495,8 @@ def tensor_role(model: nn.Module, key: str, layers: dict[str, list[str]]) -> tup
     """What checkpoint tensor `key` is to `model` (empty or loaded; quantized shells, PTQ layers or LoRA
     wrappers in place), with its module and leaf name. The one answer of the whole and the sharded load:
     ptq (a tensor of a PTQ layer in `layers`), quantized (the dense weight of a quantized layer), experts
-    (a fused expert parameter: an ExpertStack), dense (a parameter), buffer, or ignored (no place in this
+    (a fused expert parameter: an ExpertStack), dense (a parameter), buffer, vocab (this rank's rows of a
+    vocabulary-parallel embedding or head, qshard/model/vocab.py), or ignored (no place in this
     architecture: logged, as transformers does)."""
     owner = ptq.layer_of(key, layers) if layers else None
     if owner is not None:
@@ -511,7 +512,7 @@ def tensor_role(model: nn.Module, key: str, layers: dict[str, list[str]]) -> tup
     if module._parameters.get(leaf) is not None:
         return "dense", module, leaf
     if leaf in module._buffers:
-        return "buffer", module, leaf
+        return ("vocab" if vocab.rows(module) else "buffer"), module, leaf
     return "ignored", module, leaf
 
 

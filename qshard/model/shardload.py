@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from qshard import _compat
+from qshard.model import vocab
 from qshard.model.experts import ExpertStack
 from qshard.model.load import (
     CheckpointReader,
@@ -106,12 +107,16 @@ def load_fsdp2(skeleton: nn.Module, model_dir: Path, engine, attach: Attach, see
                rank: int, world_size: int, device: torch.device, *, quant: QuantSpec, log=print) -> nn.Module:
     dtype = skeleton.dtype  # the dense dtype a converted PTQ layer is dequantized to, as in the whole load
     model = engine.shard(attach(_prepared(skeleton, model_dir, quant)))
-    buffers = {name: b for name, b in model.named_buffers()}  # real (rotary tables): to_empty would blank them
+    # real (rotary tables, vocabulary rows): to_empty would blank them. Shared ones (a tied head's rows) stay shared.
+    buffers = dict(model.named_buffers(remove_duplicate=False))
     # with fsdp_cpu_offload the shards live on the CPU: FSDP2 refuses others at its first forward
     model.to_empty(device=torch.device("cpu") if engine.cpu_offload else device)
+    moved: dict[int, torch.Tensor] = {}
     for name, buffer in buffers.items():
         owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner)._buffers[leaf] = buffer.to(device)
+        if id(buffer) not in moved:
+            moved[id(buffer)] = buffer.to(device)
+        model.get_submodule(owner)._buffers[leaf] = moved[id(buffer)]
 
     def span(param: torch.Tensor) -> tuple[int, int]:  # FSDP2 splits dim 0: whole rows
         row = math.prod(param.shape[1:])
@@ -191,13 +196,15 @@ def _stream_shards(base: nn.Module, model_dir: Path, world_size: int, span: Span
             kind, module, pname = tensor_role(base, name, packed)
             params = ([p for _, p in _storage(module)] if kind == "quantized" else
                       [p for _, p in module.storage()] if kind == "experts" else
-                      [module._parameters[pname]] if kind == "dense" else [])
+                      [module._parameters[pname]] if kind == "dense" else
+                      [module._buffers[pname]] if kind == "vocab" else [])
             if kind == "buffer" or (params and id(params[0]) not in covered):  # once if tied
                 parts.append((kind, name, module, pname))
                 covered |= {id(p) for p in params}
         if parts:
             jobs.append((None, target, parts))
-    raise_if_missing(_checkpoint_keys(base, lambda p: id(p) not in covered and not p.requires_grad), model_dir)
+    raise_if_missing(_checkpoint_keys(base, lambda p: id(p) not in covered and not p.requires_grad)
+                     + _unread_vocab_rows(base, covered), model_dir)
     error = [0.0, 0.0]  # a conversion's squared error and squared weight norm (load.converted_ptq)
     with torch.no_grad():
         for layer_name, target, parts in jobs:
@@ -278,6 +285,12 @@ def _fill_read(reader: CheckpointReader, key: str, part, world_size: int, span: 
         param = module._parameters[pname]
         owned = span(param)
         reader.flat(key, *owned, out=_checked(local(param, owned), owned, key))
+    elif kind == "vocab":  # this rank's rows only, into the buffer a tied head shares
+        buffer = module._buffers[pname]
+        if buffer.device.type == "cpu":
+            reader.rows(key, *vocab.rows(module), out=buffer)
+        else:
+            buffer.copy_(reader.rows(key, *vocab.rows(module), dtype=buffer.dtype))
     else:
         module._buffers[pname] = reader.rows(key).to(device)
 
@@ -291,6 +304,9 @@ def _fill_from(whole: torch.Tensor, part, world_size: int, span: Span, local: Lo
         param = module._parameters[pname]
         owned = span(param)
         _checked(local(param, owned), owned, name).copy_(whole.reshape(-1)[owned[0]:owned[1]])
+    elif kind == "vocab":
+        start, stop = vocab.rows(module)
+        module._buffers[pname].copy_(whole[start:stop])
     else:
         module._buffers[pname] = whole.to(device)
 
@@ -331,6 +347,12 @@ def _checkpoint_keys(base: nn.Module, which: Callable[[nn.Parameter], bool]) -> 
                 stored = "weight" if isinstance(module, QuantLinear) and pname != "bias" else pname
                 keys[f"{name.replace('.base_layer', '')}.{stored}"] = None
     return list(keys)
+
+
+def _unread_vocab_rows(base: nn.Module, covered: set[int]) -> list[str]:
+    """The checkpoint names of vocabulary-parallel buffers no checkpoint tensor fills."""
+    return [f"{name}.{leaf}" for name, module in base.named_modules() if vocab.rows(module)
+            for leaf, buffer in module._buffers.items() if leaf in ("weight", "bias") and id(buffer) not in covered]
 
 
 def _storage(layer: QuantLinear):

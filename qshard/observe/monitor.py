@@ -97,6 +97,7 @@ def sharding_report(model: torch.nn.Module, rt: Runtime) -> list[dict]:
     tensors: embeddings, norms, head), `lora` (trainable), `buffers`. Collective: every rank calls it.
     """
     from qshard.engines.base import local_numel
+    from qshard.model import vocab
 
     mine: dict[str, list[int]] = {k: [0, 0] for k in ("base_quantized", "base_dense", "lora", "buffers")}
     for p in model.parameters():
@@ -104,9 +105,11 @@ def sharding_report(model: torch.nn.Module, rt: Runtime) -> list[dict]:
         size = p.element_size()
         mine[kind][0] += local_numel(p) * size
         mine[kind][1] += getattr(p, "ds_numel", p.numel()) * size
-    for b in model.buffers():
-        mine["buffers"][0] += b.numel() * b.element_size()
-        mine["buffers"][1] += b.numel() * b.element_size()
+    split = {id(b): m.vocab_size * b[0].numel() for m in model.modules() if vocab.rows(m) for b in m.buffers()}
+    for b in model.buffers():  # a vocabulary-parallel embedding's or head's rows are base weights
+        kind = "base_dense" if id(b) in split else "buffers"
+        mine[kind][0] += b.numel() * b.element_size()
+        mine[kind][1] += split.get(id(b), b.numel()) * b.element_size()
     row = {"rank": rt.rank, **{f"{k}_local": v[0] for k, v in mine.items()},
            **{f"{k}_full": v[1] for k, v in mine.items()}}
     if not rt.distributed:

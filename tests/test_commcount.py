@@ -20,6 +20,13 @@ read from the run's sharding.json, the analytic figures per optimizer step are:
 - zero3 with activation checkpointing: each layer's frozen storage once more (M - L - R per micro-batch);
   with layers released after forward (a DeepSpeed JSON), 3 gathers of each layer and the embedding again.
 - train.count_comm: false: no comm keys at all.
+The zero3 and fsdp2 figures above are the engines' own gathers of embedding and head (distributed.vocab_parallel:
+false). Vocabulary-parallel (the default; qshard/model/vocab.py), neither table is gathered (zero3: M - E - H,
+fsdp2: 2 (M - R) + norm per micro-batch) and the ranks exchange activations instead; on rows cut to exactly
+max_length tokens (T = 16, so R = 2 T = 32 rows of every rank's tokens, hidden 64, fp32) that is, per micro-batch:
+all_gather 8 R ids + 8 R targets + 2 x 4 loss gradients = 520 B; broadcast 4 x 64 R hidden states (one rank's
+at a time) = 8,192 B; reduce 4 x 64 R lookups + 4 x 64 R hidden-state gradients = 16,384 B; all_reduce 2 x 8 row counts + 4 R log-sum-exp
+maxima + 8 R exp-sums and target logits = 400 B.
 The loop's own all-reduce (loss, flags) and the gradient-flow check's gathers are left out: DDP's
 count equals L to the byte. Step 2 is compared (ZeRO-3 traces the module order in step 1).
 """
@@ -39,11 +46,18 @@ from qshard.observe.commcount import (
     comm_record,
     format_comm,
 )
-from tests.helpers import recipe_dict, run_cells, write_rows
+from tests.helpers import ROWS, recipe_dict, run_cells, write_rows
 
+# zero3 and fsdp2 gathering the embedding and head themselves (the vocabulary-parallel cells are VOCAB)
 ENGINES = {"ddp": {"engine": "ddp"}, "zero2": {"engine": "deepspeed", "zero_stage": 2},
-           "zero3": {"engine": "deepspeed", "zero_stage": 3}, "fsdp2": {"engine": "fsdp2"}}
+           "zero3": {"engine": "deepspeed", "zero_stage": 3, "vocab_parallel": False},
+           "fsdp2": {"engine": "fsdp2", "vocab_parallel": False}}
 MICRO = 2  # micro-batches per rank and step
+# vocabulary-parallel cells (the default): text rows all cut to max_length, so every micro-batch has T tokens
+VOCAB = {"zero3-vocab": ({"engine": "deepspeed", "zero_stage": 3}, {}), "fsdp2-vocab": ({"engine": "fsdp2"}, {}),
+         "fsdp2-vocab-ckpt": ({"engine": "fsdp2"}, {"gradient_checkpointing": True})}
+T = 16
+EXCHANGE = {"all_gather": 520, "broadcast": 8192, "reduce": 16384, "all_reduce": 400}  # per micro-batch, see docstring
 
 
 # a layer's forward is more than 1,000 fetched elements before its backward (the head alone has 32,768), its
@@ -61,13 +75,22 @@ def runs(micro_model, tmp_path_factory):
     variants = {name: (dist, {}, {}) for name, dist in ENGINES.items()}
     variants |= {"fsdp2-ckpt": (ENGINES["fsdp2"], {"gradient_checkpointing": True}, {}),
                  "zero3-ckpt": (ENGINES["zero3"], {"gradient_checkpointing": True}, {}),
-                 "zero3-release-ckpt": ({"engine": "deepspeed", "deepspeed_config": str(root / "release.json")},
-                                        {"gradient_checkpointing": True}, {}),
+                 "zero3-release-ckpt": ({"engine": "deepspeed", "deepspeed_config": str(root / "release.json"),
+                                         "vocab_parallel": False}, {"gradient_checkpointing": True}, {}),
                  "ddp-uncounted": (ENGINES["ddp"], {}, {"count_comm": False})}
     cells = []
     for name, (dist, model, train) in variants.items():
         r = recipe_dict(micro_model, data, root / name, max_steps=2, micro_batch_size=1,
                         gradient_accumulation_steps=MICRO, sample_tokens=0, **train)
+        r["model"].update(model)
+        r["distributed"] = dist
+        cells.append({"name": name, "recipe": r})
+    texts = root / "texts.jsonl"  # each row far longer than T tokens
+    texts.write_text("".join(json.dumps({"text": " ".join([*row.values()] * 3)}) + "\n" for row in ROWS))
+    for name, (dist, model) in VOCAB.items():
+        r = recipe_dict(micro_model, texts, root / name, max_steps=2, micro_batch_size=1,
+                        gradient_accumulation_steps=MICRO, sample_tokens=0)
+        r["data"].update(format="text", max_length=T)
         r["model"].update(model)
         r["distributed"] = dist
         cells.append({"name": name, "recipe": r})
@@ -168,11 +191,47 @@ def test_zero3_gathers_a_released_layer_three_times_with_checkpointing(runs, mic
     recomputed forward and for backward, and the embedding once more for its backward (checkpointing makes its
     output require a gradient): the plan's rule for released layers, within 2% here (the first layer's
     attention input needs no gradient, so its q/k/v weights are not gathered for backward)."""
-    record, (lora, model), root = _step(runs, "zero3-release-ckpt"), _sizes(runs, "zero3"), _root_bytes(micro_model)
+    record, (_, model), root = _step(runs, "zero3-release-ckpt"), _sizes(runs, "zero3"), _root_bytes(micro_model)
     layers, embedding = model - root, 4 * 512 * 64
     measured = record["comm_bytes"]["all_gather"]
     assert measured == pytest.approx(MICRO * (model + 2 * layers + embedding), rel=0.02)
     assert measured > MICRO * (model + layers + embedding) * 1.1  # not 2 gathers
+
+
+def test_zero3_vocab_parallel_gathers_no_table_and_exchanges_activations_as_planned(runs, micro_model):
+    """Every parameter gathered once a micro-batch but the embedding and head (E + H = R - norm), plus the exchange;
+    the plan counts both to the byte (DeepSpeed's own few-byte all-reduces aside)."""
+    record, (lora, model), root = _step(runs, "zero3-vocab"), _sizes(runs, "zero3-vocab"), _root_bytes(micro_model)
+    tables, measured = root - 4 * 64, record["comm_bytes"]
+    assert tables == 2 * 4 * 512 * 64
+    assert measured["all_gather"] == MICRO * (model - tables + EXCHANGE["all_gather"])
+    assert measured["reduce_scatter"] == MICRO * lora
+    assert measured["reduce"] == MICRO * EXCHANGE["reduce"]
+    for op in ("all_reduce", "broadcast"):  # DeepSpeed's own scalars beside the exchange
+        assert MICRO * EXCHANGE[op] <= measured[op] <= MICRO * EXCHANGE[op] + 64, op
+    assert record["comm_planned_bytes"] == {"all_gather": measured["all_gather"],
+                                            "reduce_scatter": measured["reduce_scatter"],
+                                            **{op: MICRO * EXCHANGE[op] for op in ("all_reduce", "broadcast", "reduce")}}
+
+
+def test_fsdp2_vocab_parallel_gathers_layers_twice_and_the_norm_once_as_planned(runs, micro_model):
+    """The root holds the final norm alone and no table is a unit: layers twice, the norm once, plus the exchange
+    (3 all-gathers a micro-batch: ids, targets, loss gradients; hidden states are broadcast, one rank's at a time,
+    and lookups and gradients reduced to their owner); with activation checkpointing
+    nothing more (off, the embedding was gathered again for its backward)."""
+    record, (lora, model), root = _step(runs, "fsdp2-vocab"), _sizes(runs, "fsdp2-vocab"), _root_bytes(micro_model)
+    measured, norm = record["comm_bytes"], 4 * 64
+    gathered = MICRO * (2 * (model - root) + norm + EXCHANGE["all_gather"])
+    assert measured["all_gather"] == gathered
+    assert record["comm_calls"]["all_gather"] == MICRO * (2 * 2 + 1 + 3)
+    assert measured["reduce_scatter"] == lora
+    assert measured["broadcast"] == MICRO * EXCHANGE["broadcast"] and measured["reduce"] == MICRO * EXCHANGE["reduce"]
+    assert MICRO * EXCHANGE["all_reduce"] < measured["all_reduce"] <= MICRO * EXCHANGE["all_reduce"] + 1024  # + norm
+    planned = {"all_gather": gathered, "reduce_scatter": measured["reduce_scatter"],
+               **{op: MICRO * EXCHANGE[op] for op in ("all_reduce", "broadcast", "reduce")}}
+    assert record["comm_planned_bytes"] == planned
+    ckpt = _step(runs, "fsdp2-vocab-ckpt")
+    assert ckpt["comm_bytes"]["all_gather"] == gathered and ckpt["comm_planned_bytes"] == planned
 
 
 def test_count_comm_false_counts_nothing(runs):

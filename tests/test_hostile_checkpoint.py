@@ -22,7 +22,13 @@ from qshard.config import parse_recipe
 from qshard.errors import QShardError
 from qshard.observe.metrics import read_metrics, truncate_after
 from qshard.state import checkpoint
-from qshard.state.checkpoint import REQUIRED, CheckpointInvalid, load_state, save_state, verify
+from qshard.state.checkpoint import (
+    REQUIRED,
+    CheckpointInvalid,
+    load_state,
+    save_state,
+    verify,
+)
 from qshard.state.resume import check_resume_compatible, expected_adapter_shapes
 from tests.helpers import recipe_dict, write_rows
 from tests.hostile import assert_refused, changed, run_cli, snapshot

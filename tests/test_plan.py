@@ -280,9 +280,11 @@ def test_deepspeed_reduce_bucket_is_the_engines_at_least_1e6_at_most_5e8_element
 def test_zero3_keeps_a_small_model_gathered_and_only_the_tail_of_a_70b():
     """DeepSpeed releases a layer after forward only if its backward is more than stage3_max_reuse_distance
     (1e9) fetched elements away, i.e. 2 x (elements after it) >= 1e9; one more copy of the largest
-    parameter is the all-gather buffer (DeepSpeed's estimator: two copies of the largest layer)."""
+    parameter is the all-gather buffer (DeepSpeed's estimator: two copies of the largest layer). The engine
+    gathers the embedding and head here (vocabulary-parallel: test_zero3_vocab_parallel_...)."""
     small = tiny_spec("400m")
-    s = Settings(quant="nf4", dense_dtype="float32", precision="fp32", lora_r=8, engine="zero3", gpus=2)
+    s = Settings(quant="nf4", dense_dtype="float32", precision="fp32", lora_r=8, engine="zero3", gpus=2,
+                 vocab_parallel=False)
     lora, b = plan.lora_params(small, s), plan.base_bytes(small, s)
     everything_but_embedding = sum(b.values()) - b["embed_tokens"] + lora * 4
     assert plan.zero3_gathered_bytes(small, s, lora) == everything_but_embedding + b["lm_head"]
@@ -297,9 +299,11 @@ def test_zero3_keeps_a_small_model_gathered_and_only_the_tail_of_a_70b():
 def test_fsdp2_holds_two_layers_and_the_head_but_not_the_embedding():
     """qshard makes the embedding and the head FSDP2 units of their own: at the peak (the loss, the start of
     backward) the head and the root's final norm are gathered next to the current and the prefetched layer; the
-    embedding was resharded after its forward. Tied, both stay in the root, gathered from forward to backward."""
+    embedding was resharded after its forward. Tied, both stay in the root, gathered from forward to backward.
+    (distributed.vocab_parallel: false; vocabulary-parallel, neither is FSDP2's: test_fsdp2_vocab_parallel_...)"""
     spec = tiny_spec("400m")
-    s = Settings(quant="nf4", dense_dtype="float32", precision="fp32", lora_r=8, engine="fsdp2", gpus=2)
+    s = Settings(quant="nf4", dense_dtype="float32", precision="fp32", lora_r=8, engine="fsdp2", gpus=2,
+                 vocab_parallel=False)
     layer = plan.decoder_layer_bytes(spec, s) + plan.lora_params(spec, s) // spec.layers * 4
     assert plan.root_bytes(spec, s) == 4 * (2 * 32000 * 1024 + 1024)  # 250.0 MiB in fp32
     assert estimate(spec, s).gpu["gathered_weights"] == 2 * layer + 4 * (32000 * 1024 + 1024)
@@ -308,13 +312,20 @@ def test_fsdp2_holds_two_layers_and_the_head_but_not_the_embedding():
         32000 * 1024 + 1024)
 
 
-def test_offload_moves_optimizer_and_params_to_cpu():
+def test_offload_moves_optimizer_and_params_to_cpu_but_not_vocabulary_parallel_rows():
+    """Vocabulary-parallel rows are buffers on the GPU, not parameters DeepSpeed offloads: each GPU keeps half of
+    the bf16 embedding and head, 2 x 128,256 x 8,192 x 2 B / 2 = 2,101,346,304 B."""
     spec = model_spec(LLAMA3_70B)
-    s = Settings(quant="nf4", gpus=2, global_batch=2, engine="zero3", offload_optimizer=True, offload_params=True)
+    s = Settings(quant="nf4", gpus=2, global_batch=2, engine="zero3", offload_optimizer=True, offload_params=True,
+                 vocab_parallel=False)
     e = estimate(spec, s)
+    base = sum(plan.base_bytes(spec, s).values())
     assert e.gpu["base_weights"] == 0 and "optimizer_states" not in e.gpu
-    assert e.cpu["base_weights"] == sum(plan.base_bytes(spec, s).values())
+    assert e.cpu["base_weights"] == base
     assert e.cpu["optimizer_states"] == plan.lora_params(spec, s) * 8 // 2
+    split = estimate(spec, replace(s, vocab_parallel=True))
+    assert split.gpu["base_weights"] == 2_101_346_304 == 128256 * 8192 * 2
+    assert split.cpu["base_weights"] == base - 2 * 2_101_346_304
 
 
 def test_zero3_per_parameter_bytes_equal_deepspeeds_estimator():
@@ -362,6 +373,137 @@ def test_parameter_count_equals_deepspeeds_count_on_a_dense_fp16_model():
     assert 4 * spec.vocab * spec.hidden + 18 * spec.params == gpu_ds
 
 
+# -- vocabulary-parallel embedding and head (qshard/model/vocab.py) -----------------------------------
+
+def test_vocab_parallel_applies_to_zero3_and_fsdp2_on_two_or_more_gpus(tmp_path):
+    """qshard/train.py split_vocabulary's rule: an engine that shards the base, 2+ ranks, the recipe's
+    distributed.vocab_parallel (on by default), and neither table adapted."""
+    s = Settings(gpus=2)
+    engines = ("none", "ddp", "zero1", "zero2", "zero3", "fsdp2")
+    assert [replace(s, engine=e).vocab_split for e in engines] == [False] * 4 + [True] * 2
+    assert not replace(s, engine="fsdp2", gpus=1).vocab_split
+    assert replace(s, engine="zero3", gpus=1, nodes=2, offload_params=True).vocab_split  # 2 ranks, zero3_offload
+    assert not replace(s, engine="zero3", vocab_parallel=False).vocab_split
+    assert not replace(s, engine="zero3", lora_targets=("q_proj", "lm_head")).vocab_split
+    model = write_model_dir(tmp_path / "llama3-70b", LLAMA3_70B)
+    for flag in (True, False):
+        recipe = load_recipe(write_recipe(tmp_path, model, distributed={"engine": "fsdp2", "vocab_parallel": flag}))
+        assert plan.settings_from_recipe(recipe, model_spec(LLAMA3_70B), gpus=2, nodes=1).vocab_split is flag
+
+
+# one Llama-3-70B decoder layer as ZeRO-3 and FSDP2 gather it: its NF4 linears (n / 2 codes + n / 64 absmax codes +
+# 4 B per 256 absmax + 4 B each: q, o 34,619,396 B; k, v 4,327,428; gate, up, down 121,167,876: 441,397,276 B),
+# its two bf16 norms (32,768 B) and 2,588,672 LoRA parameters (r=16, all-linear) in bf16
+GATHERED_70B_LAYER = 441_397_276 + 32_768 + 2 * 2_588_672
+TABLE_70B = 128256 * 8192 * 2  # the bf16 embedding, or head: 2,101,346,304 B
+
+
+def test_fsdp2_vocab_parallel_gathers_neither_embedding_nor_head():
+    """Llama-3-70B on 8 GPUs: FSDP2's gathered weights lose the head and keep the current and the prefetched
+    layer and the root's final norm (8,192 x 2 B); each GPU's share of the base is unchanged (1/8 of the rows, as
+    FSDP2's shard of the tables was)."""
+    spec = model_spec(LLAMA3_70B)
+    s = Settings(quant="nf4", engine="fsdp2", gpus=8, global_batch=8, seq_len=2048)
+    on, off = estimate(spec, s), estimate(spec, replace(s, vocab_parallel=False))
+    assert plan.gathered_layer_sizes(spec, s)[False][0] == GATHERED_70B_LAYER == 446_607_388
+    assert plan.fsdp2_peak_outside(spec, s) == 16_384
+    assert on.gpu["gathered_weights"] == 2 * GATHERED_70B_LAYER + 16_384
+    assert off.gpu["gathered_weights"] - on.gpu["gathered_weights"] == TABLE_70B
+    assert on.gpu["base_weights"] == off.gpu["base_weights"]
+
+
+def test_zero3_vocab_parallel_keeps_the_last_two_70b_layers_and_gathers_no_table():
+    """ZeRO-3, Llama-3-70B, 8 GPUs. Off: the head (1,050,673,152 elements) follows the last layer, 2 x 1.05e9 >=
+    1e9, so no layer stays gathered for backward; the head and one more copy of the largest parameter (a table)
+    are gathered. On: the walk starts at the final norm (8,192 elements); a layer is 444,002,332 elements
+    (441,397,276 NF4 bytes + 16,384 norm weights + 2,588,672 LoRA): 2 x 8,192 < 1e9 keeps the last layer,
+    2 x 444,010,524 < 1e9 the one before, 2 x 888,012,856 >= 1e9 stops. The all-gather buffer's copy is then of
+    the largest module, gate/up/down_proj in NF4: 121,167,876 B. Prefetch (5e7 elements) is the same."""
+    spec = model_spec(LLAMA3_70B)
+    s = Settings(quant="nf4", engine="zero3", gpus=8, global_batch=8, seq_len=2048)
+    off, lora = replace(s, vocab_parallel=False), plan.lora_params(spec, s)
+    assert plan.decoder_layer_elements(spec, s) + lora // 80 == 444_002_332
+    assert plan.zero3_layers_kept(spec, off, lora) == 0 and plan.zero3_layers_kept(spec, s, lora) == 2
+    assert plan.largest_layer_module_bytes(spec, s) == 121_167_876
+    fewer = 2 * TABLE_70B - 2 * GATHERED_70B_LAYER - 121_167_876
+    assert plan.zero3_gathered_bytes(spec, off, lora) - plan.zero3_gathered_bytes(spec, s, lora) == fewer
+    assert fewer == 3_188_309_956
+
+
+def test_vocab_parallel_logits_and_loss_hold_one_ranks_rows_of_exchange_at_a_time():
+    """Llama-3-70B, 2,048 bf16 tokens a GPU. Off: logits 2,048 x 128,256 x 2 = 525,336,576 B, one fp32 loss chunk
+    2^23 x 4 = 33,554,432, a log-sum-exp a token 8,192: 558,899,200 B. On 8 GPUs (R = 16,384 rows of every rank's
+    tokens, 16,032 vocabulary rows a GPU): as many logits, 16,384 x 16,032 x 2 = 525,336,576, 13 B a row kept for
+    backward (212,992), and the head's backward at the start of backward, one owner's rows at a time: two fp32
+    [2,048, 8,192] sums (the owner's being reduced and this rank's own, kept) 134,217,728, plus fp32 copies of one
+    chunk of 2^23 // (2,048 + 8,192) = 819 head rows, 4 x 819 x 10,240 = 33,546,240 (more than the forward's
+    broadcast buffer and padded copy, 2 x 2,048 x 8,192 x 2 = 67,108,864, and the loss chunk): 693,313,536 B.
+    On 2 GPUs (R = 4,096): 525,336,576 + 53,248 + 167,763,968 = 693,153,792 B: nothing grows with the ranks but
+    the 13 B a row."""
+    spec = model_spec(LLAMA3_70B)
+    s = Settings(engine="fsdp2", gpus=8, seq_len=2048)
+    off = plan.logits_bytes(spec, replace(s, vocab_parallel=False))
+    assert off == plan.logits_bytes(spec, replace(s, gpus=1)) == 558_899_200
+    assert plan.logits_bytes(spec, s) == 693_313_536
+    assert plan.logits_bytes(spec, replace(s, gpus=2)) == 693_153_792
+
+
+@pytest.mark.parametrize("gpus, exchange_more", [
+    # 512 tokens: logits 131,334,144 as off (164,890,624 with the loss chunk), 13 R, and the backward's two fp32
+    # [512, 8,192] sums plus 963 head rows of fp32 copies (2^23 // 8,704), 4 x 963 x 8,704
+    (8, 131_334_144 + 13 * 4096 + 8 * 512 * 8192 + 4 * 963 * 8704 - 164_890_624),
+    (2, 131_334_144 + 13 * 1024 + 8 * 512 * 8192 + 4 * 963 * 8704 - 164_890_624),
+])
+def test_70b_per_gpu_estimate_falls_by_the_gathered_head_less_the_exchange(gpus, exchange_more):
+    """FSDP2, NF4, Llama-3-70B, activation checkpointing, 512 tokens a GPU: the allocated bytes fall by the head FSDP2
+    no longer gathers less what the exchange adds to logits_and_loss (33,579,008 B on 8 GPUs, 33,539,072 on 2).
+    On 2 x 24 GiB that is the difference between fitting and not."""
+    spec = model_spec(LLAMA3_70B)
+    s = Settings(quant="nf4", engine="fsdp2", gpus=gpus, global_batch=gpus, seq_len=512, checkpointing=True)
+    on, off = estimate(spec, s), estimate(spec, replace(s, vocab_parallel=False))
+    assert exchange_more == {8: 33_579_008, 2: 33_539_072}[gpus]
+    assert off.tensor_bytes - on.tensor_bytes == TABLE_70B - exchange_more
+    if gpus == 2:
+        assert on.peak <= 24 * GIB < off.peak
+
+
+def _per_op(traffic) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in traffic:
+        out[t.op] = out.get(t.op, 0) + t.bytes_per_step
+    return out
+
+
+def test_vocab_parallel_traffic_exchanges_activations_instead_of_the_tables():
+    """Llama-3-70B, 8 GPUs, 2,048 tokens, one micro-batch a step. FSDP2 no longer gathers the head twice and the
+    embedding once (3 tables), not even with checkpointing (off, the embedding's backward gathers it again);
+    ZeRO-3 neither table once and 2 fewer layers again for backward (now kept). Both add, with R = 16,384 rows:
+    all_gather 16 R + 4 x 8 = 262,176 (int64 ids and targets, fp32 loss gradients); broadcast 2 x 8,192 x R =
+    268,435,456 (bf16 hidden states, one rank's at a time); reduce (2 + 4) x 8,192 x R = 805,306,368 (bf16
+    lookups, fp32 hidden-state gradients, to their owner); all_reduce 16 + 12 R = 196,624 (row counts, log-sum-exp
+    maximum, exp-sums and target logits)."""
+    spec = model_spec(LLAMA3_70B)
+    s = Settings(quant="nf4", gpus=8, global_batch=8, seq_len=2048)
+    for engine, fewer in (("fsdp2", 3 * TABLE_70B), ("zero3", 2 * TABLE_70B + 2 * GATHERED_70B_LAYER)):
+        on = _per_op(plan.step_traffic(spec, replace(s, engine=engine)))
+        off = _per_op(plan.step_traffic(spec, replace(s, engine=engine, vocab_parallel=False)))
+        assert on == {"all_gather": off["all_gather"] - fewer + 262_176, "reduce_scatter": off["reduce_scatter"],
+                      "broadcast": 268_435_456, "reduce": 805_306_368, "all_reduce": 196_624}, engine
+    fsdp2 = replace(s, engine="fsdp2")
+    assert _per_op(plan.step_traffic(spec, replace(fsdp2, checkpointing=True))) == _per_op(
+        plan.step_traffic(spec, fsdp2))
+
+
+def test_plan_command_says_where_the_embedding_and_head_are(tmp_path, capsys):
+    model = write_model_dir(tmp_path / "llama3-70b", LLAMA3_70B)
+    for flag, line in ((True, "embedding and head: vocabulary-parallel, 1/8 of their rows kept per GPU"),
+                       (False, "embedding and head: gathered whole by the engine like a layer "
+                               "(distributed.vocab_parallel: false; in gathered_weights)")):
+        recipe = write_recipe(tmp_path, model, distributed={"engine": "fsdp2", "vocab_parallel": flag})
+        assert main(["plan", str(recipe), "--gpus", "8", "--out", str(tmp_path / f"out-{flag}")]) == 0
+        assert line in capsys.readouterr().out
+
+
 # -- measured on 2 ranks ------------------------------------------------------------------------------
 
 # Rank 0's allocated tensor bytes at the second optimizer step on 2 gloo ranks, NF4 base, LoRA r=8 all-linear,
@@ -396,9 +538,10 @@ FSDP2_IN_FLIGHT = 147968
 @pytest.mark.parametrize("size,engine,precision,tokens,ckpt,base,states,peak", MEASURED)
 def test_per_rank_prediction_is_within_10_percent_of_measured_bytes(size, engine, precision, tokens, ckpt, base,
                                                                     states, peak):
+    # measured before vocabulary parallelism existed: the engines gathered the embedding and head
     s = Settings(quant="nf4", dense_dtype="float32" if precision == "fp32" else "bfloat16", precision=precision,
                  lora_r=8, engine=engine, micro_batch=tokens[0], seq_len=tokens[1], checkpointing=ckpt, gpus=2,
-                 global_batch=2 * tokens[0])
+                 global_batch=2 * tokens[0], vocab_parallel=False)
     e = estimate(tiny_spec(size), s)
     transient = ("engine_buffers",) if engine in ("zero1", "zero2") else ()  # ZeRO-1/2's bucket: backward only
     predicted_states = sum(e.gpu.get(k, 0) for k in ("lora_params", "lora_grads", "master_weights",

@@ -7,11 +7,13 @@ FSDP2 splits dim 0) as a frozen, non-persistent buffer the engines leave alone, 
 activations instead of weights:
 
 - embedding: the ranks' token ids are all-gathered (a few KB), each rank looks up the ids it holds rows
-  for (zeros elsewhere) and a reduce-scatter sums every rank's partial lookup into its own tokens' rows;
-- head: the ranks' hidden states are all-gathered (tokens x hidden), each rank computes the logits of its
-  vocabulary slice for every rank's tokens (together as many as one rank's full logits), and the loss
-  combines per-token log-sum-exps across ranks (`loss_sum`). In backward the hidden-state gradient of
-  every rank's tokens is reduce-scattered back to its owner.
+  for (zeros elsewhere), and each rank's partial lookups are summed into the tokens' owner (a reduce);
+- head: each rank's hidden states are broadcast in turn (tokens x hidden), each rank computes the logits of
+  its vocabulary slice for every rank's tokens (together as many as one rank's full logits), and the loss
+  combines per-token log-sum-exps across ranks (`loss_sum`). In backward the hidden-state gradient of each
+  rank's tokens is summed over the slices into its owner (a reduce, in fp32).
+One rank's rows are exchanged at a time, so the working memory is one rank's [tokens, hidden] whatever the
+number of ranks (an all-gather would hold every rank's at once); the bytes sent are an all-gather's.
 
 The model's own forward runs unchanged: elementwise post-processing of the logits (soft-capping, logit
 scaling) applies to the local slice as it would to the whole. Outside the loss (`logits_for_loss` not
@@ -97,13 +99,16 @@ class VocabParallelEmbedding:
         ids = _gather_rows(_pad_rows(input_ids.reshape(-1), most, 0))  # every rank's ids: [N * most]
         local = ids - self.vocab_rows[0]
         here = (local >= 0) & (local < self.weight.shape[0])
-        # The model's own lookup (a subclass may scale it) of every id, ids held elsewhere read as row 0 and
-        # zeroed: each token's row is non-zero on exactly the rank holding it, so the sum below is that row.
-        found = super().forward(local.clamp(0, max(self.weight.shape[0] - 1, 0)))
-        found = torch.where(here[:, None], found, 0)
-        mine = torch.empty((most, found.shape[-1]), dtype=found.dtype, device=found.device)
-        dist.reduce_scatter_tensor(mine, found.contiguous())  # one rank's row is non-zero: an exact sum
-        return mine[:count].reshape(*input_ids.shape, found.shape[-1])
+        mine = None
+        for owner in range(self.world_size):  # one rank's tokens at a time: [most, H] alive, whatever N is
+            rows = slice(owner * most, (owner + 1) * most)
+            # The model's own lookup (a subclass may scale it) of that rank's ids, ids held elsewhere read as
+            # row 0 and zeroed: each token's row is non-zero on exactly one rank, so the sum is that row.
+            found = super().forward(local[rows].clamp(0, max(self.weight.shape[0] - 1, 0)))
+            found = found.masked_fill_(~here[rows, None], 0).contiguous()
+            dist.reduce(found, dst=owner)
+            mine = found if owner == self.rank else mine
+        return mine[:count].reshape(*input_ids.shape, mine.shape[-1])
 
 
 class VocabParallelHead:
@@ -116,11 +121,11 @@ class VocabParallelHead:
         local = _VocabSliceLogits.apply(flat, self.weight, self.bias, count, most)
         if getattr(self, "layout", None) is not None:
             self.layout = (count, most)
-            return local.unsqueeze(0)
+            return local
         if torch.is_grad_enabled() and flat.requires_grad:
             raise RuntimeError("a vocabulary-parallel head's full logits carry no gradient: compute the loss "
                                "inside vocab.logits_for_loss")
-        return self._full_logits(local.detach(), count, most).reshape(*hidden.shape[:-1], -1)
+        return self._full_logits(local.detach()[0], count, most).reshape(*hidden.shape[:-1], -1)
 
     def _full_logits(self, local: torch.Tensor, count: int, most: int) -> torch.Tensor:
         per_rank = -(-self.vocab_size // self.world_size)
@@ -173,26 +178,39 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class _VocabSliceLogits(torch.autograd.Function):
-    """Every rank's hidden states [N x most, H] times this rank's head rows. Backward: the gradient of every
-    rank's hidden states from this slice, summed over ranks (in fp32) into each owner's rows."""
+    """Every rank's hidden states times this rank's head rows: [1, N x most, rows]. One rank's hidden states
+    are broadcast at a time (and in backward one rank's gradient reduced to it at a time), so the working
+    memory is one rank's [most, H] whatever the number of ranks; the bytes sent equal an all-gather's."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, count, most):
         ctx.save_for_backward(weight)
         ctx.count, ctx.most, ctx.dtype = count, most, hidden.dtype
-        return F.linear(_gather_rows(_pad_rows(hidden, most, 0)).to(weight.dtype), weight, bias)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        # a tensor of its own, not a view (FSDP2 hooks the root's outputs for backward)
+        out = torch.empty((1, world * most, weight.shape[0]), dtype=weight.dtype, device=hidden.device)
+        for owner in range(world):
+            rows = (_pad_rows(hidden, most, 0) if owner == rank else
+                    torch.empty((most, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)).contiguous()
+            dist.broadcast(rows, src=owner)
+            torch.matmul(rows.to(weight.dtype), weight.t(), out=out[0, owner * most:(owner + 1) * most])
+        return out if bias is None else out.add_(bias)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
+        grad, most, rank = grad[0], ctx.most, dist.get_rank()
         # accumulated in fp32 over vocabulary chunks and rounded once, after the sum over ranks, as one
         # process's matmul over the whole vocabulary rounds once (bf16 partial sums drift over a run)
-        every = torch.zeros((grad.shape[0], weight.shape[1]), dtype=torch.float32, device=grad.device)
-        step = max(1, CHUNK_ELEMENTS // (grad.shape[0] + weight.shape[1]))
-        for a in range(0, weight.shape[0], step):
-            every.addmm_(grad[:, a:a + step].float(), weight[a:a + step].float())
-        mine = torch.empty((ctx.most, every.shape[1]), dtype=every.dtype, device=every.device)
-        dist.reduce_scatter_tensor(mine, every)
+        step = max(1, CHUNK_ELEMENTS // (most + weight.shape[1]))
+        mine = None
+        for owner in range(dist.get_world_size()):
+            rows = grad[owner * most:(owner + 1) * most]
+            total = torch.zeros((most, weight.shape[1]), dtype=torch.float32, device=grad.device)
+            for a in range(0, weight.shape[0], step):
+                total.addmm_(rows[:, a:a + step].float(), weight[a:a + step].float())
+            dist.reduce(total, dst=owner)
+            mine = total if owner == rank else mine
         return mine[:ctx.count].to(ctx.dtype), None, None, None, None
 
 

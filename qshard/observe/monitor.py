@@ -154,9 +154,12 @@ def replicated_tensors(model: torch.nn.Module, rt: Runtime, min_bytes: int = 1 <
 
     if rt.world_size < 2:
         return []
+    from qshard.model import vocab
+
     found = []
+    rows = {id(b) for m in model.modules() if vocab.rows(m) for b in m.buffers()}  # a rank's rows, not whole
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.requires_grad or t.numel() * t.element_size() < min_bytes:
+        if t.requires_grad or t.numel() * t.element_size() < min_bytes or id(t) in rows:
             continue
         full = getattr(t, "ds_numel", t.numel())
         if local_numel(t) >= full:

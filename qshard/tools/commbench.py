@@ -35,7 +35,7 @@ from qshard.tools.plan import (
     step_traffic,
 )
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce")
 WARMUP = 2
 
 
@@ -76,7 +76,8 @@ def measure(op: str, nbytes: int, iters: int, device: torch.device) -> Row:
     part = torch.zeros(count // n, device=device)
     run = {"all_reduce": lambda: dist.all_reduce(full),
            "all_gather": lambda: dist.all_gather_into_tensor(full, part),
-           "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full)}[op]
+           "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
+           "broadcast": lambda: dist.broadcast(full, src=0), "reduce": lambda: dist.reduce(full, dst=0)}[op]
     for _ in range(WARMUP):
         run()
     _sync(device)

@@ -12,6 +12,8 @@ instead of GeLU; frozen linears keep no inputs, LoRA's A matrices do), counted i
 and checked against measured bytes (bench/plan_validation.py, BENCHMARKS.md). What the engines add per rank
 (DDP's buckets, DeepSpeed's partitions, reduce bucket and gathered parameters, FSDP2's unsharded layers and
 root) follows their source, cited where it is used, and is checked on 2 ranks (bench/plan_validation_dist.py).
+The vocabulary-parallel embedding and head (qshard/model/vocab.py) follow its code; their traffic is counted on 2
+ranks (tests/test_commcount.py), their memory is not measured yet.
 """
 
 from __future__ import annotations
@@ -354,6 +356,7 @@ class Settings:
     offload_optimizer: bool = False
     offload_params: bool = False
     reshard_after_forward: bool = True  # FSDP2
+    vocab_parallel: bool = True      # distributed.vocab_parallel; where it applies: `vocab_split`
     micro_batch: int = 1
     seq_len: int = 1024
     checkpointing: bool = False
@@ -368,6 +371,16 @@ class Settings:
     @property
     def accumulation(self) -> int:
         return max(1, math.ceil(self.global_batch / (self.micro_batch * self.world)))
+
+    @property
+    def vocab_split(self) -> bool:
+        """Embedding and head vocabulary-parallel (qshard/train.py split_vocabulary): each rank keeps 1/N of their
+        rows as buffers the engine never gathers. ZeRO-3 and FSDP2 on 2+ GPUs, unless the recipe turns it off or
+        names either as a LoRA target (a trained table is left to the engine: qshard/model/vocab.py why_not;
+        qshard/model/lora.py resolve_targets refuses those targets today, so no run reaches that case yet)."""
+        targets = () if self.lora_targets == "all-linear" else self.lora_targets
+        return (self.vocab_parallel and self.engine in ("zero3", "fsdp2") and self.world >= 2
+                and not {"lm_head", "embed_tokens"} & set(targets))
 
     @property
     def label(self) -> str:
@@ -451,9 +464,19 @@ def root_bytes(spec: ModelSpec, s: Settings) -> int:
     return b["embed_tokens"] + spec.hidden * DTYPE_BYTES[s.dense_dtype] + b["lm_head"]
 
 
+def vocab_parallel_bytes(spec: ModelSpec, s: Settings) -> int:
+    """The embedding and the (untied) head where they are vocabulary-parallel (`Settings.vocab_split`), else 0:
+    buffers each rank keeps 1/N of (as the engine would keep its shard), which the engine never gathers."""
+    b = base_bytes(spec, s)
+    return b["embed_tokens"] + b["lm_head"] if s.vocab_split else 0
+
+
 def fsdp2_peak_outside(spec: ModelSpec, s: Settings) -> int:
     """What FSDP2 holds gathered outside the decoder layers at the peak: all of it where the head is tied to
-    the embedding (both in the root), else the head and the final norm (the embedding is resharded)."""
+    the embedding (both in the root), else the head and the final norm (the embedding is resharded); the final
+    norm alone where they are vocabulary-parallel (no parameters of FSDP2's: the root holds only the norm)."""
+    if s.vocab_split:
+        return spec.hidden * DTYPE_BYTES[s.dense_dtype]
     return root_bytes(spec, s) - (0 if spec.tied else base_bytes(spec, s)["embed_tokens"])
 
 
@@ -485,10 +508,13 @@ def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
     again in its own backward, after every later layer and the head have been fetched twice (forward, then
     backward), so it stays gathered when 2 x (elements after it) < 1e9: below ~5e8 elements the whole model
     does. The head and final norm, used again at once, stay too; the embedding (no backward) is released.
+    A vocabulary-parallel head is a buffer, no ZeRO parameter: nothing is fetched for it, and the walk starts
+    from the final norm alone (a 70B's last two layers then stay, where its 1.05e9-element head kept none).
     Each layer counts its own elements and LoRA (`gathered_layer_sizes`; `lora`, the adapter's total, is not
     needed for that)."""
     sizes = gathered_layer_sizes(spec, s)
-    after, kept = spec.vocab * spec.hidden + spec.hidden, 0  # elements of the head and final norm
+    head = 0 if s.vocab_split else spec.vocab * spec.hidden
+    after, kept = head + spec.hidden, 0  # elements of the head and final norm
     for moe in reversed(spec.layer_is_moe()):
         if 2 * after >= DS_MAX_REUSE_DISTANCE:
             break
@@ -498,22 +524,36 @@ def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
 
 def zero3_gathered_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
     """Parameters ZeRO-3 holds gathered at the start of backward (the peak), at DeepSpeed's defaults: the
-    head, the final norm and the layers kept for their backward (`zero3_layers_kept`).
+    head (unless vocabulary-parallel), the final norm and the layers kept for their backward (`zero3_layers_kept`).
 
     Layers beyond the reuse distance are fetched ahead, up to stage3_prefetch_bucket_size (5e7) elements.
     Each gathered layer brings its LoRA tensors whole, in the half dtype DeepSpeed casts them to. One more
     copy of the largest parameter (embedding or head) is alive as the all-gather's buffer: DeepSpeed's own
     estimator budgets two copies of the largest layer (`largest_layer_memory` in stage3.py's
-    estimate_zero3_model_states_mem_needs). Measured with bench/plan_validation_dist.py (BENCHMARKS.md)."""
+    estimate_zero3_model_states_mem_needs). Measured with bench/plan_validation_dist.py (BENCHMARKS.md).
+    Vocabulary-parallel, that copy is of the largest module left (`largest_layer_module_bytes`): not measured."""
     b = base_bytes(spec, s)
     sizes, order = gathered_layer_sizes(spec, s), spec.layer_is_moe()
-    head_bytes = b["lm_head"] or b["embed_tokens"]  # a tied head is the embedding
+    head_bytes = 0 if s.vocab_split else b["lm_head"] or b["embed_tokens"]  # a tied head is the embedding
     released = spec.layers - zero3_layers_kept(spec, s, lora)
     gathered = head_bytes + spec.hidden * DTYPE_BYTES[s.dense_dtype] + sum(sizes[m][0] for m in order[released:])
     rest = sum(sizes[m][1] for m in order[:released])
     layer_bytes, layer_elements = sizes[True in sizes]  # prefetched at the largest layer's bytes per element
     prefetched = min(rest, DS_PREFETCH_BUCKET) * layer_bytes // layer_elements
-    return gathered + prefetched + max(b["embed_tokens"], b["lm_head"])
+    largest = largest_layer_module_bytes(spec, s) if s.vocab_split else max(b["embed_tokens"], b["lm_head"])
+    return gathered + prefetched + largest
+
+
+def largest_layer_module_bytes(spec: ModelSpec, s: Settings) -> int:
+    """The largest module's own frozen storage in the decoder layers: one linear (a PTQ linear's tensors together)
+    or one fused expert stack. DeepSpeed's "largest layer" is the largest module's parameters, not recursing
+    (stage3.py model_to_params), so with the embedding and head out of ZeRO's hands it is one of these, not a
+    whole decoder layer (which `gathered_layer_sizes` counts as the unit gathered)."""
+    sizes = [_nbytes(stored_linear(spec, s, name, moe))
+             for moe in spec.layer_kinds() for name in spec.layer_linears(moe)]
+    if spec.experts:
+        sizes += [k * size for k, size in stored_experts(spec, s)]
+    return max(sizes)
 
 
 def lora_param_count(shapes, r: int, use_dora: bool = False) -> int:
@@ -610,10 +650,39 @@ def activation_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
 
 def logits_bytes(spec: ModelSpec, s: Settings) -> int:
     """The logits in the forward's precision, which the chunked loss (qshard/loss.py) overwrites with their own
-    gradient in backward, plus its working set: one fp32 chunk and one fp32 log-sum-exp per token."""
+    gradient in backward, plus its working set: one fp32 chunk and one fp32 log-sum-exp per token.
+    Vocabulary-parallel: `vocab_parallel_logits_bytes`."""
+    if s.vocab_split:
+        return vocab_parallel_logits_bytes(spec, s)
     tokens = s.micro_batch * s.seq_len
     logits = tokens * spec.vocab
     return logits * (4 if s.precision == "fp32" else 2) + 4 * min(LOSS_CHUNK_ELEMENTS, logits) + 4 * tokens
+
+
+def vocab_parallel_logits_bytes(spec: ModelSpec, s: Settings) -> int:
+    """A vocabulary-parallel head's logits and what is alive with them (qshard/model/vocab.py). With R = N x t rows
+    (every rank's tokens, the micro-batches at full length), H hidden, d the model's dtype, p the forward's:
+
+      logits     this rank's slice of every rank's, [R, V/N] in p: as many as one rank's full logits
+      per row    the loss's fp32 log-sum-exp, int64 target and bool mask, kept for backward: 13 R
+    and the largest of three moments that follow one another, each with the logits and the saved activations:
+      forward    one rank's hidden states at a time, broadcast [t, H] (and this rank's padded copy), in d
+      loss       one fp32 chunk (qshard/loss.py), in forward and again in backward
+      backward   the start of backward, the peak: the head's backward sums one rank's hidden-state gradient at a
+                 time in fp32, [t, H], reduced to its owner, while this rank's own sum [t, H] is kept, with fp32
+                 copies of one vocabulary chunk (CHUNK_ELEMENTS over gradient and head rows; none of what is fp32
+                 already); the logits are their own gradient by then
+    None of it grows with N but the per-row state. The embedding's forward holds one rank's lookups [t, H] in d
+    twice but comes before any activation or the logits exist: it is never the peak, and is left out."""
+    n, h, t = s.world, spec.hidden, s.micro_batch * s.seq_len
+    rows, per_rank = n * t, -(-spec.vocab // n)
+    p, d = 4 if s.precision == "fp32" else 2, DTYPE_BYTES[s.dense_dtype]
+    step = min(max(1, LOSS_CHUNK_ELEMENTS // (t + h)), per_rank)  # head rows per chunk of the backward
+    copies = 4 * step * ((t if p != 4 else 0) + (h if d != 4 else 0))
+    forward = 2 * t * h * d
+    loss = 4 * min(LOSS_CHUNK_ELEMENTS, rows * per_rank)
+    backward = 2 * 4 * t * h + copies
+    return rows * per_rank * p + 13 * rows + max(forward, loss, backward)
 
 
 @dataclass
@@ -674,6 +743,7 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
         # (then both stay in the root, gathered from forward to backward; qshard/engines/fsdp2.py). Measured,
         # bench/plan_validation_dist.py: 400m peaks -2.0% (bf16) and -7.5% (fp32: the embedding out of the root
         # lowered the measured peak by 30 MiB, not by its 125 MiB; not traced), BENCHMARKS.md.
+        # Vocabulary-parallel, neither embedding nor head is gathered: the root is the final norm alone.
         # Without reshard_after_forward every layer stays gathered from its forward to its backward.
         sizes = gathered_layer_sizes(spec, s)
         layers = 2 * sizes[True in sizes][0] if s.reshard_after_forward else sum(
@@ -685,9 +755,10 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
         cpu["lora_grads"] = lora * 4 // n  # the fp32 gradients the CPU optimizer reads
         if stage != 3:  # stage 3 also keeps its half partition on the device (stage3.py grad_partitions_flat_buffer)
             gpu.pop("lora_grads", None)
-    if s.offload_params:
-        cpu["base_weights"] = base
-        gpu["base_weights"] = 0
+    if s.offload_params:  # vocabulary-parallel rows are buffers on the GPU, not parameters DeepSpeed offloads
+        vocab = vocab_parallel_bytes(spec, s)
+        cpu["base_weights"] = base - vocab
+        gpu["base_weights"] = vocab // n
     gpu["activations"] = activation_bytes(spec, s, lora)
     gpu["logits_and_loss"] = logits_bytes(spec, s)
     tensors = sum(gpu.values())
@@ -736,7 +807,9 @@ def offload_seconds(s: Settings, base: int, lora: int) -> float:
 
 def bus_factor(op: str, n: int) -> float:
     """nccl-tests' correction from algorithm to bus bandwidth (doc/PERFORMANCE.md, "Summary"): the share of
-    a collective's size S each rank's link carries. 0 for one rank."""
+    a collective's size S each rank's link carries (broadcast and reduce: all of it, pipelined). 0 for one rank."""
+    if op in ("broadcast", "reduce"):
+        return 1.0 if n > 1 else 0.0
     return 2 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
 
 
@@ -759,7 +832,9 @@ def step_traffic(spec: ModelSpec, s: Settings) -> list[Traffic]:
     DeepSpeed keeps trainable params and their gradients in the half dtype; qshard's DDP and FSDP2 reduce
     fp32 gradients (FSDP2's reduce_dtype), FSDP2 gathers LoRA params in the compute dtype. The gathers with
     activation checkpointing were counted on 2 ranks (tests/test_commcount.py): FSDP2 adds none (it does not
-    reshard during backward, so the recomputed forward and the backward share one gather); ZeRO-3 adds some."""
+    reshard during backward, so the recomputed forward and the backward share one gather); ZeRO-3 adds some.
+    Vocabulary-parallel, the engines gather neither embedding nor head and the ranks exchange activations
+    instead (`vocab_parallel_traffic`)."""
     engine, micro = s.engine, s.accumulation
     n_lora, base = lora_params(spec, s), sum(base_bytes(spec, s).values())
     half = 4 if s.precision == "fp32" else 2
@@ -772,6 +847,8 @@ def step_traffic(spec: ModelSpec, s: Settings) -> list[Traffic]:
                 Traffic("all_gather", n_lora * half, n_lora * half, "updated LoRA params, once a step")]
     sizes, order = gathered_layer_sizes(spec, s), spec.layer_is_moe()
     layer = sizes[True in sizes][0]  # the largest layer's gather
+    b, vocab = base_bytes(spec, s), vocab_parallel_bytes(spec, s)  # vocabulary-parallel tables: never gathered
+    exchange = vocab_parallel_traffic(spec, s) if s.vocab_split else []
     if engine == "zero3":
         # every parameter for forward; the layers DeepSpeed released after it (zero3_layers_kept) again for backward.
         # With checkpointing a released layer is gathered for the recomputed forward too (3 in all), a kept one
@@ -781,27 +858,51 @@ def step_traffic(spec: ModelSpec, s: Settings) -> list[Traffic]:
         again = sum(sizes[moe][0] for moe in order[:released])
         if s.checkpointing:
             again += again + sum(decoder_layer_bytes(spec, s, moe) for moe in order[released:])
-            again += base_bytes(spec, s)["embed_tokens"] if released else 0
-        return [Traffic("all_gather", micro * (base + n_lora * half + again), layer,
+            again += b["embed_tokens"] if released and not s.vocab_split else 0
+        return [Traffic("all_gather", micro * (base - vocab + n_lora * half + again), layer,
                         f"packed base + LoRA params a layer at a time, {micro} time(s) a step, and {released} "
                         "released layer(s) again for backward"),
                 Traffic("reduce_scatter", micro * n_lora * half, n_lora * half,
-                        f"LoRA gradients, {micro} time(s) a step")]
+                        f"LoRA gradients, {micro} time(s) a step")] + exchange
     if engine == "fsdp2":
         # each layer and the (untied) head for forward and, resharded after it, again for backward; the embedding
         # (a unit whose backward does not run without checkpointing) and the root (final norm; embeddings and
         # head where tied) once a micro-batch (qshard/engines/fsdp2.py)
         # With activation checkpointing transformers makes the embedding's output require a gradient
-        # (enable_input_require_grads), so its backward runs and gathers it again.
+        # (enable_input_require_grads), so its backward runs and gathers it again. Vocabulary-parallel, the root
+        # is the final norm alone and nothing is gathered twice but the layers.
         gathers = micro * (2 if s.reshard_after_forward else 1)
-        b = base_bytes(spec, s)
-        root, head = root_bytes(spec, s), 0 if spec.tied else b["lm_head"]
-        twice = head + (b["embed_tokens"] if s.checkpointing and not spec.tied else 0)
-        return [Traffic("all_gather", gathers * (base - root + twice + n_lora * half) + micro * (root - twice), layer,
-                        f"packed base + LoRA params, the layers and the head {gathers} times a step, the embedding "
-                        f"and final norm {micro}"),
-                Traffic("reduce_scatter", n_lora * 4, n_lora * 4, "LoRA gradients (fp32), once a step")]
+        root, outside = root_bytes(spec, s) - vocab, not spec.tied and not s.vocab_split
+        twice = (b["lm_head"] + (b["embed_tokens"] if s.checkpointing else 0)) if outside else 0
+        once = "the final norm" if s.vocab_split else "the embedding and final norm"
+        return [Traffic("all_gather", gathers * (base - vocab - root + twice + n_lora * half) + micro * (root - twice),
+                        layer, f"packed base + LoRA params, the layers{'' if s.vocab_split else ' and the head'} "
+                        f"{gathers} times a step, {once} {micro}"),
+                Traffic("reduce_scatter", n_lora * 4, n_lora * 4, "LoRA gradients (fp32), once a step")] + exchange
     return []
+
+
+def vocab_parallel_traffic(spec: ModelSpec, s: Settings) -> list[Traffic]:
+    """What vocabulary-parallel ranks exchange instead of the embedding and head (qshard/model/vocab.py), per
+    micro-batch, as qshard/observe/commcount.py counts it. With R = N x t rows (every rank's tokens, the
+    micro-batches at full length: each rank pads its rows to the longest rank's), H hidden, d the model's dtype:
+      all_gather  token ids (int64, 8 R), targets (8 R), each rank's loss gradient (4 N)
+      broadcast   hidden states, one rank's [t, H] at a time (d H R)
+      reduce      embedding lookups (d H R) and, in backward, hidden-state gradients (fp32, 4 H R), one owner's
+                  [t, H] at a time
+      all_reduce  rows per rank (int64, for the embedding and the head: 16), the per-row log-sum-exp
+                  maximum (4 R), and the per-row exp-sums and target logits (8 R)"""
+    n, h, d, micro = s.world, spec.hidden, DTYPE_BYTES[s.dense_dtype], s.accumulation
+    t = s.micro_batch * s.seq_len
+    rows = n * t
+    return [Traffic("all_gather", micro * (16 * rows + 4 * n), 8 * rows,
+                    f"vocabulary-parallel: token ids and targets of every rank, {micro} time(s) a step"),
+            Traffic("broadcast", micro * d * h * rows, d * h * t,
+                    f"vocabulary-parallel: every rank's hidden states, {micro} time(s) a step"),
+            Traffic("reduce", micro * (d + 4) * h * rows, 4 * h * t,
+                    f"vocabulary-parallel: embedding lookups and hidden-state gradients, {micro} time(s) a step"),
+            Traffic("all_reduce", micro * (16 + 12 * rows), 8 * rows,
+                    f"vocabulary-parallel: the loss's per-row log-sum-exp, {micro} time(s) a step")]
 
 
 # -- the search ------------------------------------------------------------------------------------
@@ -891,7 +992,8 @@ def settings_from_recipe(recipe, spec: ModelSpec, gpus: int, nodes: int) -> Sett
                     lora_targets=lo.target_modules if lo.target_modules == "all-linear" else tuple(lo.target_modules),
                     use_dora=lo.use_dora, optimizer=tr.optimizer, engine=engine,
                     offload_optimizer=offload_optimizer, offload_params=offload_params,
-                    reshard_after_forward=d.reshard_after_forward, micro_batch=tr.micro_batch_size,
+                    reshard_after_forward=d.reshard_after_forward, vocab_parallel=d.vocab_parallel,
+                    micro_batch=tr.micro_batch_size,
                     seq_len=recipe.data.max_length, checkpointing=recipe.model.gradient_checkpointing,
                     gpus=gpus, nodes=nodes,
                     global_batch=tr.micro_batch_size * tr.gradient_accumulation_steps * gpus * nodes)
@@ -947,7 +1049,18 @@ def gib(n: int) -> str:
 def format_breakdown(est: Estimate) -> str:
     rows = [f"  {k:<18} {gib(v):>9} GiB" for k, v in est.gpu.items() if v]
     rows += [f"  {'(cpu) ' + k:<18} {gib(v):>9} GiB" for k, v in est.cpu.items() if v]
-    return "\n".join(rows + [f"  {'peak per GPU':<18} {gib(est.peak):>9} GiB"])
+    return "\n".join(rows + [f"  {'peak per GPU':<18} {gib(est.peak):>9} GiB"] + vocab_lines(est.settings))
+
+
+def vocab_lines(s: Settings) -> list[str]:
+    """Where the embedding and head are, under an engine that shards the base on 2+ GPUs (none otherwise)."""
+    if s.engine not in ("zero3", "fsdp2") or s.world < 2:
+        return []
+    if s.vocab_split:
+        return [f"  embedding and head: vocabulary-parallel, 1/{s.world} of their rows kept per GPU (in base_weights)",
+                "    and never gathered; the ranks exchange hidden states instead (in logits_and_loss)"]
+    why = "LoRA on them" if s.vocab_parallel else "distributed.vocab_parallel: false"
+    return [f"  embedding and head: gathered whole by the engine like a layer ({why}; in gathered_weights)"]
 
 
 def format_table(plan: Plan, limit: int = 20) -> str:
@@ -967,7 +1080,7 @@ def format_table(plan: Plan, limit: int = 20) -> str:
 
 # distributed keys that only some engines read (qshard/config.py refuses them set for another)
 DEEPSPEED_KEYS = ("zero_stage", "offload_optimizer", "offload_params", "deepspeed_config")
-OTHER_ENGINE_KEYS = ("reshard_after_forward", "fsdp_cpu_offload", "shard_on_load")
+OTHER_ENGINE_KEYS = ("reshard_after_forward", "fsdp_cpu_offload", "shard_on_load", "vocab_parallel")
 
 
 def recommended_recipe(recipe, est: Estimate, ds_config_path: str | None) -> dict:

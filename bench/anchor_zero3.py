@@ -164,7 +164,8 @@ def main() -> None:
         record = {
             "stack": "transformers + bitsandbytes NF4 + peft" + " + deepspeed ZeRO-3" * (args.engine == "deepspeed"),
             "versions": versions, "device": str(device), "precision": args.precision,
-            "world_size": world, "steps": args.steps, "trainable_params": sum(p.numel() for p in trainable),
+            "world_size": world, "steps": args.steps,  # ZeRO-3 leaves a partitioned parameter's numel() empty
+            "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
             "load_s": round(load_s, 2), "losses": losses, "elapsed_s": elapsed,
             "rank_memory": [r["phases"] for r in ranks],
         }

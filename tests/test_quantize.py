@@ -15,7 +15,7 @@ import yaml
 
 from qshard.errors import QShardError
 from qshard.model.load import QUANT_LAYERS, QuantSpec, load_model
-from qshard.tools import quantize, stages
+from qshard.tools import plan, quantize, stages
 from tests.helpers import recipe_dict, write_rows
 
 IDS = [[1, 5, 9, 200, 33, 41, 7, 300, 12], [1, 77, 78, 79, 80]]
@@ -77,8 +77,18 @@ def test_train_export_quantize_and_lora_on_the_gptq_model_under_two_rank_fsdp2_a
          "set": {"model.path": "{gptq}", "quantization.method": "checkpoint", "distributed.engine": "fsdp2"}},
         {"name": "final", "export": "qlora", "dtype": "fp32"}]}, sort_keys=False))
     lines: list[str] = []
+    assert stages.plan(pipeline, gpus=2, nodes=1, gpu_mem=24 * 2**30, log=lines.append) == 0
+    assert f"== stage 'qlora' (model: {micro_model}, 4-bit GPTQ in groups of 32, as stage 'gptq' will write it) ==" \
+        in lines
+    _, resolved = stages.load_pipeline(pipeline)
+    planned = stages.planned_base(str(next(s.folder for s in resolved if s.name == "gptq")), resolved)[1]
+    lines.clear()
     assert stages.run(pipeline, until="gptq", log=lines.append) == 0
     assert json.loads((tmp_path / "runs" / "gptq" / "config.json").read_text())["quantization_config"]
+    # what the planner expected llm-compressor to write is what it wrote
+    written = plan.read_model_spec(str(tmp_path / "runs" / "gptq"))
+    assert (planned.checkpoint_format, planned.packed) == (written.checkpoint_format, written.packed)
+    assert planned.packed and all(layout.bits == 4 and layout.group_size == 32 for _, layout in planned.packed)
     lines.clear()
     assert stages.run(pipeline, log=lines.append) == 0
     assert [line.endswith("skipped") for line in lines[:3]] == [True] * 3

@@ -310,6 +310,17 @@ def packed_layouts(spec: ModelSpec, fmt: str, config) -> tuple[tuple[str, Packed
     return tuple(layouts)
 
 
+def quantized_by_qshard(spec: ModelSpec, bits: int, group_size: int) -> ModelSpec:
+    """The model `qshard quantize` will write from a dense model of `spec`, before it exists (a `qshard stages`
+    training stage on a quantize stage's output): llm-compressor's GPTQ saved as compressed-tensors
+    pack-quantized, symmetric, `bits`, groups of `group_size`, every linear but the head (qshard/tools/quantize.py)."""
+    from qshard.quant.compressed_tensors import CompressedTensorsConfig, WeightScheme
+
+    config = CompressedTensorsConfig(groups=((("Linear",), WeightScheme(bits, group_size, True)),), ignore=("lm_head",))
+    return replace(spec, checkpoint_format="compressed-tensors",
+                   packed=packed_layouts(spec, "compressed-tensors", config))
+
+
 # -- bytes of each component -------------------------------------------------------------------------
 
 def linear_tensors(n_in: int, n_out: int, method: str, double_quant: bool, dense_bytes: int) -> list[tuple[int, int]]:

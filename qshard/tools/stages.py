@@ -39,7 +39,7 @@ import re
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -281,9 +281,12 @@ def write_state(out: Path, done: dict[str, list[str]]) -> None:
 
 # -- planning --------------------------------------------------------------------------------------
 
+EXPORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # config.json's names
+
 def plan(path: str | Path, gpus: int, nodes: int, gpu_mem: int, log=print) -> int:
     """`qshard plan` for every training stage; a stage that trains on an earlier export is planned on the
-    model that export will write (its architecture is the exported run's base)."""
+    model that export will write (its architecture is the exported run's base), one that trains on a quantize
+    stage's output on that export quantized as `qshard quantize` will (plan.quantized_by_qshard)."""
     from qshard.tools import plan as planner
 
     _, stages = load_pipeline(path)
@@ -293,16 +296,30 @@ def plan(path: str | Path, gpus: int, nodes: int, gpu_mem: int, log=print) -> in
             continue
         recipe = load_recipe(stage.spec.train, [a.removeprefix("--set=") for a in stage.argv
                                                 if a.startswith("--set=")])
-        model = architecture_source(recipe.model.path, stages)
-        if model in {str(s.folder) for s in stages if isinstance(s.spec, QuantizeStage)}:
-            log(f"== stage {stage.name!r}: not planned: its model is quantized by an earlier stage; `qshard plan` "
-                "reads a quantized model's format from its folder, once that stage has run ==")
-            continue
+        model, spec = planned_base(recipe.model.path, stages)
         log(f"== stage {stage.name!r} (model: {model}) ==")
-        result = planner.make_plan(recipe, planner.read_model_spec(model), gpus=gpus, nodes=nodes, gpu_mem=gpu_mem)
+        result = planner.make_plan(recipe, spec, gpus=gpus, nodes=nodes, gpu_mem=gpu_mem)
         log(planner.report(result))
         worst = worst or (1 if result.best is None else 0)
     return worst
+
+
+def planned_base(model_path: str, stages: list[Stage]):
+    """(what it is, the planner's ModelSpec) of a training stage's base, which may not exist yet: an export's is
+    its run's base architecture; a quantize stage's is the export it quantizes, in the export's dtype, laid out
+    as `qshard quantize` will write it (plan.quantized_by_qshard)."""
+    from qshard.tools import plan as planner
+
+    model = architecture_source(model_path, stages)
+    quantizer = next((s for s in stages if str(s.folder) == model and isinstance(s.spec, QuantizeStage)), None)
+    if quantizer is None:
+        return model, planner.read_model_spec(model)
+    export = next(s for s in stages if s.name == quantizer.spec.quantize)
+    source = architecture_source(str(export.folder), stages)
+    dense = replace(planner.read_model_spec(source), dtype=EXPORT_DTYPES[export.spec.dtype])
+    return (f"{source}, {quantizer.spec.bits}-bit GPTQ in groups of {quantizer.spec.group_size}, as stage "
+            f"{quantizer.name!r} will write it"), planner.quantized_by_qshard(dense, quantizer.spec.bits,
+                                                                         quantizer.spec.group_size)
 
 
 def architecture_source(model_path: str, stages: list[Stage]) -> str:

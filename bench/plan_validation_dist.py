@@ -178,7 +178,8 @@ def predict(model_dir: Path, label: str, precision: str, micro_batch: int, seq: 
     transient = ("engine_buffers",) if engine in ("zero1", "zero2") else ()
     states = sum(both.get(k, 0) for k in ("lora_params", "lora_grads", "master_weights", "optimizer_states",
                                            "engine_buffers") if k not in transient)
-    working = sum(both.get(k, 0) for k in ("activations", "logits_and_loss", "gathered_weights", *transient))
+    working = sum(both.get(k, 0) for k in ("activations", "logits_and_loss", "gathered_weights", "dequantized_weight",
+                                          *transient))
     return {"base": both["base_weights"], "states": states, "working": working,
             "peak": both["base_weights"] + states + working, "gpu_tensor_bytes": e.tensor_bytes,
             "components": both}

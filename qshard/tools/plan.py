@@ -659,6 +659,18 @@ def activation_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
     return sum(n * layer[moe] for moe, n in spec.layer_kinds().items())
 
 
+def dequantized_weight_bytes(spec: ModelSpec, s: Settings) -> int:
+    """A quantized linear's weight made dense in the compute dtype for its matmul: bitsandbytes' 4-bit and int8
+    layers and qshard's PTQ layers dequantize the whole weight in forward and again in backward (a MoE stack one
+    expert at a time), one layer at a time, so the largest one is alive at the peak with everything else. At
+    Llama-3-70B's width that is gate_proj, 28,672 x 8,192 in bf16: 448 MiB. 0 for a dense base."""
+    if s.quant == "none":
+        return 0
+    shapes = [shape for moe in spec.layer_kinds() for shape in spec.layer_linears(moe).values()]
+    shapes += list(spec.expert_tensors().values()) if spec.experts else []
+    return max(n_in * n_out for n_in, n_out in shapes) * (4 if s.precision == "fp32" else 2)
+
+
 def logits_bytes(spec: ModelSpec, s: Settings) -> int:
     """The logits in the forward's precision, which the chunked loss (qshard/loss.py) overwrites with their own
     gradient in backward, plus its working set: one fp32 chunk and one fp32 log-sum-exp per token.
@@ -771,6 +783,8 @@ def estimate(spec: ModelSpec, s: Settings) -> Estimate:
         cpu["base_weights"] = base - vocab
         gpu["base_weights"] = vocab // n
     gpu["activations"] = activation_bytes(spec, s, lora)
+    if s.quant != "none":
+        gpu["dequantized_weight"] = dequantized_weight_bytes(spec, s)
     gpu["logits_and_loss"] = logits_bytes(spec, s)
     tensors = sum(gpu.values())
     gpu["fragmentation"] = int(FRAGMENTATION * tensors)

@@ -42,6 +42,7 @@ def test_vocabulary_parallel_pieces_equal_the_whole_embedding_and_head(tmp_path,
             assert r["logits"] == 0.0, where  # no-gradient forward: each rank's full logits, exactly
             assert r["rows_held"] == min(-(-67 // ranks), 67 - rank * -(-67 // ranks)), where
             assert r["tied_shared"] == ("tied" in name or "gemma" in name), where
+            assert r["refused"] == "set distributed.vocab_parallel: false for this model", where
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
+from qshard.errors import QShardError
 from qshard.loss import next_token_loss_sum
 from qshard.model import vocab
 
@@ -65,11 +66,18 @@ def run_case(config_cls: str, model_cls: str, dtype: torch.dtype, extra: dict, r
         logits = split(input_ids=ids, use_cache=False).logits
         expected = whole(input_ids=ids, use_cache=False).logits
     held = split.get_input_embeddings().weight.shape[0]
+    with vocab.logits_for_loss(head):  # a model that never ran its head: refused, not a wrong loss
+        try:
+            head.loss_sum(torch.zeros(1, 4, 3), labels)
+            refused = ""
+        except QShardError as e:
+            refused = e.fix
     return {"loss": abs(float(loss) - float(reference)), "loss_value": float(reference),
             "grad": float(max(grads)), "grads": len(grads),
             "logits": float((logits.float() - expected.float()).abs().max()),
             "logits_shape": list(logits.shape), "rows_held": held,
-            "tied_shared": split.get_input_embeddings().weight is split.get_output_embeddings().weight}
+            "tied_shared": split.get_input_embeddings().weight is split.get_output_embeddings().weight,
+            "refused": refused}
 
 
 def main(out: str) -> None:

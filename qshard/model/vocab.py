@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qshard.data import IGNORE
+from qshard.errors import QShardError
 from qshard.loss import CHUNK_ELEMENTS, _logsumexp_fp32
 
 
@@ -136,6 +137,12 @@ class VocabParallelHead:
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """This rank's next-token loss sum (qshard.loss.next_token_loss_sum's value), from the slices."""
+        if not self.layout or tuple(logits.shape) != (1, self.world_size * self.layout[1], self.weight.shape[0]):
+            # checked before any collective, so every rank raises it at the same point
+            raise QShardError("the model computed its logits without its head module's forward (or changed their "
+                              "shape after it): the vocabulary-parallel loss cannot read them",
+                              where=f"{type(self).__name__} in distributed.vocab_parallel",
+                              fix="set distributed.vocab_parallel: false for this model")
         count, most = self.layout
         targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1).reshape(-1)
         every = _gather_rows(_pad_rows(targets, most, IGNORE))

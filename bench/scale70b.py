@@ -152,6 +152,8 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     model = build_model(REPO / "build" / f"llama70b-shaped-L{args.layers}", args.layers)
     args.out = args.out / f"{args.engine}-n{args.nproc}-L{args.layers}{'-gathered' if args.no_vocab_parallel else ''}"
+    if args.out.exists() and not (args.out / "recipe.yaml").is_file():  # only a folder this script wrote is replaced
+        sys.exit(f"{args.out} exists and is not an earlier run of this benchmark (no recipe.yaml): choose another --out")
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     from tests.helpers import write_rows

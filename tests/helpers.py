@@ -66,3 +66,13 @@ def run_cells(root: Path, cells: list[dict], probe: list[list[int]], nproc: int 
     spec = root / "spec.json"
     spec.write_text(json.dumps({"cells": cells, "probe": probe}))
     torchrun("tests/dist_worker.py", spec, nproc)
+
+
+def shardload_results(root: Path, models: dict[str, str], cases: list[list[str]]) -> dict[tuple, list[dict]]:
+    """Run tests/shardload_worker.py on 2 ranks for `cases` ([engine, method, dtype, model key]) over `models`;
+    each case's per-rank results."""
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"models": models, "out": str(root), "cases": cases}))
+    torchrun("tests/shardload_worker.py", spec)
+    return {tuple(case): [json.loads((root / f"{'-'.join(case)}-rank{k}.json").read_text()) for k in range(2)]
+            for case in cases}

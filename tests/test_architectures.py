@@ -267,17 +267,13 @@ def test_sharded_load_of_moe_checkpoints_equals_the_whole_load(tmp_path):
     """ZeRO-3 / FSDP2 load-time sharding (2 ranks) of checkpoints whose experts transformers' rules stack:
     every gathered parameter (NF4 attention, NF4 expert stacks, router, initial LoRA) is bit-identical
     to the whole load's. Expert stacks are filled one expert at a time (tests/test_moe.py measures that)."""
-    from tests.helpers import torchrun
+    from tests.helpers import shardload_results
 
     models = {name: str(tmp_path / name) for name in ("mixtral", "qwen3_moe")}
     for name, folder in models.items():
         assert not isinstance(save_tiny(name, Path(folder)), str)
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"models": models, "out": str(tmp_path), "cases": SHARDED_CASES}))
-    torchrun("tests/shardload_worker.py", spec)
-    for case in SHARDED_CASES:
-        for rank in range(2):
-            result = json.loads((tmp_path / f"{'-'.join(case)}-rank{rank}.json").read_text())
+    for ranks in shardload_results(tmp_path, models, [list(c) for c in SHARDED_CASES]).values():
+        for result in ranks:
             assert any(".experts." in n and "gate_up_proj" in n for n in result["names"]), result
             assert not result["missing"], result
             assert result["differ"] == [], result["differ"]

@@ -35,7 +35,14 @@ from qshard.model.lora import check_expert_options, resolve_targets
 from qshard.observe.metrics import read_metrics
 from qshard.quant.base import QuantLinear
 from qshard.train import run
-from tests.helpers import ROWS, recipe_dict, run_cells, set_engine, torchrun, write_rows
+from tests.helpers import (
+    ROWS,
+    recipe_dict,
+    run_cells,
+    set_engine,
+    shardload_results,
+    write_rows,
+)
 
 SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              vocab_size=320, max_position_embeddings=64, num_experts_per_tok=2, pad_token_id=0)
@@ -200,12 +207,8 @@ def test_sharded_load_is_exact_and_never_holds_a_layers_expert_stack(moe_models,
     cases = [[engine, method, "float32", kind] for engine in ENGINES for method in ("nf4", "none") for kind in CONFIGS]
     cases += [["fsdp2", "checkpoint", "float32", "ct"], ["zero3", "nf4", "float32", "ct"]]  # packed experts, decompressed
     models = {k: str(v) for k, v in moe_models.items()} | {"ct": str(MOE_FIXTURES / "ct_qwen3_moe_w4a16_g32")}
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"models": models, "out": str(tmp_path), "cases": cases}))
-    torchrun("tests/shardload_worker.py", spec)
-    for case in cases:
-        for k in range(2):
-            rank = json.loads((tmp_path / f"{'-'.join(case)}-rank{k}.json").read_text())
+    for case, ranks in shardload_results(tmp_path, models, cases).items():
+        for rank in ranks:
             assert rank["names"] and not rank["missing"] and rank["differ"] == [], (case, rank["differ"])
             stack = rank["largest_expert_stack"]
             assert stack > 0 and rank["largest_whole_load"] >= stack, (case, rank)

@@ -2,7 +2,9 @@
 DTensor sharded along dim 0; each decoder layer, the input embedding and the head are all-gathered for
 their forward and, where backward needs them, again for backward; the root (final norm) once per
 micro-batch. At a 128k vocabulary the embedding and the head are each larger than a 70B decoder layer
-in NF4: as units of their own they are never gathered together, nor kept from forward to backward.
+in NF4: as units of their own they are never gathered together, nor kept from forward to backward. By
+default they are not FSDP2's at all: vocabulary-parallel (qshard/model/vocab.py), each rank keeps its rows
+and neither is gathered; the units above are what `distributed.vocab_parallel: false` gets.
 
 bitsandbytes' own Linear4bit fails here (its QuantState lives outside the parameter, see
 `fix_4bit_weight_quant_state_from_module`); qshard's layers keep every constant in uint8 parameters,

@@ -116,4 +116,12 @@ def local_numel(p: torch.Tensor) -> int:
     return p.numel()
 
 
+def shard_span(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Items [start, stop) of `rows` that `rank` holds: torch.chunk's split, which FSDP2 uses for the
+    rows of a parameter and ZeRO-3 for its flattened elements."""
+    per_rank = -(-rows // world_size)
+    start = min(rank * per_rank, rows)
+    return start, min(start + per_rank, rows)
+
+
 nullcontext = contextlib.nullcontext

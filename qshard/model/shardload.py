@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from qshard import _compat
+from qshard.engines.base import shard_span
 from qshard.model import vocab
 from qshard.model.experts import ExpertStack
 from qshard.model.load import (
@@ -319,14 +320,6 @@ def _fill_quantized(module: QuantLinear, read_rows, world_size: int, span: Span,
     pieces = module.quantize_pieces(read_rows, owned, slices)
     for n, target in targets.items():
         target.copy_(pieces[n])
-
-
-def shard_span(rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Items [start, stop) of `rows` that `rank` holds: torch.chunk's split, which FSDP2 uses for the
-    rows of a parameter and ZeRO-3 for its flattened elements."""
-    per_rank = -(-rows // world_size)
-    start = min(rank * per_rank, rows)
-    return start, min(start + per_rank, rows)
 
 
 def _checked(target: torch.Tensor, owned: tuple[int, int], key: str) -> torch.Tensor:

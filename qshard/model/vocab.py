@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qshard.data import IGNORE
+from qshard.engines.base import shard_span
 from qshard.errors import QShardError
 from qshard.loss import CHUNK_ELEMENTS, _logsumexp_fp32
 
@@ -63,7 +64,7 @@ def shard(model: nn.Module, rank: int, world_size: int, device: torch.device) ->
     shards: dict[int, torch.Tensor] = {}  # a tied head keeps the embedding's buffer
     for module, kind in ((embed, VocabParallelEmbedding), (head, VocabParallelHead)):
         size = module.weight.shape[0]
-        start, stop = _span(size, rank, world_size)
+        start, stop = shard_span(size, rank, world_size)  # FSDP2's split of dim 0
         for leaf in ("weight", "bias"):
             whole = module._parameters.get(leaf)
             if whole is None:
@@ -80,16 +81,15 @@ def shard(model: nn.Module, rank: int, world_size: int, device: torch.device) ->
     embed.padding_idx = None  # a row index of the whole table; it only affects gradients, and this one is frozen
 
 
+def row_buffers(model: nn.Module) -> dict[int, int]:
+    """id -> unsharded elements of every buffer holding a rank's vocabulary rows in `model` (a tied head's once)."""
+    return {id(b): m.vocab_size * b[0].numel() for m in model.modules() if rows(m) for b in m.buffers()}
+
+
 def rows(module: nn.Module) -> tuple[int, int] | None:
     """The vocabulary rows a vocabulary-parallel module keeps, None for any other module (the loaders read
     only these rows of its checkpoint tensor)."""
     return module.vocab_rows if isinstance(module, (VocabParallelEmbedding, VocabParallelHead)) else None
-
-
-def _span(rows_: int, rank: int, world_size: int) -> tuple[int, int]:
-    per_rank = -(-rows_ // world_size)
-    start = min(rank * per_rank, rows_)
-    return start, min(start + per_rank, rows_)
 
 
 class VocabParallelEmbedding:

@@ -105,7 +105,7 @@ def sharding_report(model: torch.nn.Module, rt: Runtime) -> list[dict]:
         size = p.element_size()
         mine[kind][0] += local_numel(p) * size
         mine[kind][1] += getattr(p, "ds_numel", p.numel()) * size
-    split = {id(b): m.vocab_size * b[0].numel() for m in model.modules() if vocab.rows(m) for b in m.buffers()}
+    split = vocab.row_buffers(model)
     for b in model.buffers():  # a vocabulary-parallel embedding's or head's rows are base weights
         kind = "base_dense" if id(b) in split else "buffers"
         mine[kind][0] += b.numel() * b.element_size()
@@ -157,7 +157,7 @@ def replicated_tensors(model: torch.nn.Module, rt: Runtime, min_bytes: int = 1 <
     from qshard.model import vocab
 
     found = []
-    rows = {id(b) for m in model.modules() if vocab.rows(m) for b in m.buffers()}  # a rank's rows, not whole
+    rows = vocab.row_buffers(model)  # a rank's rows, not whole
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.requires_grad or t.numel() * t.element_size() < min_bytes or id(t) in rows:
             continue

@@ -376,8 +376,9 @@ def exit_without_teardown(code: int) -> None:
     active exception", SIGABRT: a C++ communication thread destroyed while joinable), which turned a
     good run into a failed job (1 of 20 trials of bench/faults.py). Seen too in a single process that
     had run FSDP2 over a one-rank gloo group (CI, tests/test_faults.py, a resume from 2 processes to
-    1), so it ends every process that started a process group. Remove when that no longer happens in
-    the fault benchmark."""
+    1), and in a 3-rank test worker after destroy_process_group (CI, tests/vocab_worker.py), so it ends
+    every process that started a process group, test workers included. Remove when that no longer happens
+    in the fault benchmark."""
     import os
     import sys
 

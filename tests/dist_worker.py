@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from qshard import _compat
 from qshard.config import parse_recipe
 from qshard.errors import QShardError
 from qshard.runtime import init_runtime
@@ -109,3 +110,4 @@ def main(spec_file: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    _compat.exit_without_teardown(0)  # as `qshard train` ends a distributed worker

@@ -20,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from qshard import _compat
 from qshard.engines import create_engine
 from qshard.model import shardload
 from qshard.model.experts import ExpertStack
@@ -94,3 +95,4 @@ def main(spec_file: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    _compat.exit_without_teardown(0)  # as `qshard train` ends a distributed worker

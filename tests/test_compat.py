@@ -59,7 +59,7 @@ def _in_one_rank_group(body: str, timeout: int = 120) -> subprocess.CompletedPro
     """Run `body` in a fresh interpreter inside a one-rank gloo process group (its stdout is the result)."""
     code = ("import torch, torch.distributed as dist\nfrom qshard import _compat\nfrom qshard.runtime import _free_port\n"
             "dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0, world_size=1)\n"
-            + body + "\ndist.destroy_process_group()\n")
+            + body + "\ndist.destroy_process_group()\n_compat.exit_without_teardown(0)\n")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 

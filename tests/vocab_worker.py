@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
+from qshard import _compat
 from qshard.errors import QShardError
 from qshard.loss import next_token_loss_sum
 from qshard.model import vocab
@@ -94,3 +95,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    _compat.exit_without_teardown(0)  # as `qshard train` ends a distributed worker

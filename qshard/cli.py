@@ -232,9 +232,12 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                     help="dtype of the written weights (with --format nf4: of the tensors kept dense and of the "
                          "4-bit matmul)")
-    ex.add_argument("--format", default="dense", choices=["dense", "nf4"],
+    ex.add_argument("--format", default="dense", choices=["dense", "nf4", "checkpoint"],
                     help="dense: merged weights in --dtype; nf4: the linears the run's base quantized re-quantized "
-                         "to bitsandbytes NF4 (transformers loads it as load_in_4bit)")
+                         "to bitsandbytes NF4 (transformers loads it as load_in_4bit); checkpoint: a run on a GPTQ / "
+                         "AWQ / compressed-tensors base (method checkpoint) written in that format, the merged "
+                         "weights re-quantized onto the base's own scales and zero points (the error it adds is "
+                         "printed per layer)")
     ex.add_argument("--merge-into", default=None, metavar="PATH",
                     help="merge into this original full-precision checkpoint instead of the dequantized base")
     ex.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors file, e.g. 2GB")

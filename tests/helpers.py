@@ -76,3 +76,31 @@ def shardload_results(root: Path, models: dict[str, str], cases: list[list[str]]
     torchrun("tests/shardload_worker.py", spec)
     return {tuple(case): [json.loads((root / f"{'-'.join(case)}-rank{k}.json").read_text()) for k in range(2)]
             for case in cases}
+
+
+def assert_transformers_reads_as_qshard(folder: Path, ids: list[list[int]]) -> None:
+    """The reference we did not write for a compressed-tensors folder: transformers + compressed-tensors, in the
+    quantizer's environment (`make quantizers`), load it in float32 and give, on `ids`, the logits qshard's own
+    reader gives (quantization.method checkpoint, float32 compute) within float32 summation order (1e-4 of the
+    largest logit)."""
+    import torch
+
+    from qshard.model.load import QUANT_LAYERS, QuantSpec, load_model
+    from qshard.tools.quantize import quantizer_python
+
+    script = ("import json, sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()\n"
+              "with torch.no_grad():\n"
+              "    print(json.dumps([m(input_ids=torch.tensor([x])).logits.tolist() for x in json.loads(sys.argv[2])]))\n")
+    run = subprocess.run([quantizer_python(), "-c", script, str(folder), json.dumps(ids)], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reference = [torch.tensor(x) for x in json.loads(run.stdout.strip().splitlines()[-1])]
+    model = load_model(str(folder), dtype="float32", quant=QuantSpec("checkpoint"), log=lambda *_: None).eval()
+    for module in model.modules():
+        if isinstance(module, QUANT_LAYERS):
+            module.compute_dtype = torch.float32
+    with torch.no_grad():
+        for x, want in zip(ids, reference):
+            got = model(input_ids=torch.tensor([x])).logits
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max()

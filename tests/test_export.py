@@ -330,8 +330,8 @@ def test_nf4_export_cut_into_shards_splitting_a_weight_from_its_state_loads(runs
 def test_bf16_nf4_export_on_the_cli_prints_the_requantization_error_per_layer(runs, tmp_path):
     result = run_cli("export", str(runs["nf4"]), str(tmp_path / "out"), "--format", "nf4")
     assert result.code == 0, result.err
-    assert "check passed" in result.out and "NF4 re-quantization: max |logit difference|" in result.out
-    assert result.out.count("    model.layers.") == 14  # ||NF4(W + delta) - (W + delta)|| / ||LoRA delta|| per layer
+    assert "check passed" in result.out and "re-quantization: max |logit difference|" in result.out
+    assert result.out.count("    model.layers.") == 14  # ||Q(W + delta) - (W + delta)|| / ||LoRA delta|| per layer
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
 

@@ -68,6 +68,47 @@ def test_dequantized_weights_equal_library_reference_bit_for_bit(name):
     assert mismatched == []
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_requantizing_the_dequantized_weight_gives_the_library_written_codes_back(name):
+    """`qshard export --format checkpoint` packs codes as the libraries do: the float32 weight of every fixture
+    layer, re-quantized onto its own scales and zero points, is the checkpoint's stored tensor bit for bit;
+    moved by a quarter of a step it still is (round to nearest), by one step the codes move by one, clamped."""
+    stored = load_file(FIXTURES / name / "model.safetensors")
+    for module, layer in _layers(name).items():
+        weight = layer.dequantize(torch.float32)
+        (leaf, packed), = layer.requantize(weight).items()
+        assert packed.dtype == torch.int32 and torch.equal(packed, stored[f"{module}.{leaf}"]), module
+        step = _scale_per_weight(layer)
+        assert torch.equal(layer.requantize(weight + 0.24 * step)[leaf], packed), module
+        shifted = layer.__class__.from_checkpoint({**_leaves(stored, module), leaf: layer.requantize(
+            weight + step)[leaf]}, _format_config(name, module), where=module).dequantize(torch.float32)
+        codes_moved = (shifted - weight) / step.where(step != 0, 1)
+        assert set(codes_moved.round().unique().tolist()) <= {0.0, 1.0} and (codes_moved > 0.5).float().mean() > 0.5
+
+
+def _leaves(stored: dict, module: str) -> dict:
+    return {k[len(module) + 1:]: v for k, v in stored.items() if k.rsplit(".", 1)[0] == module}
+
+
+def _format_config(name: str, module: str):
+    qc = _quant_config(name)
+    return {"gptq": gptq.read_config, "awq": awq.read_config}.get(qc["quant_method"], lambda c: (
+        compressed_tensors.read_config(c).scheme_for(module)))(qc)
+
+
+def _scale_per_weight(layer) -> torch.Tensor:
+    """Each weight's quantization step (its group's scale), [out, in] float32."""
+    if isinstance(layer, gptq.GPTQLinear):
+        scales = layer.scales.view(layer.scale_dtype).view(-1, layer.out_features).float()
+        return scales.index_select(0, layer.g_idx.long()).T
+    if isinstance(layer, awq.AWQLinear):
+        scales = layer.scales.view(layer.scale_dtype).view(-1, layer.out_features).float()
+        return scales.repeat_interleave(layer.config.group_size, 0)[:layer.in_features].T
+    scale = layer.weight_scale.view(layer.scale_dtype).view(layer.out_features, -1).float()
+    size = layer.scheme.group_size if layer.scheme.group_size != -1 else layer.in_features
+    return scale.repeat_interleave(size, 1)[:, :layer.in_features]
+
+
 def _dense_model_with(name: str, layers: dict[str, torch.nn.Module]) -> torch.nn.Module:
     """The fixture's architecture in float32: stored dense tensors loaded, quantized linears replaced by ours."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from qshard.errors import QShardError
-from qshard.model.load import QUANT_LAYERS, QuantSpec, load_model
 from qshard.tools import plan, quantize, stages
-from tests.helpers import recipe_dict, write_rows
+from tests.helpers import assert_transformers_reads_as_qshard, recipe_dict, write_rows
 
 IDS = [[1, 5, 9, 200, 33, 41, 7, 300, 12], [1, 77, 78, 79, 80]]
 
@@ -40,22 +37,7 @@ def test_the_output_is_compressed_tensors_and_qshard_reads_the_values_compressed
     marker = json.loads((out / quantize.MARKER).read_text())
     assert marker["method"] == "gptq" and set(marker["files"]) == {p.name for p in out.iterdir()} - {quantize.MARKER}
 
-    # the reference: transformers + compressed-tensors, in the quantizer's environment, decompressing the folder
-    script = ("import json, sys, torch\nfrom transformers import AutoModelForCausalLM\n"
-              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()\n"
-              "with torch.no_grad():\n"
-              "    print(json.dumps([m(input_ids=torch.tensor([x])).logits.tolist() for x in json.loads(sys.argv[2])]))\n")
-    run = subprocess.run([quantize.quantizer_python(), "-c", script, str(out), json.dumps(IDS)], capture_output=True,
-                         text=True, check=True)
-    reference = [torch.tensor(x) for x in json.loads(run.stdout.strip().splitlines()[-1])]
-    model = load_model(str(out), dtype="float32", quant=QuantSpec("checkpoint"), log=lambda *_: None).eval()
-    for module in model.modules():
-        if isinstance(module, QUANT_LAYERS):
-            module.compute_dtype = torch.float32
-    with torch.no_grad():
-        for ids, want in zip(IDS, reference):
-            got = model(input_ids=torch.tensor([ids])).logits
-            assert (got - want).abs().max() <= 1e-4 * want.abs().max()  # float32 sums in another order
+    assert_transformers_reads_as_qshard(out, IDS)  # compressed-tensors' own decompression
 
 
 def test_train_export_quantize_and_lora_on_the_gptq_model_under_two_rank_fsdp2_as_one_pipeline(gptq_model,

@@ -28,9 +28,10 @@ from qshard.quant.base import (
     as_bytes,
     dequantize_by_rows,
     frozen,
+    nearest_codes,
     redequantizing_linear,
 )
-from qshard.quant.gptq import exact_product, require_tensors, unpack_int32
+from qshard.quant.gptq import exact_product, pack_int32, require_tensors, unpack_int32
 
 QUANT_METHOD = "awq"
 BITS = 4
@@ -79,6 +80,12 @@ def _unpack_awq_columns(packed: torch.Tensor) -> torch.Tensor:
     fields = unpack_int32(packed, BITS, dim=1)  # field k of word w at column 8w + k
     per_word = fields.view(packed.shape[0], -1, 8)
     return per_word[:, :, list(AWQ_REVERSE_ORDER)].reshape(packed.shape[0], -1)
+
+
+def _pack_awq_columns(codes: torch.Tensor) -> torch.Tensor:
+    """`_unpack_awq_columns`' inverse: [rows, out] codes -> [rows, out / 8] interleaved words."""
+    fields = codes.reshape(codes.shape[0], -1, 8)[:, :, list(AWQ_ORDER)]  # field k holds column AWQ_ORDER[k]
+    return pack_int32(fields.reshape(codes.shape[0], -1), BITS, dim=1)
 
 
 class AWQLinear(QuantLinear):
@@ -133,6 +140,14 @@ class AWQLinear(QuantLinear):
 
         return dequantize_by_rows(self.in_features, self.out_features, dtype or self.scale_dtype,
                                   self.qweight.device, rows).T
+
+    def requantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """qweight for `weight` [out, in] on this layer's scales and zero points (see QuantLinear)."""
+        zeros = _unpack_awq_columns(self.qzeros)  # [groups, out]
+        scales = self.scales.view(self.scale_dtype).view(-1, self.out_features).float()
+        group = torch.arange(self.in_features, device=self.qweight.device) // self.config.group_size
+        codes = nearest_codes(weight.T, scales.index_select(0, group), zeros.index_select(0, group), BITS)
+        return {"qweight": _pack_awq_columns(codes)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

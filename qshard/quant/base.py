@@ -62,6 +62,16 @@ def dequantize_by_rows(rows: int, cols: int, dtype: torch.dtype, device: torch.d
     return out
 
 
+def nearest_codes(weight: torch.Tensor, scale: torch.Tensor, zero, bits: int) -> torch.Tensor:
+    """The `bits`-wide unsigned code c whose value scale * (c - zero) is nearest to `weight` (round(weight /
+    scale) + zero, clamped; ties to even, as the quantizers round), int32. All three broadcast; a zero scale
+    (a group of zeros) gives the code of 0. A weight that is already scale * (c - zero) in float32 gives c
+    back exactly: the quotient is exact."""
+    ratio = weight.float() / scale
+    ratio = torch.where(scale == 0, 0.0, ratio).round_()
+    return (ratio + zero).clamp_(0, (1 << bits) - 1).to(torch.int32)
+
+
 class QuantLinear(nn.Module):
     in_features: int
     out_features: int
@@ -79,6 +89,13 @@ class QuantLinear(nn.Module):
         `owned` (1-d results), equal to the same elements of the whole weight's quantization, computed
         from the weight read `slices` row ranges at a time (`read_rows(start, stop)`), never all at once."""
         raise NotImplementedError(f"{type(self).__name__} cannot be quantized piecewise")
+
+    def requantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`weight` ([out, in], float32; e.g. the merged weight of an export) on this layer's own scales and zero
+        points: {leaf: tensor} for the leaves that hold codes, packed as the checkpoint stores them. The other
+        leaves (scales, zero points, g_idx) stay as they are. `requantize(dequantize(torch.float32))` gives back
+        the stored codes."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be re-quantized onto its own scales")
 
     @property
     def weight(self) -> torch.Tensor:

@@ -31,9 +31,10 @@ from qshard.quant.base import (
     as_bytes,
     dequantize_by_rows,
     frozen,
+    nearest_codes,
     redequantizing_linear,
 )
-from qshard.quant.gptq import exact_product, require_tensors, unpack_int32
+from qshard.quant.gptq import exact_product, pack_int32, require_tensors, unpack_int32
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "pack-quantized"
@@ -178,6 +179,20 @@ class PackQuantizedLinear(QuantLinear):
             return exact_product(q, s, dtype or self.scale_dtype)
 
         return dequantize_by_rows(self.out_features, self.in_features, dtype or self.scale_dtype, device, rows)
+
+    def requantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """weight_packed for `weight` [out, in] on this layer's scales and zero points (see QuantLinear):
+        unsigned codes, offset by 2**(bits-1) as stored, so the signed range [-2**(bits-1), 2**(bits-1))
+        the library clamps to is [0, 2**bits) here."""
+        bits, group_size = self.scheme.bits, self.scheme.group_size
+        zeros = (torch.tensor(1 << (bits - 1)) if self.weight_zero_point is None
+                 else unpack_int32(self.weight_zero_point, bits, dim=0))  # [out, groups], offset
+        scale = self.weight_scale.view(self.scale_dtype).view(self.out_features, -1).float()  # [out, groups]
+        if group_size != -1:
+            group = torch.arange(self.in_features, device=scale.device) // group_size
+            scale = scale.index_select(1, group)
+            zeros = zeros.index_select(1, group) if zeros.dim() else zeros
+        return {"weight_packed": pack_int32(nearest_codes(weight, scale, zeros, bits), bits, dim=1)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

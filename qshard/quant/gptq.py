@@ -29,6 +29,7 @@ from qshard.quant.base import (
     as_bytes,
     dequantize_by_rows,
     frozen,
+    nearest_codes,
     redequantizing_linear,
 )
 
@@ -91,6 +92,17 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     shape = list(packed.shape)
     shape[dim] *= 32 // bits
     return codes.reshape(shape)
+
+
+def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """`unpack_int32`'s inverse: 2-D codes in [0, 2**bits) packed 32 // bits to an int32 along `dim`."""
+    per_word = 32 // bits
+    shape = list(codes.shape)
+    shape[dim:dim + 1] = [shape[dim] // per_word, per_word]
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=codes.device)
+    fields = codes.to(torch.int64).reshape(shape) << shifts.view(-1, *[1] * (codes.dim() - dim - 1))
+    words = fields.sum(dim + 1)  # the fields do not overlap: the sum is their bitwise or
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement, as stored
 
 
 def exact_product(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -171,6 +183,15 @@ class GPTQLinear(QuantLinear):
 
         return dequantize_by_rows(self.in_features, self.out_features, dtype or self.scale_dtype,
                                   self.qweight.device, rows, align=per_word).T
+
+    def requantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """qweight for `weight` [out, in] on this layer's scales, zero points and g_idx (see QuantLinear)."""
+        bits = self.config.bits
+        zeros = unpack_int32(self.qzeros, bits, dim=1)  # [groups, out]
+        scales = self.scales.view(self.scale_dtype).view(-1, self.out_features).float()
+        g = self.g_idx.long()
+        codes = nearest_codes(weight.T, scales.index_select(0, g), zeros.index_select(0, g), bits)  # [in, out]
+        return {"qweight": pack_int32(codes, bits, dim=0)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

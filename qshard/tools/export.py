@@ -6,10 +6,12 @@ The order of work:
    against the base, a --merge-into checkpoint against the base, and OUT_DIR (a fresh folder, or one
    an earlier export wrote: only that is ever replaced);
 2. the base is streamed one unit at a time (qshard/tools/merge.py): read, brought to the values
-   training saw, merged, (--format nf4: quantized again by bitsandbytes,) written to its safetensors
-   shard, freed;
-3. the check: the exported folder, loaded by transformers in float32, against qshard's own base +
-   adapter on a few fixed prompts (nf4: with the merged weights quantized and dequantized the same way);
+   training saw, merged, (--format nf4: quantized again by bitsandbytes; --format checkpoint: a GPTQ /
+   AWQ / compressed-tensors layer re-quantized onto its own scales and zero points,) written to its
+   safetensors shard, freed;
+3. the check: the exported folder, loaded by transformers in float32 (format checkpoint: by qshard's own
+   reader), against qshard's own base + adapter on a few fixed prompts (nf4, checkpoint: with the merged
+   weights quantized and dequantized the same way);
 4. the staging folder (a hidden sibling of OUT_DIR) is renamed into place. A crash before that leaves
    only the hidden staging folder, never a half folder that looks finished.
 """
@@ -34,7 +36,7 @@ from qshard.tools.exportcheck import check_merge
 
 MARKER = ".qshard-export.json"
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OUT_FORMATS = ("dense", "nf4")
+OUT_FORMATS = ("dense", "nf4", "checkpoint")
 
 
 @dataclass
@@ -49,14 +51,17 @@ class Source:
 
 @dataclass
 class Output:
-    """What the folder holds: every tensor in `dtype`, or (format nf4) the `nf4` linears quantized by
-    bitsandbytes as transformers' load_in_4bit saves them, the rest in `dtype` (also the compute dtype)."""
+    """What the folder holds: every tensor in `dtype`; or (format nf4) the `nf4` linears quantized by
+    bitsandbytes as transformers' load_in_4bit saves them, the rest in `dtype` (also the compute dtype); or
+    (format checkpoint) the `own` linears as the base checkpoint stores them, merged codes on its own scales
+    and zero points, the rest in `dtype`, config.json's quantization_config kept."""
 
     format: str
     dtype: torch.dtype
     nf4: set[str] = field(default_factory=set)  # module names written as NF4
     double_quant: bool = True  # as the run's quantization.double_quant (qshard's NF4 default: on)
     dense_linears: list[str] = field(default_factory=list)  # llm_int8_skip_modules for transformers
+    own: set[str] = field(default_factory=set)  # module names written in the base checkpoint's own PTQ format
 
 
 @dataclass
@@ -71,7 +76,7 @@ def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", for
            merge_into: str | None = None, overwrite: bool = False, check: bool = True,
            max_shard_bytes: int = 5 * 10**9, log=print) -> Result:
     """The whole command; returns what was written and the check's figures."""
-    check_format(format)
+    check_format(format, merge_into)
     source = find_source(Path(run_dir).expanduser())
     recipe = source.recipe
     quant = merge.run_quant_spec(recipe)
@@ -105,11 +110,16 @@ def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16", for
 
 # -- the inputs --------------------------------------------------------------------------------------
 
-def check_format(format: str) -> None:
+def check_format(format: str, merge_into: str | None = None) -> None:
     if format not in OUT_FORMATS:
         raise QShardError(f"export format {format!r} is not supported", where="--format",
                           fix=f"use one of: {', '.join(OUT_FORMATS)} (dense: merged weights in --dtype; nf4: the "
-                              "base's quantized linears re-quantized by bitsandbytes, loadable with transformers)")
+                              "base's quantized linears re-quantized by bitsandbytes, loadable with transformers; "
+                              "checkpoint: a GPTQ / AWQ / compressed-tensors base's own format, on its own scales)")
+    if format == "checkpoint" and merge_into:
+        raise QShardError("--format checkpoint re-quantizes onto the base checkpoint's own scales, which were "
+                          "fitted to the base, not to a --merge-into checkpoint", where="--merge-into",
+                          fix="export --format dense --merge-into PATH, then quantize that with qshard quantize")
 
 
 def plan_output(format: str, dtype: torch.dtype, base: merge.Base, quant: QuantSpec) -> Output:
@@ -118,8 +128,33 @@ def plan_output(format: str, dtype: torch.dtype, base: merge.Base, quant: QuantS
     computes in float32 as well as in bf16/fp16 (the 4-bit weights are the same size either way)."""
     if format == "dense":
         return Output(format, dtype)
+    if format == "checkpoint":
+        return Output(format, dtype, own=own_format_modules(base, quant))
     nf4 = merge.nf4_modules(base.skeleton, quant.skip_modules)
     return Output(format, dtype, set(nf4), quant.double_quant, merge.dense_linears(base.skeleton, nf4))
+
+
+def own_format_modules(base: merge.Base, quant: QuantSpec) -> set[str]:
+    """The linears a --format checkpoint export writes in the base's own format: every packed layer of a GPTQ /
+    AWQ / compressed-tensors base that the run trained on as it is (quantization.method checkpoint)."""
+    from qshard.quant import ptq
+
+    fmt = ptq.detect(base.model_dir)
+    name = fmt.name if fmt else "dense"
+    if name not in ("gptq", "awq", "compressed-tensors") or quant.method != "checkpoint":
+        how = (f"its base {base.model_dir} is {name}" if quant.method == "checkpoint" or fmt is None
+               else f"it converted its {name} base to {quant.method}")
+        fix = ("use --format nf4 (the run's 4-bit base, written as bitsandbytes stores it)"
+               if "nf4" in (name, quant.method) or "fp4" in (name, quant.method)
+               else "use --format dense; for a GPTQ / compressed-tensors model, quantize the dense export with qshard "
+                    "quantize")
+        raise QShardError(f"--format checkpoint writes a GPTQ, AWQ or compressed-tensors base trained with "
+                          f"quantization.method checkpoint, and {how}", where="--format", fix=fix)
+    if base.packed_experts:
+        raise QShardError("this MoE base packs its experts per expert, and qshard reads them decompressed, so it "
+                          "cannot write them back in the checkpoint's own format", where="--format",
+                          fix="use --format dense, then qshard quantize the export")
+    return {unit.packed.module for unit in base.units if unit.packed is not None}
 
 
 def find_source(path: Path) -> Source:
@@ -247,9 +282,10 @@ def write_model(stage: Path, base: merge.Base, original: merge.Base | None, adap
     from qshard.model.load import release_freed_memory
 
     source = original or base
-    plan = plan_tensors(source.shapes(), output)
+    plan = plan_tensors(source.units, output)
     writer = merge.ShardWriter(stage, plan, max_shard_bytes)
     nf4 = f", {len(output.nf4)} linears as NF4" if output.nf4 else ""
+    nf4 += f", {len(output.own)} linears in the base's own format" if output.own else ""
     adapted = len(adapter.modules) + len(adapter.experts)
     log(f"merging {adapted} adapted layers into {source.model_dir} -> {len(writer.shards)} "
         f"shard(s), {writer.total / 1e9:.2f} GB in {str(output.dtype).removeprefix('torch.')}{nf4}")
@@ -265,9 +301,20 @@ def write_model(stage: Path, base: merge.Base, original: merge.Base | None, adap
     return files + write_tokenizer(stage, adapter, base), stats
 
 
-def plan_tensors(shapes: dict[str, tuple[torch.dtype, list[int]]], output: Output) -> dict:
+def plan_tensors(units: list[merge.Unit], output: Output) -> dict:
     """Every tensor the folder will hold, in writing order: an NF4 weight becomes its packed codes and
-    QuantState tensors (merge.nf4_plan), a floating tensor takes the output dtype."""
+    QuantState tensors (merge.nf4_plan), a layer kept in the base's own format its stored tensors, a floating
+    tensor takes the output dtype."""
+    plan = {}
+    for unit in units:
+        if unit.packed is not None and unit.packed.module in output.own:
+            plan |= unit.packed.stored
+            continue
+        plan |= _plan_dense(unit.shapes, output)
+    return plan
+
+
+def _plan_dense(shapes: dict[str, tuple[torch.dtype, list[int]]], output: Output) -> dict:
     plan = {}
     for name, (stored, shape) in shapes.items():
         if _is_nf4(name, output):
@@ -283,6 +330,8 @@ def _is_nf4(name: str, output: Output) -> bool:
 
 def _write_unit(unit: merge.Unit, writer: merge.ShardWriter, plan: dict, quantized: merge.Base | None,
                 adapter: merge.Adapter, output: Output) -> dict:
+    if unit.packed is not None and unit.packed.module in output.own:
+        return _write_own_format(unit.packed, writer, adapter)
     stats = {}
     for name, tensor in unit.load().items():
         module, delta = name.removesuffix(".weight"), None
@@ -313,6 +362,25 @@ def _merge_one(module: str, weight: torch.Tensor, quantized: merge.Base | None, 
     return merge.merged_weight(weight, t, delta), figures, delta
 
 
+def _write_own_format(packed: merge.Packed, writer: merge.ShardWriter, adapter: merge.Adapter) -> dict:
+    """A PTQ layer as its checkpoint stores it; adapted, with its codes replaced by those of the merged weight on
+    the layer's own scales and zero points (quant/*.requantize). Figures: ||Q(W + delta) - (W + delta)|| /
+    ||delta|| (how much of the fine-tuning the checkpoint's grid cannot hold) and the share of codes changed."""
+    tensors, stats = packed.read(), {}
+    if packed.module in adapter.modules:
+        layer = packed.build(tensors)
+        weight = layer.dequantize(torch.float32)  # what method checkpoint's float32 forward applies
+        merged, figures, delta = _merge_one(packed.module, weight, None, adapter)
+        tensors |= layer.requantize(merged)
+        rounded = packed.build(tensors).dequantize(torch.float32)
+        figures["requant_rel"] = merge.relative(rounded - merged, delta)
+        figures["codes_changed"] = float((rounded != weight).float().mean())
+        stats[packed.module] = figures
+    for leaf, tensor in tensors.items():
+        writer.write(f"{packed.module}.{leaf}", tensor)
+    return stats
+
+
 def _write_nf4(name: str, weight: torch.Tensor, writer: merge.ShardWriter, output: Output, figures: dict | None,
                delta: torch.Tensor | None) -> None:
     """Quantize one weight (cast to the output dtype, as transformers casts before quantizing) and write its
@@ -334,7 +402,7 @@ def write_config(stage: Path, model_dir: Path, output: Output) -> list[str]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # checked by open_base already
-    if hasattr(config, "quantization_config"):
+    if hasattr(config, "quantization_config") and not output.own:
         del config.quantization_config
     if output.nf4:
         config.quantization_config = bnb_config(output).to_dict()
@@ -401,12 +469,13 @@ def move_into_place(stage: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-REQUANT_LABEL = "||NF4(W + delta) - (W + delta)|| / ||LoRA delta||"
+REQUANT_LABEL = "||Q(W + delta) - (W + delta)|| / ||LoRA delta||"
 
 
 def format_stats(layers: dict[str, dict[str, float]], merge_into: bool) -> str:
     """Median and max of ||delta|| / ||W_base|| (and, with --merge-into, ||W_orig - W_deq|| / ||delta||; with
-    format nf4, ||NF4(W + delta) - (W + delta)|| / ||delta||, also per layer)."""
+    format nf4 or checkpoint, ||Q(W + delta) - (W + delta)|| / ||delta||, Q the re-quantization, also per layer,
+    and for format checkpoint the share of codes the merge changed)."""
     if not layers:
         return "no layer merged"
     lines = [f"merged {len(layers)} layers:"]
@@ -416,12 +485,19 @@ def format_stats(layers: dict[str, dict[str, float]], merge_into: bool) -> str:
     requant = {m: f["requant_rel"] for m, f in layers.items() if "requant_rel" in f}
     if requant:
         keys.append(("requant_rel", REQUANT_LABEL))
+    if any("codes_changed" in f for f in layers.values()):
+        keys.append(("codes_changed", "share of the layer's codes the merge changed"))
     for key, label in keys:
         values = {m: f[key] for m, f in layers.items() if key in f}
         top = max(values, key=values.get)
         lines.append(f"  {label}: median {statistics.median(values.values()):.3g}, max {values[top]:.3g} ({top})")
     if requant:
         lines += [f"  {REQUANT_LABEL} per layer:"] + [f"    {m}: {v:.3g}" for m, v in requant.items()]
+    codes = [f["requant_rel"] for f in layers.values() if "codes_changed" in f]
+    if codes and statistics.median(codes) > 0.5:
+        lines.append("  (the checkpoint's grid holds less than half of the fine-tuning in most layers: its steps are "
+                     "larger than most of the adapter's changes. To keep them, serve the base with the adapter, or "
+                     "export --format dense and quantize that anew with qshard quantize)")
     if merge_into:
         lines.append("  (a gap near or above 1: the original differs from the weights training saw by as much as the "
                      "adapter changed them, so merging into it may undo part of the fine-tuning; the per-layer "

@@ -1,6 +1,7 @@
-"""`qshard export`'s check: the exported folder, loaded by transformers in float32, against qshard's own base +
-adapter (or the quantize-dequantized merge, for --format nf4) on a few fixed prompts, at a tolerance derived from
-the output dtype's rounding (`tolerance`)."""
+"""`qshard export`'s check: the exported folder, loaded by transformers in float32 (--format checkpoint: by qshard's
+own GPTQ / AWQ / compressed-tensors reader), against qshard's own base + adapter (or the quantize-dequantized merge,
+for --format nf4 and checkpoint) on a few fixed prompts, at a tolerance derived from the output dtype's rounding
+(`tolerance`)."""
 
 from __future__ import annotations
 
@@ -57,10 +58,13 @@ def check_merge(stage: Path, source: Source, adapter: merge.Adapter, original: m
         log(f"note: LLM.int8()'s forward also quantizes activations, which no dense model does: the run's own "
             f"int8 forward differs from the export by up to {figures['int8_forward_gap']:.3g}; the check compares "
             "with the int8 weights dequantized")
-    if output.nf4:
+    if output.nf4 or output.own:
         figures |= _requantization_gap(reference, prompts, got, log)
-        merge.requantized_twins(reference.get_base_model(), sorted(output.nf4), output.dtype, output.double_quant,
-                                adapter)
+        round_trip = (merge.nf4_round_trip(output.dtype, output.double_quant) if output.nf4
+                      else merge.own_scales_round_trip)
+        # NF4 re-quantizes every linear; the own format keeps a layer without an adapter as stored
+        changed = sorted(output.nf4) if output.nf4 else sorted(output.own & set(adapter.modules))
+        merge.requantized_twins(reference.get_base_model(), changed, adapter, round_trip)
     worst, scale = _max_diff(reference, prompts, got)
     rel_tol = tolerance(dtype, layers)
     figures |= {"max_abs_diff": worst, "max_abs_logit": scale, "tolerance": rel_tol * scale,
@@ -75,9 +79,23 @@ def load_exported(stage: Path, output: Output):
     """The folder as transformers loads it, in float32. NF4 linears (bitsandbytes Linear4bit) are set to
     compute in float32 as well, and kept off bitsandbytes' AVX512-bf16 CPU kernel, which repacks the weight
     and, whatever compute_dtype says, multiplies less exactly (measured: 4.6e-3 relative on one layer, 1.7%
-    of the largest logit of the micro model): the check measures the stored values, not a kernel."""
+    of the largest logit of the micro model): the check measures the stored values, not a kernel.
+
+    Format checkpoint: loaded by qshard's own reader (quantization.method checkpoint, float32 compute), whose
+    dequantization tests/test_ptq.py checks bit for bit against gptqmodel's, autoawq's and compressed-tensors'
+    own; transformers would need those libraries, which qshard does not install (tests/test_export.py loads a
+    compressed-tensors export with transformers in the quantizer's environment too)."""
     from bitsandbytes.nn import Linear4bit
     from transformers import AutoModelForCausalLM
+
+    if output.own:
+        from qshard.model.load import QUANT_LAYERS, load_model
+
+        model = load_model(str(stage), dtype="float32", quant=QuantSpec("checkpoint"), log=lambda *_: None).eval()
+        for module in model.modules():
+            if isinstance(module, QUANT_LAYERS):
+                module.compute_dtype = torch.float32
+        return model
 
     model = AutoModelForCausalLM.from_pretrained(stage, dtype=torch.float32, trust_remote_code=False).eval()
     for module in model.modules():
@@ -88,9 +106,9 @@ def load_exported(stage: Path, output: Output):
 
 
 def _requantization_gap(reference, prompts: list[torch.Tensor], got: list[torch.Tensor], log) -> dict:
-    """max |logit difference| to the unquantized merge: the error NF4 re-quantization adds (not judged)."""
+    """max |logit difference| to the unquantized merge: the error re-quantization adds (not judged)."""
     worst, scale = _max_diff(reference, prompts, got)
-    log(f"NF4 re-quantization: max |logit difference| to the unquantized merge {worst:.3g} ({worst / scale:.3g} of "
+    log(f"re-quantization: max |logit difference| to the unquantized merge {worst:.3g} ({worst / scale:.3g} of "
         f"max |logit| {scale:.3g}); reported, not checked")
     return {"unquantized_max_abs_diff": worst, "unquantized_relative_diff": worst / scale}
 

@@ -54,11 +54,23 @@ ST_DTYPES = {v: k for k, v in folder.SAFETENSORS_DTYPES.items()}
 # -- the base, as training saw it ---------------------------------------------------------------------
 
 @dataclass
+class Packed:
+    """A GPTQ / AWQ / compressed-tensors layer as its checkpoint stores it (`qshard export --format checkpoint`)."""
+
+    module: str
+    stored: dict[str, tuple[torch.dtype, list[int]]]  # its tensors' full names -> (stored dtype, shape)
+    read: Callable[[], dict[str, torch.Tensor]]  # {leaf: tensor}, as stored
+    build: Callable[[dict[str, torch.Tensor]], nn.Module]  # {leaf: tensor} -> the layer (qshard/quant)
+
+
+@dataclass
 class Unit:
-    """Tensors read together: `shapes` {model name: (stored dtype, shape)}; `load()` reads them now."""
+    """Tensors read together: `shapes` {model name: (stored dtype, shape)}; `load()` reads them now, as trained.
+    A PTQ layer's unit also has its stored form (`packed`)."""
 
     shapes: dict[str, tuple[torch.dtype, list[int]]]
     load: Callable[[], dict[str, torch.Tensor]]
+    packed: Packed | None = None
 
 
 @dataclass
@@ -66,6 +78,7 @@ class Base:
     model_dir: Path
     skeleton: nn.Module  # empty (meta), quantized shells in place: for shapes and roles only
     units: list[Unit]
+    packed_experts: bool = False  # MoE experts the checkpoint packs per expert, read decompressed
     by_name: dict[str, Unit] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -88,7 +101,7 @@ def open_trained_base(path: str, dtype: str, quant: QuantSpec) -> Base:
     targets, _ = checkpoint_plan(skeleton, reader, layers)
     units = [_dense_unit(skeleton, reader, target, quant) for target in targets]
     units += [_ptq_unit(skeleton, reader, fmt, name, leaves, quant) for name, leaves in layers.items()]
-    return Base(model_dir, skeleton, units)
+    return Base(model_dir, skeleton, units, packed_experts=bool(reader.packed))
 
 
 def _dense_unit(skeleton: nn.Module, reader: CheckpointReader, target, quant: QuantSpec) -> Unit:
@@ -125,8 +138,13 @@ def _ptq_unit(skeleton: nn.Module, reader: CheckpointReader, fmt, name: str, lea
     if "bias" in leaves:
         shapes[f"{name}.bias"] = (torch.float32, [linear.out_features])
 
+    packed = Packed(name, {f"{name}.{leaf}": (reader.entries[f"{name}.{leaf}"][2], list(reader.shape(f"{name}.{leaf}")))
+                           for leaf in leaves},
+                    read=lambda: {leaf: reader.rows(f"{name}.{leaf}") for leaf in leaves},
+                    build=lambda tensors: fmt.build(tensors, fmt.config, name))
+
     def load() -> dict[str, torch.Tensor]:
-        layer = fmt.build({leaf: reader.rows(f"{name}.{leaf}") for leaf in leaves}, fmt.config, name)
+        layer = packed.build(packed.read())
         if quant.method == "checkpoint":
             weight = layer.dequantize(torch.float32)
         else:
@@ -137,7 +155,7 @@ def _ptq_unit(skeleton: nn.Module, reader: CheckpointReader, fmt, name: str, lea
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.to(skeleton.dtype)
         return out
-    return Unit(shapes, load)
+    return Unit(shapes, load, packed)
 
 
 # -- the adapter ----------------------------------------------------------------------------------------
@@ -334,25 +352,43 @@ def quantize_nf4(weight: str, tensor: torch.Tensor, double_quant: bool):
     return tensors, state
 
 
-def requantized_twins(model: nn.Module, modules: list[str], dtype: torch.dtype, double_quant: bool,
-                      adapter: Adapter) -> None:
+def requantized_twins(model: nn.Module, modules: list[str], adapter: Adapter,
+                      requantized: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> None:
     """In a loaded base + adapter (the export check's reference), replace each of `modules` by a dense float32
-    linear holding bitsandbytes' quantize_4bit + dequantize_4bit of its merged weight (W + delta, DoRA-scaled)
-    in `dtype`: the values an NF4 export holds, computed from tensors the real loader placed."""
-    import bitsandbytes.functional as bnbF
-
+    linear holding `requantized(base layer, merged weight)`: its merged weight (W + delta, DoRA-scaled, float32)
+    quantized and dequantized as the export writes it (`nf4_round_trip`, `own_scales_round_trip`): the values
+    the folder holds, computed from tensors the real loader placed."""
     for name in modules:
         layer = model.get_submodule(name)
         inner = getattr(layer, "base_layer", layer)
-        weight = _merged_in_memory(layer, inner, adapter).to(dtype)
-        packed, state = bnbF.quantize_4bit(weight, blocksize=BLOCKSIZE, compress_statistics=double_quant,
-                                           quant_type="nf4")
         dense = nn.Linear(inner.in_features, inner.out_features, bias=inner.bias is not None)
-        dense.weight.data = bnbF.dequantize_4bit(packed, state).float()
+        dense.weight.data = requantized(inner, _merged_in_memory(layer, inner, adapter)).float()
         if inner.bias is not None:
             dense.bias.data = inner.bias.float()
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, dense.requires_grad_(False))
+
+
+def nf4_round_trip(dtype: torch.dtype, double_quant: bool) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """bitsandbytes' quantize_4bit + dequantize_4bit of a weight cast to `dtype` (an NF4 export's values)."""
+    import bitsandbytes.functional as bnbF
+
+    def round_trip(_layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        packed, state = bnbF.quantize_4bit(weight.to(dtype), blocksize=BLOCKSIZE, compress_statistics=double_quant,
+                                           quant_type="nf4")
+        return bnbF.dequantize_4bit(packed, state)
+    return round_trip
+
+
+def own_scales_round_trip(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A PTQ layer's dequantized weight once `weight` is re-quantized onto its own scales and zero points (a
+    `--format checkpoint` export's values)."""
+    import copy
+
+    twin = copy.deepcopy(layer)
+    for leaf, codes in layer.requantize(weight).items():
+        getattr(twin, leaf).data = codes
+    return twin.dequantize(torch.float32)
 
 
 def _merged_in_memory(layer: nn.Module, inner: nn.Module, adapter: Adapter) -> torch.Tensor:

@@ -66,7 +66,7 @@ class ExportStage(Section):
     name: StageName = Field(description="The stage's name; its model folder is <output_dir>/<name>.")
     export: StageName = Field(description="The earlier training stage whose run is exported.")
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    format: Literal["dense", "nf4"] = "dense"
+    format: Literal["dense", "nf4", "checkpoint"] = "dense"
     merge_into: PathText | None = None
 
 

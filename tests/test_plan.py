@@ -639,6 +639,34 @@ def test_recommendation_switching_engines_is_still_a_loadable_recipe(tmp_path):
         assert again.distributed.reshard_after_forward is True
 
 
+def test_planner_searches_the_tables_vocabulary_parallel_and_gathered_and_writes_the_choice(tmp_path):
+    """Under ZeRO-3 / FSDP2 on 2+ GPUs each configuration is planned with the embedding and head vocabulary-parallel
+    and gathered (`vocab:gathered` in the table); elsewhere the option does not apply and is not varied. For 70B on
+    2 x 24 GiB the vocabulary-parallel one is recommended (the gathered tables cost 0.54 GiB more per GPU at the same
+    speed), and whichever is chosen is written to the recipe as distributed.vocab_parallel, a recipe that loads."""
+    model = write_model_dir(tmp_path / "llama3-70b", LLAMA3_70B)
+    for gpus, varied in ((2, True), (1, False)):
+        recipe = load_recipe(write_recipe(tmp_path, model))
+        result = plan.make_plan(recipe, plan.read_model_spec(str(model)), gpus=gpus, gpu_mem=24 * GIB)
+        pairs = {}
+        for e in result.ranked:
+            s = e.settings
+            pairs.setdefault(replace(s, vocab_parallel=True), set()).add(s.vocab_parallel)
+        sharded = [v for s, v in pairs.items() if s.engine in ("zero3", "fsdp2")]
+        assert sharded and all(v == ({True, False} if varied else {True}) for v in sharded)
+        assert all(v == {True} for s, v in pairs.items() if s.engine not in ("zero3", "fsdp2"))
+    recipe = load_recipe(write_recipe(tmp_path, model))
+    result = plan.make_plan(recipe, plan.read_model_spec(str(model)), gpus=2, gpu_mem=24 * GIB)
+    best = result.best
+    assert best.settings.engine == "zero3" and best.settings.vocab_parallel and best.settings.vocab_split
+    twin = next(e for e in result.ranked if e.settings == replace(best.settings, vocab_parallel=False))
+    assert twin.peak > best.peak and "vocab:gathered" in plan.format_table(result, limit=len(result.ranked))
+    for choice, flag in ((twin, False), (best, True)):
+        result.best = choice
+        again = load_recipe(plan.write_recommendation(result, recipe, tmp_path / f"vp-{flag}")[0])
+        assert again.distributed.vocab_parallel is flag
+
+
 def test_parse_size_reads_binary_and_decimal_units():
     assert plan.parse_size("24GiB") == 24 * 2 ** 30
     assert plan.parse_size("80GB") == 80 * 10 ** 9

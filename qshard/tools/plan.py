@@ -397,7 +397,8 @@ class Settings:
     def label(self) -> str:
         off = "+off_opt" if self.offload_optimizer else ""
         off += "+off_params" if self.offload_params else ""
-        return f"{self.engine}{off}"
+        gathered = not self.vocab_split and self.engine in ("zero3", "fsdp2") and self.world >= 2
+        return f"{self.engine}{off}{' vocab:gathered' if gathered else ''}"
 
 
 def stored_linear(spec: ModelSpec, s: Settings, name: str, moe: bool = False) -> list[tuple[int, int]]:
@@ -943,7 +944,10 @@ ENGINE_OPTIONS = {  # label -> (engine, offload_optimizer, offload_params)
 def candidates(base: Settings, quants: tuple[str, ...], micro_batches: tuple[int, ...],
                checkpoint_format: str | None = None) -> list[Settings]:
     """Every engine x offload x quantization x micro-batch x checkpointing the compatibility table allows
-    (`checkpoint_format`: the base's format when it is a PTQ checkpoint, for method `checkpoint`)."""
+    (`checkpoint_format`: the base's format when it is a PTQ checkpoint, for method `checkpoint`), and under
+    ZeRO-3 / FSDP2 on 2+ GPUs the embedding and head vocabulary-parallel or gathered (distributed.vocab_parallel:
+    exchanging hidden states costs time, gathering the tables costs memory; which wins depends on the vocabulary,
+    the width and the tokens per step)."""
     out = []
     for label in _engine_labels(base.world):
         engine, off_opt, off_params = ENGINE_OPTIONS[label]
@@ -954,10 +958,12 @@ def candidates(base: Settings, quants: tuple[str, ...], micro_batches: tuple[int
             cell = compat.SUPPORT.get((key, compat.base_key(quant, checkpoint_format)))
             if cell is None or not cell.supported or _option_refused(key, base):
                 continue
+            splits = (True, False) if engine in ("zero3", "fsdp2") and base.world >= 2 else (base.vocab_parallel,)
             for mb in micro_batches:
                 for ckpt in (False, True):
-                    out.append(replace(base, engine=engine, offload_optimizer=off_opt, offload_params=off_params,
-                                       quant=quant, micro_batch=mb, checkpointing=ckpt))
+                    for split in splits:
+                        out.append(replace(base, engine=engine, offload_optimizer=off_opt, offload_params=off_params,
+                                           quant=quant, micro_batch=mb, checkpointing=ckpt, vocab_parallel=split))
     return out
 
 
@@ -1090,12 +1096,12 @@ def vocab_lines(s: Settings) -> list[str]:
 
 def format_table(plan: Plan, limit: int = 20) -> str:
     fastest = min((e.step_seconds for e in plan.ranked), default=1.0)
-    head = (f"{'#':>3}  {'engine':<26}{'quant':<6}{'mb':>3}{'acc':>5}  {'ckpt':<5}{'GiB/GPU':>9}  {'fits':<5}"
+    head = (f"{'#':>3}  {'engine':<40}{'quant':<6}{'mb':>3}{'acc':>5}  {'ckpt':<5}{'GiB/GPU':>9}  {'fits':<5}"
             f"{'rel. step':>9}")
     lines = [head, "-" * len(head)]
     for i, e in enumerate(plan.ranked[:limit], 1):
         s = e.settings
-        lines.append(f"{i:>3}  {s.label:<26}{s.quant:<6}{s.micro_batch:>3}{s.accumulation:>5}  "
+        lines.append(f"{i:>3}  {s.label:<40}{s.quant:<6}{s.micro_batch:>3}{s.accumulation:>5}  "
                      f"{'yes' if s.checkpointing else 'no':<5}{gib(e.peak):>9}  "
                      f"{'yes' if e.peak <= plan.gpu_mem else 'NO':<5}{e.step_seconds / fastest:>9.2f}")
     if len(plan.ranked) > limit:
@@ -1123,6 +1129,8 @@ def recommended_recipe(recipe, est: Estimate, ds_config_path: str | None) -> dic
     for key in DEEPSPEED_KEYS + (() if same_engine else OTHER_ENGINE_KEYS):
         d.pop(key)
     d["engine"] = "deepspeed" if s.engine.startswith("zero") else s.engine
+    if s.engine in ("zero3", "fsdp2"):
+        d["vocab_parallel"] = s.vocab_parallel
     if s.engine.startswith("zero") and ds_config_path:
         d["deepspeed_config"] = ds_config_path
     elif s.engine.startswith("zero"):

@@ -61,12 +61,15 @@ class QuantizationSection(Section):
 
 class LoraSection(Section):
     r: int = Field(16, ge=1, le=4096, description="Adapter rank.")
-    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is (alpha / r) * B @ A.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is (alpha / r) * B @ A "
+                                                 "(alpha / sqrt(r) with use_rslora).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: Union[Literal["all-linear"], Annotated[list[Name], Field(min_length=1)]] = Field(
         "all-linear", description="Module names (suffixes such as q_proj) to adapt; all-linear = every linear "
                                   "layer except the output head.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale the update by alpha / sqrt(r) "
+                                                "instead of alpha / r (PEFT's use_rslora).")
 
 
 class DataSection(Section):

@@ -135,7 +135,8 @@ def build_model(checked: validate.Checked, quant: QuantSpec, engine, recipe: Rec
         if recipe.model.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = attach_lora(base, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
-                            targets=checked.targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed)
+                            targets=checked.targets, use_dora=recipe.lora.use_dora, seed=recipe.train.seed,
+                            use_rslora=recipe.lora.use_rslora)
         split_vocabulary(model, checked.engine, recipe, rt, say)
         return model
 

@@ -42,7 +42,7 @@ def test_unknown_key_is_refused_with_the_closest_known_key(raw, unknown, suggest
 def test_unknown_key_without_a_close_match_lists_the_known_keys():
     with pytest.raises(QShardError) as err:
         parse_recipe(with_option("lora.rank", 8))
-    assert err.value.fix == "known keys: r, alpha, dropout, target_modules, use_dora"
+    assert err.value.fix == "known keys: r, alpha, dropout, target_modules, use_dora, use_rslora"
 
 
 # -- values out of range -------------------------------------------------------------------------

@@ -30,24 +30,28 @@ GPTQ = REPO / "tests" / "fixtures" / "ptq" / "gptq_llama_w4_g32_sym"
 QUIET = dict(log=lambda *_: None)
 
 
-def _train(model: Path, root: Path, name: str, method: str, dtype: str = "float32", dora: bool = False) -> Path:
+def _train(model: Path, root: Path, name: str, method: str, dtype: str = "float32", dora: bool = False,
+           rslora: bool = False) -> Path:
     data = write_rows(root / "train.jsonl")
     recipe = recipe_dict(model, data, root / name, max_steps=4, sample_tokens=0)
     recipe["quantization"]["method"] = method
     recipe["model"]["dtype"] = dtype
     recipe["lora"]["use_dora"] = dora
+    recipe["lora"]["use_rslora"] = rslora
     run(parse_recipe(recipe), **QUIET)
     return root / name
 
 
 @pytest.fixture(scope="module")
 def runs(micro_model, tmp_path_factory) -> dict[str, Path]:
-    """Finished runs on the micro Llama: nf4 (fp32 dense parts), int8, DoRA on a dense fp32 base and on nf4."""
+    """Finished runs on the micro Llama: nf4 (fp32 dense parts), int8, DoRA on a dense fp32 base and on nf4, rsLoRA
+    on a dense fp32 base."""
     root = tmp_path_factory.mktemp("export-runs")
     return {"nf4": _train(micro_model, root, "nf4", "nf4"), "int8": _train(micro_model, root, "int8", "int8"),
             "dora": _train(micro_model, root, "dora", "none", dora=True),
             "nf4-dora": _train(micro_model, root, "nf4-dora", "nf4", dora=True),
-            "nf4-bf16": _train(micro_model, root, "nf4-bf16", "nf4", dtype="bfloat16")}
+            "nf4-bf16": _train(micro_model, root, "nf4-bf16", "nf4", dtype="bfloat16"),
+            "rslora": _train(micro_model, root, "rslora", "none", rslora=True)}
 
 
 def _loads_in_transformers(out: Path, dtype: torch.dtype) -> None:
@@ -80,15 +84,19 @@ def test_export_reproduces_the_runs_base_plus_adapter(runs, method, dtype, tmp_p
     _loads_in_transformers(out, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
 
 
-def test_streamed_merge_equals_peft_merge_and_unload_on_a_dense_base(runs, micro_model, tmp_path):
-    """DoRA on a dense fp32 base: every tensor of the export equals PEFT's whole-model merge to fp32 rounding."""
+@pytest.mark.parametrize("method", ["dora", "rslora"])
+def test_streamed_merge_equals_peft_merge_and_unload_on_a_dense_base(runs, micro_model, method, tmp_path):
+    """DoRA, and rsLoRA (scaled by alpha / sqrt(r), as its adapter_config.json says), on a dense fp32 base: every
+    tensor of the export equals PEFT's whole-model merge to fp32 rounding."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    export(runs["dora"], tmp_path / "out", dtype="fp32", check=False, **QUIET)
+    if method == "rslora":
+        assert json.loads((runs[method] / "adapter" / "adapter_config.json").read_text())["use_rslora"] is True
+    export(runs[method], tmp_path / "out", dtype="fp32", check=False, **QUIET)
     ours = load_file(str(tmp_path / "out" / "model.safetensors"))
     base = AutoModelForCausalLM.from_pretrained(micro_model, dtype=torch.float32)
-    reference = PeftModel.from_pretrained(base, str(runs["dora"] / "adapter")).merge_and_unload().state_dict()
+    reference = PeftModel.from_pretrained(base, str(runs[method] / "adapter")).merge_and_unload().state_dict()
     assert ours.keys() == reference.keys()
     worst = max(float((ours[k] - reference[k]).abs().max() / reference[k].abs().max()) for k in ours)
     assert worst < 1e-6, worst
@@ -309,7 +317,7 @@ def test_zero_adapter_nf4_export_gives_back_the_bases_nf4_codes(runs, micro_mode
     assert len(names) == 14 and worst < 5e-3, worst
 
 
-@pytest.mark.parametrize("method", ["nf4-dora", "int8", "dora"])
+@pytest.mark.parametrize("method", ["nf4-dora", "int8", "dora", "rslora"])
 def test_nf4_export_of_dora_int8_and_dense_runs_matches_the_requantized_merge(runs, method, tmp_path):
     """DoRA's magnitude, an int8 base (its linears become NF4) and a dense base (the linears an nf4 run
     would quantize): each within float32 rounding of the quantize-dequantized merge (measured: 0)."""

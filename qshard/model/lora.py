@@ -124,14 +124,15 @@ def adapted_tensors_line(peft_model: nn.Module) -> str:
 
 
 def attach_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, targets: list[str],
-                use_dora: bool, seed: int) -> nn.Module:
+                use_dora: bool, seed: int, use_rslora: bool = False) -> nn.Module:
     """Wrap `model` in a PeftModel; adapter weights are fp32 and the only trainable tensors."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners import lora
 
     modules, parameters = split_targets(model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
-                        target_parameters=parameters or None, use_dora=use_dora, bias="none", task_type="CAUSAL_LM")
+                        target_parameters=parameters or None, use_dora=use_dora, use_rslora=use_rslora, bias="none",
+                        task_type="CAUSAL_LM")
     # our quantized layers get PEFT's standard LoRA Linear wrapper, which calls them as `base_layer` and
     # reads `.weight` (dequantized) only for DoRA
     _compat.peft_register_custom_layers(config, {cls: lora.Linear for cls in QUANT_LAYERS})

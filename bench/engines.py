@@ -108,7 +108,7 @@ def run_qshard(name: str, args, runs: Path, extra_env: dict[str, str]) -> dict:
     out_dir = runs / name
     cmd = [str(VENV_BIN / "qshard"), "train", RECIPE, "--nproc", str(args.nproc), "--overwrite",
            f"--set=model.path={args.model}", f"--set=train.max_steps={args.steps}",
-           f"--set=train.output_dir={out_dir}"] + [f"--set={s}" for s in ENGINES[name]]
+           f"--set=train.output_dir={out_dir}"] + [f"--set={s}" for s in ENGINES[name] + args.set]
     wall = run_logged(cmd, runs / "logs" / f"{name}.log", args.timeout, extra_env)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = records[-1]
@@ -223,6 +223,8 @@ def main() -> int:
     p.add_argument("--runs", default="runs/bench-400m", help="folder for run outputs and logs")
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     p.add_argument("--markdown", default=None, help="also write the Markdown report to this file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for every qshard run, e.g. train.trim_heap=false")
     args = p.parse_args()
     runs_root = ROOT / args.runs
     runs_root.mkdir(parents=True, exist_ok=True)

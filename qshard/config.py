@@ -118,6 +118,9 @@ class TrainSection(Section):
     watchdog_s: float | None = Field(600.0, gt=0, description="A step that takes longer than this (a hung rank "
                                                               "or collective) dumps every thread's stack and exits; "
                                                               "null = off.")
+    trim_heap: bool = Field(True, description="On CPU, return freed heap memory to the OS after each optimizer "
+                                              "step (glibc malloc_trim): lower peak memory for a few tens of ms a "
+                                              "step; false keeps glibc's default.")
     count_comm: bool = Field(True, description="With several processes, count each step's collectives (bytes, "
                                                "calls, time) into metrics.jsonl; false = do not hook torch's "
                                                "collectives at all.")

@@ -22,7 +22,7 @@ from qshard.engines import create_engine
 from qshard.errors import QShardError
 from qshard.loss import next_token_loss_sum
 from qshard.model import shardload, vocab
-from qshard.model.load import QuantSpec, load_base_model
+from qshard.model.load import QuantSpec, load_base_model, release_freed_memory
 from qshard.model.lora import (
     adapted_tensors_line,
     attach_lora,
@@ -182,6 +182,11 @@ def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe
     aux_coef = router_aux_coef(engine.peft_model)
     if aux_coef:
         say(f"adding the router's load-balancing loss x {aux_coef} (router_aux_loss_coef), logged as aux_loss")
+    trim_heap = tr.trim_heap and rt.device.type == "cpu"
+    if trim_heap:
+        say("after each optimizer step the freed heap goes back to the OS (glibc malloc_trim; train.trim_heap): "
+            "otherwise glibc keeps a step's freed activations resident and the next step grows past them (400M "
+            "benchmark, ZeRO-3: -120 to -190 MB peak for 30-90 ms of a 5-8 s step)")
     step = 0
     if resume_from is not None:
         step = restore(resume_from, engine, scheduler, rt, say)
@@ -232,6 +237,11 @@ def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe
                     engine.backward((micro_loss + aux_coef * aux) * rt.world_size / loss_tokens)
                 loss_sum += micro_loss.detach()
                 aux_sum += aux.detach()
+                # The graph goes now, not when the next forward reassigns micro_loss: bitsandbytes' 4-bit matmul
+                # keeps its input and weight as plain attributes of its autograd context, which backward does
+                # not free, and under ZeRO-3 that weight is a gathered copy: the finished graph kept the whole
+                # gathered base (151 MB on the 400M benchmark) into the next step's forward (BENCHMARKS.md).
+                del micro_loss, aux
             faults.point("step", step + 1, rt.rank)
             # One collective, before the optimizer step, for the global loss, "is any rank's loss
             # non-finite" and "did any rank get SIGTERM/SIGINT" (so that every rank stops together).
@@ -256,6 +266,8 @@ def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe
                 base_before = base_fingerprint(model)
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
             grad_norm = engine.step(tr.max_grad_norm)
+            if trim_heap:
+                release_freed_memory()
             traffic = comm.stop()
             if checking:
                 check_base_unchanged(base_before, base_fingerprint(model), step + 1, rt)

@@ -146,3 +146,54 @@ def test_resume_refuses_a_recipe_change_that_alters_the_run(micro_model, tmp_pat
     r["train"]["max_steps"] = 3  # harmless: allowed and logged
     assert run(parse_recipe(r), resume="auto", log=said.append).steps == 3
     assert any("resuming with changed settings: train.max_steps" in line for line in said)
+
+
+def test_a_steps_graph_is_gone_before_its_optimizer_step(micro_model, tmp_path, monkeypatch):
+    """bitsandbytes' 4-bit matmul keeps the weight it multiplied by and its QuantState (under ZeRO-3 gathered
+    copies) as plain attributes of its autograd context (`ctx.tensors`, `ctx.state`), which backward does not
+    free. The loop drops the loss once backward has run, so by the optimizer step no QuantState a 4-bit matmul
+    of that step received is alive (before, they lived until the next forward returned: BENCHMARKS.md, ZeRO-3
+    400M). Each layer builds a fresh one per forward, so it lives only as long as what holds it."""
+    import gc
+    import weakref
+
+    import bitsandbytes as bnb
+
+    from qshard.observe import faults
+
+    states, alive = [], []
+    matmul, point = bnb.matmul_4bit, faults.point
+
+    def recording(A, B, *args, quant_state, **kwargs):
+        states.append(weakref.ref(quant_state))
+        return matmul(A, B, *args, quant_state=quant_state, **kwargs)
+
+    def at(kind, *args):
+        if kind == "step":
+            gc.collect()
+            alive.append(sum(r() is not None for r in states))
+            states.clear()
+        return point(kind, *args)
+
+    monkeypatch.setattr(bnb, "matmul_4bit", recording)
+    monkeypatch.setattr(faults, "point", at)
+    recipe = recipe_dict(micro_model, write_rows(tmp_path / "train.jsonl"), tmp_path / "run", max_steps=2,
+                         gradient_accumulation_steps=2, micro_batch_size=2)
+    run(parse_recipe(recipe), log=lambda *_: None)
+    assert alive == [0, 0]
+
+
+def test_the_heap_is_trimmed_after_each_step_on_cpu_unless_turned_off(micro_model, tmp_path, monkeypatch):
+    from qshard import train
+
+    calls, said = [], []
+    monkeypatch.setattr(train, "release_freed_memory", lambda: calls.append(1))
+    data = write_rows(tmp_path / "train.jsonl")
+    for trim, expected in ((True, 3), (False, 0)):
+        calls.clear()
+        recipe = recipe_dict(micro_model, data, tmp_path / f"run-{trim}", max_steps=3)
+        recipe["train"]["trim_heap"] = trim
+        run(parse_recipe(recipe), log=said.append)
+        assert len(calls) == expected
+        assert any("train.trim_heap" in line for line in said) is trim
+        said.clear()

@@ -246,13 +246,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="skip comparing the exported model's logits with the run's base + adapter")
     ex.set_defaults(func=_export)
 
-    qz = sub.add_parser("quantize", help="GPTQ-quantize a dense model folder with llm-compressor (`make quantizers`) "
-                                         "into compressed-tensors, which qshard trains on (method: checkpoint)")
+    qz = sub.add_parser("quantize", help="GPTQ- or AWQ-quantize a dense model folder with llm-compressor (`make "
+                                         "quantizers`) into compressed-tensors, which qshard trains on (method: "
+                                         "checkpoint)")
     qz.add_argument("model_dir", help="a dense Hugging Face model folder, e.g. a `qshard export` of a run")
     qz.add_argument("out_dir", help="the new, quantized model folder")
     qz.add_argument("--calibration", required=True, metavar="DATA",
                     help="calibration rows: a file in any format qshard trains on (alpaca, chat, text)")
-    qz.add_argument("--method", default="gptq", choices=["gptq"], help="the quantization algorithm")
+    qz.add_argument("--method", default="gptq", choices=["gptq", "awq"],
+                    help="the quantization algorithm (awq: activation-aware scaling, then round to nearest; pair it "
+                         "with --asymmetric as AWQ usually is)")
     qz.add_argument("--bits", type=int, default=4, choices=[4, 8], help="bits per weight")
     qz.add_argument("--group-size", type=_count(1), default=128, help="weights sharing one scale (and zero point)")
     qz.add_argument("--asymmetric", action="store_true", help="zero points as well as scales")

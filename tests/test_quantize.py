@@ -5,14 +5,17 @@ and every bad input refused before the quantizer starts."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+from qshard.config import parse_recipe
 from qshard.errors import QShardError
 from qshard.tools import plan, quantize, stages
+from qshard.train import run
 from tests.helpers import assert_transformers_reads_as_qshard, recipe_dict, write_rows
 
 IDS = [[1, 5, 9, 200, 33, 41, 7, 300, 12], [1, 77, 78, 79, 80]]
@@ -38,6 +41,27 @@ def test_the_output_is_compressed_tensors_and_qshard_reads_the_values_compressed
     assert marker["method"] == "gptq" and set(marker["files"]) == {p.name for p in out.iterdir()} - {quantize.MARKER}
 
     assert_transformers_reads_as_qshard(out, IDS)  # compressed-tensors' own decompression
+
+
+def test_awq_on_a_machine_without_an_accelerator_writes_compressed_tensors_that_qshard_trains_on(micro_model,
+                                                                                                tmp_path):
+    """llm-compressor's AWQ (activation-aware scales folded into the preceding norms, then round to nearest),
+    asymmetric 4-bit in groups of 32, on CPU through the worker's pinning workaround: transformers +
+    compressed-tensors read the folder as qshard does, and LoRA trains on it kept as it is."""
+    data = write_rows(tmp_path / "train.jsonl")
+    out = tmp_path / "awq"
+    result = quantize.quantize(str(micro_model), str(out), calibration=str(data), method="awq", group_size=32,
+                               symmetric=False, log=print)
+    assert result.gap["relative"] < 0.5
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert config["format"] == "pack-quantized" and weights["group_size"] == 32 and weights["symmetric"] is False
+    assert json.loads((out / quantize.MARKER).read_text())["method"] == "awq"
+    assert_transformers_reads_as_qshard(out, IDS)
+    recipe = recipe_dict(out, data, tmp_path / "run", max_steps=2)
+    recipe["quantization"]["method"] = "checkpoint"
+    outcome = run(parse_recipe(recipe), log=lambda *_: None)
+    assert len(outcome.losses) == 2 and all(math.isfinite(x) for x in outcome.losses)
 
 
 def test_train_export_quantize_and_lora_on_the_gptq_model_under_two_rank_fsdp2_as_one_pipeline(gptq_model,

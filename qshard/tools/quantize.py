@@ -1,4 +1,4 @@
-"""`qshard quantize MODEL_DIR OUT_DIR --calibration DATA`: post-training quantization (GPTQ) of a dense model
+"""`qshard quantize MODEL_DIR OUT_DIR --calibration DATA`: post-training quantization (GPTQ or AWQ) of a dense model
 folder with llm-compressor, written as compressed-tensors (pack-quantized), which qshard trains on with
 `quantization.method: checkpoint`.
 
@@ -29,7 +29,7 @@ from qshard.state.rundir import check_not_protected, real_path
 from qshard.tools.export import check_out_dir, move_into_place
 
 MARKER = ".qshard-quantize.json"
-METHODS = ("gptq",)  # llm-compressor 0.14's AWQ needs an accelerator ("Cannot access accelerator device")
+METHODS = ("gptq", "awq")  # AWQ on a machine without an accelerator: quantize_worker.skip_pinning_without_an_accelerator
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("quantize_worker.py")
 CHECK_SAMPLES = 4

@@ -26,12 +26,27 @@ def main(spec_path: str) -> int:
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype="auto", trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"], trust_remote_code=False)
     torch.manual_seed(0)
+    if spec["method"] == "awq":
+        skip_pinning_without_an_accelerator()
     oneshot(model=model, tokenizer=tokenizer, dataset=calibration, recipe=recipe(spec),
             num_calibration_samples=len(ids), max_seq_length=max(len(x) for x in ids),
             shuffle_calibration_samples=False, pipeline="sequential" if spec["method"] == "awq" else "independent")
     model.save_pretrained(spec["out"], save_compressed=True)
     tokenizer.save_pretrained(spec["out"])
     return 0
+
+
+def skip_pinning_without_an_accelerator() -> None:
+    """Workaround, llm-compressor 0.14.0.1: AWQ's smoothing pins the cached activations of each layer
+    (IntermediatesCache.pin_memory) so that copies to an accelerator can be non-blocking, and on a machine without
+    one torch refuses to pin ("Cannot access accelerator device when none is available"). Pinning only speeds
+    host-to-device copies, so without an accelerator it is skipped; the values are the same. Remove when
+    llm-compressor checks for an accelerator itself (tests/test_quantize.py runs AWQ on CPU)."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
 def recipe(spec: dict):

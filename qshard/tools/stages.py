@@ -74,7 +74,7 @@ class QuantizeStage(Section):
     name: StageName = Field(description="The stage's name; its model folder is <output_dir>/<name>.")
     quantize: StageName = Field(description="The earlier export stage (dense) whose model is quantized.")
     calibration: PathText = Field(description="Calibration rows, in any format qshard trains on.")
-    method: Literal["gptq"] = "gptq"
+    method: Literal["gptq", "awq"] = "gptq"
     bits: Literal[4, 8] = 4
     group_size: int = Field(128, ge=1)
     samples: int = Field(128, ge=1)
@@ -317,7 +317,7 @@ def planned_base(model_path: str, stages: list[Stage]):
     export = next(s for s in stages if s.name == quantizer.spec.quantize)
     source = architecture_source(str(export.folder), stages)
     dense = replace(planner.read_model_spec(source), dtype=EXPORT_DTYPES[export.spec.dtype])
-    return (f"{source}, {quantizer.spec.bits}-bit GPTQ in groups of {quantizer.spec.group_size}, as stage "
+    return (f"{source}, {quantizer.spec.bits}-bit {quantizer.spec.method.upper()} in groups of {quantizer.spec.group_size}, as stage "
             f"{quantizer.name!r} will write it"), planner.quantized_by_qshard(dense, quantizer.spec.bits,
                                                                          quantizer.spec.group_size)
 

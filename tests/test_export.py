@@ -200,18 +200,19 @@ def test_gptq_checkpoint_run_exports_its_dequantized_merge(method, tmp_path):
     assert "quantization_config" not in config and len(result.layers) == 14
 
 
-def test_fsdp2_two_rank_run_exports_like_any_other(micro_model, tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_two_rank_sharded_run_exports_like_any_other(micro_model, engine, tmp_path):
     """The adapter is gathered whole before it is saved (engine.adapter_state_dict), so a sharded run's
-    folder is the same format: one FSDP2 run on 2 ranks stands for all engines."""
+    folder is the same format: FSDP2 and ZeRO-3 runs on 2 ranks export and pass the check."""
     data = write_rows(tmp_path / "train.jsonl")
-    recipe = recipe_dict(micro_model, data, tmp_path / "fsdp2", max_steps=2, micro_batch_size=2, sample_tokens=0)
-    recipe["distributed"] = {"engine": "fsdp2"}
+    recipe = recipe_dict(micro_model, data, tmp_path / engine, max_steps=2, micro_batch_size=2, sample_tokens=0)
+    recipe["distributed"] = {"engine": "fsdp2"} if engine == "fsdp2" else {"engine": "deepspeed", "zero_stage": 3}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "qshard.cli", "train", str(tmp_path / "r.yaml"), "--nproc", "2"],
                           capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = export(tmp_path / "fsdp2", tmp_path / "out", dtype="fp32", **QUIET)
+    result = export(tmp_path / engine, tmp_path / "out", dtype="fp32", **QUIET)
     assert result.check["passed"] and result.check["max_abs_diff"] <= 1e-4 * result.check["max_abs_logit"]
 
 

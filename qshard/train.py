@@ -237,10 +237,11 @@ def fit(model, engine, optimizer, datasets: validate.Datasets, tokenizer, recipe
                     engine.backward((micro_loss + aux_coef * aux) * rt.world_size / loss_tokens)
                 loss_sum += micro_loss.detach()
                 aux_sum += aux.detach()
-                # The graph goes now, not when the next forward reassigns micro_loss: bitsandbytes' 4-bit matmul
-                # keeps its input and weight as plain attributes of its autograd context, which backward does
-                # not free, and under ZeRO-3 that weight is a gathered copy: the finished graph kept the whole
-                # gathered base (151 MB on the 400M benchmark) into the next step's forward (BENCHMARKS.md).
+                # The graph goes now, not when the next forward reassigns micro_loss: custom autograd functions
+                # may keep tensors as plain attributes of their context, which backward does not free (bitsandbytes'
+                # int8 matmul keeps its weight there; under ZeRO-3 a gathered copy). Before qshard's 4-bit layer
+                # stopped doing the same (quant/bnb4bit.py), the finished graph kept the whole gathered base (151 MB
+                # on the 400M benchmark) into the next step's forward (BENCHMARKS.md).
                 del micro_loss, aux
             faults.point("step", step + 1, rt.rank)
             # One collective, before the optimizer step, for the global loss, "is any rank's loss

@@ -44,6 +44,40 @@ def test_4bit_layer_equals_bitsandbytes_bit_for_bit(quant_type, double_quant, dt
     assert 0.05 < err < 0.25
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "fp32-autocast-bf16"])
+def test_4bit_layer_keeps_nothing_of_its_weight_from_forward_to_backward(autocast):
+    """Between forward and backward nothing holds the packed weight or the QuantState the forward used (bitsandbytes'
+    own MatMul4Bit keeps both in its autograd context: under ZeRO-3 gathered copies, the whole base by the end of
+    a forward); the backward reads the layer again and gives bitsandbytes' output and input gradient bit for bit,
+    under autocast too."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 160), torch.randn(96)
+    ours = Linear4bit.from_float(w, b, quant_type="nf4", double_quant=True, compute_dtype=torch.float32).train()
+    ref = _bnb_4bit(w, b, "nf4", True)
+    states, matmul = [], bnb.matmul_4bit
+
+    def recording(A, B, *args, quant_state, **kwargs):
+        states.append(weakref.ref(quant_state))
+        return matmul(A, B, *args, quant_state=quant_state, **kwargs)
+
+    x = torch.randn(3, 5, 160)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        xs = x.clone().requires_grad_(True)
+        bnb.matmul_4bit = recording
+        try:
+            y1 = ours(xs)
+        finally:
+            bnb.matmul_4bit = matmul
+        gc.collect()
+        assert len(states) == 1 and states[0]() is None
+        (g1,) = torch.autograd.grad(y1.square().sum(), xs)
+        y2, g2 = _out_and_grad(ref, x)
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+
+
 def test_4bit_storage_is_uint8_parameters_only():
     """Engines shard parameters and never cast integer ones: nothing may hide in buffers or attributes."""
     layer = Linear4bit.from_float(torch.randn(64, 128), quant_type="nf4", double_quant=True)

@@ -146,10 +146,10 @@ def test_ptq_model_with_lora_saves_no_dense_weight():
 CELLS = [("zero3", True), ("fsdp2", True), ("zero3", False)]  # (engine, activation checkpointing)
 
 
-def _recipe(data: Path, out: Path, engine: str, checkpointing: bool) -> dict:
+def _recipe(data: Path, out: Path, engine: str, checkpointing: bool, method: str = "checkpoint") -> dict:
     r = recipe_dict(FIXTURES / "gptq_llama_w4_g32_sym", data, out, max_steps=3, micro_batch_size=2 if engine else 4,
                     sample_tokens=0)
-    r["quantization"]["method"] = "checkpoint"
+    r["quantization"]["method"] = method
     r["model"]["gradient_checkpointing"] = checkpointing
     if engine == "zero3":
         r["distributed"] = {"engine": "deepspeed", "zero_stage": 3}
@@ -158,15 +158,17 @@ def _recipe(data: Path, out: Path, engine: str, checkpointing: bool) -> dict:
     return r
 
 
-def test_sharded_gptq_with_checkpointing_matches_one_process(tmp_path):
+@pytest.mark.parametrize("method", ["checkpoint", "nf4"], ids=["gptq", "nf4"])
+def test_sharded_gptq_with_checkpointing_matches_one_process(tmp_path, method):
     """ZeRO-3 gathers a module's storage again in a hook on its outputs, FSDP2 a decoder layer's in a hook
     on the layer's outputs; both run before the redequantizing backward, with activation checkpointing
-    (the layer's forward recomputed in backward) too. fp32 on CPU: only the order of float sums
-    differs (measured ~1e-6 in tests/test_engines.py); assert 1e-4."""
+    (the layer's forward recomputed in backward) too. The same holds for the NF4 layer's backward, which reads
+    its storage again too (quant/bnb4bit.py `_Regathering4bitMatmul`; the GPTQ base converted to NF4 on load).
+    fp32 on CPU: only the order of float sums differs (measured ~1e-6 in tests/test_engines.py); assert 1e-4."""
     data = write_rows(tmp_path / "train.jsonl")
-    cells = [{"name": f"{e}-{c}", "recipe": _recipe(data, tmp_path / f"{e}-{c}", e, c)} for e, c in CELLS]
+    cells = [{"name": f"{e}-{c}", "recipe": _recipe(data, tmp_path / f"{e}-{c}", e, c, method)} for e, c in CELLS]
     run_cells(tmp_path, cells, [[1, 5, 9, 13]])
-    single = run(parse_recipe(_recipe(data, tmp_path / "single", "", True)), log=lambda *_: None).losses
+    single = run(parse_recipe(_recipe(data, tmp_path / "single", "", True, method)), log=lambda *_: None).losses
     for engine, ckpt in CELLS:
         losses = json.loads((tmp_path / f"{engine}-{ckpt}" / "result-rank0.json").read_text())["losses"]
         print(f"{engine} checkpointing={ckpt}: max |loss - one process| "

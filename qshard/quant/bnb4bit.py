@@ -12,7 +12,9 @@ constants. Here every tensor needed to dequantize is a frozen *uint8 parameter*:
 
 Engines partition and all-gather integer parameters like any other, never cast them (FSDP2 skips
 non-float params in mixed precision; DeepSpeed only casts floating tensors), and the forward calls
-the very same `bnb.matmul_4bit` as `Linear4bit`, so results match bitsandbytes bit for bit.
+the very same `bnb.matmul_4bit` as `Linear4bit`, so results match bitsandbytes bit for bit. While
+training, it does so inside `_Regathering4bitMatmul`, whose backward reads the layer's storage again
+instead of keeping the (under ZeRO-3: gathered) weight from forward to backward.
 
 A checkpoint that transformers saved from a `load_in_4bit` model (config.json `quant_method:
 bitsandbytes`; qshard's own `export --format nf4`) is read as it is (`read_config`,
@@ -232,6 +234,8 @@ class Linear4bit(QuantLinear):
         inp_dtype = x.dtype
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return _Regathering4bitMatmul.apply(x, bias, self).to(inp_dtype)
         return bnb.matmul_4bit(x, self.packed.view(-1, 1), bias=bias, quant_state=self.quant_state()).to(inp_dtype)
 
     def extra_repr(self) -> str:
@@ -240,6 +244,42 @@ class Linear4bit(QuantLinear):
 
 
 _NESTED_CODE: dict[torch.device, torch.Tensor] = {}
+
+
+class _Regathering4bitMatmul(torch.autograd.Function):
+    """bitsandbytes' 4-bit matmul that keeps nothing of the weight for backward.
+
+    bitsandbytes' MatMul4Bit keeps the packed weight and its QuantState as plain attributes of its autograd
+    context (`ctx.tensors`, `ctx.state`) from forward until the graph is freed. Under ZeRO-3 those are the
+    gathered copies, which the engine cannot free after the layer's forward: at the end of a forward the
+    whole base was gathered on every rank (151 MB of the 400M benchmark's peak; BENCHMARKS.md, issue #17).
+    Here the forward is bitsandbytes' own call (the same output, bit for bit), and the backward reads the
+    layer's parameters again, which the engines have gathered again by then (as for the PTQ layers,
+    quant/base.py `_RedequantizingLinear`, whose invariants hold here too), and computes what MatMul4Bit's
+    backward computes (bitsandbytes 0.50.2): grad_x = grad_out @ dequantize_4bit(W).to(grad_out.dtype). The
+    base is frozen: W gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: "Linear4bit") -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        ctx.layer = layer
+        return bnb.matmul_4bit(x, layer.packed.view(-1, 1), bias=bias, quant_state=layer.quant_state())
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        import bitsandbytes.functional as bnbF
+
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            layer = ctx.layer
+            if layer.packed.numel() == 0:  # an engine that gathers only for forward
+                raise RuntimeError("Linear4bit's partitioned storage was not gathered for backward")
+            weight = bnbF.dequantize_4bit(layer.packed.view(-1, 1), layer.quant_state())  # [out, in]
+            grad_x = torch.matmul(grad_out, weight.to(grad_out.dtype))
+        if ctx.needs_input_grad[1]:  # a frozen base has no trainable bias; kept correct all the same
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_bias, None
 
 
 def _nested_code(device: torch.device) -> torch.Tensor:

@@ -85,7 +85,7 @@ def assert_transformers_reads_as_qshard(folder: Path, ids: list[list[int]]) -> N
     largest logit)."""
     import torch
 
-    from qshard.model.load import QUANT_LAYERS, QuantSpec, load_model
+    from qshard.model.load import QuantSpec, load_float32
     from qshard.tools.quantize import quantizer_python
 
     script = ("import json, sys, torch\nfrom transformers import AutoModelForCausalLM\n"
@@ -96,10 +96,7 @@ def assert_transformers_reads_as_qshard(folder: Path, ids: list[list[int]]) -> N
                          text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     reference = [torch.tensor(x) for x in json.loads(run.stdout.strip().splitlines()[-1])]
-    model = load_model(str(folder), dtype="float32", quant=QuantSpec("checkpoint"), log=lambda *_: None).eval()
-    for module in model.modules():
-        if isinstance(module, QUANT_LAYERS):
-            module.compute_dtype = torch.float32
+    model = load_float32(str(folder), QuantSpec("checkpoint"))
     with torch.no_grad():
         for x, want in zip(ids, reference):
             got = model(input_ids=torch.tensor([x])).logits

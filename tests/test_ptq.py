@@ -39,16 +39,10 @@ def _layers(name: str) -> dict[str, torch.nn.Module]:
     qc, stored = _quant_config(name), load_file(FIXTURES / name / "model.safetensors")
     marker = {"gptq": "qweight", "awq": "qweight", "compressed-tensors": "weight_packed"}[qc["quant_method"]]
     names = sorted(k.removesuffix(f".{marker}") for k in stored if k.endswith(f".{marker}"))
-    layers = {}
-    for module in names:
-        tensors = {k[len(module) + 1:]: v for k, v in stored.items() if k.rsplit(".", 1)[0] == module}
-        if qc["quant_method"] == "gptq":
-            layers[module] = gptq.GPTQLinear.from_checkpoint(tensors, gptq.read_config(qc), where=module)
-        elif qc["quant_method"] == "awq":
-            layers[module] = awq.AWQLinear.from_checkpoint(tensors, awq.read_config(qc), where=module)
-        else:
-            scheme = compressed_tensors.read_config(qc).scheme_for(module)
-            layers[module] = compressed_tensors.PackQuantizedLinear.from_checkpoint(tensors, scheme, where=module)
+    layer_class = {"gptq": gptq.GPTQLinear, "awq": awq.AWQLinear,
+                   "compressed-tensors": compressed_tensors.PackQuantizedLinear}[qc["quant_method"]]
+    layers = {module: layer_class.from_checkpoint(_leaves(stored, module), _format_config(name, module), where=module)
+              for module in names}
     return layers
 
 

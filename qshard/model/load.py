@@ -301,6 +301,16 @@ def load_model(path: str, *, dtype: str = "auto", quant: QuantSpec = QuantSpec()
     return load_base_model(skeleton, model_dir, quant=quant, device=device, log=log)
 
 
+def load_float32(path: str, quant: QuantSpec) -> nn.Module:
+    """A model for comparing logits, in eval mode, nothing logged: dense tensors in float32, and the quantized
+    layers (their integer storage as loaded) computing in float32 too."""
+    model = load_model(path, dtype="float32", quant=quant, log=lambda *_: None).eval()
+    for module in model.modules():
+        if isinstance(module, QUANT_LAYERS):
+            module.compute_dtype = torch.float32
+    return model
+
+
 def _stream_tensors(model: nn.Module, reader: CheckpointReader, targets: list[convert.Target], quant: QuantSpec,
                     dtype: torch.dtype, device: torch.device) -> None:
     """One target at a time: one tensor, or the tensors one conversion rule combines (one layer's experts)."""

@@ -137,9 +137,7 @@ def plan_output(format: str, dtype: torch.dtype, base: merge.Base, quant: QuantS
 def own_format_modules(base: merge.Base, quant: QuantSpec) -> set[str]:
     """The linears a --format checkpoint export writes in the base's own format: every packed layer of a GPTQ /
     AWQ / compressed-tensors base that the run trained on as it is (quantization.method checkpoint)."""
-    from qshard.quant import ptq
-
-    fmt = ptq.detect(base.model_dir)
+    fmt = base.format
     name = fmt.name if fmt else "dense"
     if name not in ("gptq", "awq", "compressed-tensors") or quant.method != "checkpoint":
         how = (f"its base {base.model_dir} is {name}" if quant.method == "checkpoint" or fmt is None

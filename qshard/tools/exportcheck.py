@@ -89,13 +89,9 @@ def load_exported(stage: Path, output: Output):
     from transformers import AutoModelForCausalLM
 
     if output.own:
-        from qshard.model.load import QUANT_LAYERS, load_model
+        from qshard.model.load import load_float32
 
-        model = load_model(str(stage), dtype="float32", quant=QuantSpec("checkpoint"), log=lambda *_: None).eval()
-        for module in model.modules():
-            if isinstance(module, QUANT_LAYERS):
-                module.compute_dtype = torch.float32
-        return model
+        return load_float32(str(stage), QuantSpec("checkpoint"))
 
     model = AutoModelForCausalLM.from_pretrained(stage, dtype=torch.float32, trust_remote_code=False).eval()
     for module in model.modules():

@@ -79,6 +79,7 @@ class Base:
     skeleton: nn.Module  # empty (meta), quantized shells in place: for shapes and roles only
     units: list[Unit]
     packed_experts: bool = False  # MoE experts the checkpoint packs per expert, read decompressed
+    format: ptq.PTQFormat | None = None  # the checkpoint's PTQ format (None: dense)
     by_name: dict[str, Unit] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -101,7 +102,7 @@ def open_trained_base(path: str, dtype: str, quant: QuantSpec) -> Base:
     targets, _ = checkpoint_plan(skeleton, reader, layers)
     units = [_dense_unit(skeleton, reader, target, quant) for target in targets]
     units += [_ptq_unit(skeleton, reader, fmt, name, leaves, quant) for name, leaves in layers.items()]
-    return Base(model_dir, skeleton, units, packed_experts=bool(reader.packed))
+    return Base(model_dir, skeleton, units, packed_experts=bool(reader.packed), format=fmt)
 
 
 def _dense_unit(skeleton: nn.Module, reader: CheckpointReader, target, quant: QuantSpec) -> Unit:

@@ -140,14 +140,10 @@ def calibration_ids(path: str, model_dir: Path, samples: int, max_length: int) -
 @torch.no_grad()
 def quantization_gap(dense_dir: Path, quantized_dir: Path, ids: list[list[int]]) -> dict:
     """Logits of the quantized folder, as qshard loads it for training, against the dense model's (float32)."""
-    from qshard.model.load import QUANT_LAYERS, load_model
+    from qshard.model.load import load_float32
 
-    quiet = lambda *_: None  # noqa: E731
-    dense = load_model(str(dense_dir), dtype="float32", quant=QuantSpec("none"), log=quiet).eval()
-    quantized = load_model(str(quantized_dir), dtype="float32", quant=QuantSpec("checkpoint"), log=quiet).eval()
-    for module in quantized.modules():
-        if isinstance(module, QUANT_LAYERS):
-            module.compute_dtype = torch.float32
+    dense = load_float32(str(dense_dir), QuantSpec("none"))
+    quantized = load_float32(str(quantized_dir), QuantSpec("checkpoint"))
     worst, scale = 0.0, 0.0
     for row in ids:
         x = torch.tensor([row])

@@ -21,6 +21,24 @@ def reduce_bucket_size(trainable: int) -> int:
     return int(min(DS_REDUCE_BUCKET_DEFAULT, max(trainable, 1_000_000)))
 
 
+def zero3_gather_limits(layer_elements: int) -> dict[str, int]:
+    """qshard's ZeRO-3 gather limits for a model whose largest decoder layer gathers `layer_elements` elements
+    (`ds_numel`: one per byte of quantized storage, plus its LoRA tensors): prefetch two layers ahead, hold at
+    most four gathered, and release every layer after its forward (it is gathered again for its backward).
+
+    DeepSpeed's defaults (stage3_prefetch_bucket_size 5e7, stage3_max_live_parameters 1e9,
+    stage3_max_reuse_distance 1e9; deepspeed 0.19, partitioned_param_coordinator.py) keep much more: the prefetch
+    bucket is issued again at every module's fetch, so the prefetcher runs ahead until 1e9 elements are gathered,
+    and a parameter it has walked past is not released after its forward. Below 1e9 elements (a 7B in NF4) the
+    whole model stays gathered from its forward to its backward on every rank. On the 400M benchmark model
+    (BENCHMARKS.md): 181 MB gathered at the end of the forward with the defaults; with these limits the peak
+    fell from 0.63x to 0.55x the anchor's at 1.0x its step time. One layer of prefetch (two held) was as small
+    but 1.4x slower on CPU: a layer's gather then waits for the previous one's release."""
+    layer = max(int(layer_elements), 1)
+    return {"stage3_prefetch_bucket_size": 2 * layer, "stage3_max_live_parameters": 4 * layer,
+            "stage3_max_reuse_distance": 0}
+
+
 def deepspeed_config(*, zero_stage: int, offload_optimizer: str, offload_params: str, micro_batch: int,
                      accumulation: int, world_size: int, precision: str, max_grad_norm: float | None,
                      user_config: str | None = None) -> dict:

@@ -111,6 +111,8 @@ def _start_and_fit(checked: validate.Checked, recipe: Recipe, rt: Runtime, engin
     model = build_model(checked, quant, engine, recipe, rt, say)
     say(_trainable_line(model))
     model, optimizer = engine.wrap(model, lambda params: make_optimizer(params, recipe))
+    for line in engine.notes:
+        say(line)
     outcome = fit(model, engine, optimizer, checked.datasets, checked.tokenizer, recipe, rt, precision,
                   checked.resume_from, say, engine_key=checked.engine)
     outcome.process_group = rt.distributed

@@ -8,16 +8,18 @@ read from the run's sharding.json, the analytic figures per optimizer step are:
   broadcasts the model's buffers (rotary inv_freq, 64 B) before a forward.
 - zero2: the gradients reduced at every micro-batch, 2 L in all (DeepSpeed 0.19 all-reduces its
   bucket on gloo), and the updated fp32 LoRA partitions all-gathered once, L.
-- zero3: each parameter all-gathered once per micro-batch, 2 M: the micro model is far below
-  stage3_max_live_parameters (1e9), so nothing is released between forward and backward; LoRA
-  gradients reduce-scattered per micro-batch, 2 L.
+- zero3: each parameter all-gathered once per micro-batch, 2 M: the micro model's two layers, head and norm
+  fit in qshard's stage3_max_live_parameters (four layers), so DeepSpeed's prefetcher passes their backward
+  uses while they are gathered and releases none of them between forward and backward; LoRA gradients
+  reduce-scattered per micro-batch, 2 L.
 - fsdp2: each decoder layer and the head (H) all-gathered for forward and again for backward
   (reshard_after_forward), the embedding (E) once (its backward never runs) and the root (the final norm)
   once, kept from forward to backward (torch's default for a root); R = E + H + final norm, read from the
   model's safetensors header: 2 (2 (M - R) + 2 H + E + norm) (no padding: every dim 0 is even);
   LoRA gradients reduce-scattered once, L; clipping all-reduces the norm (a few bytes). With activation
   checkpointing the embedding is gathered for backward too (its output then requires a gradient).
-- zero3 with activation checkpointing: each layer's frozen storage once more (M - L - R per micro-batch);
+- zero3 with activation checkpointing: each layer's frozen storage once more (M - L - R per micro-batch), and the
+  embedding, released after its forward;
   with layers released after forward (a DeepSpeed JSON), 3 gathers of each layer and the embedding again.
 - train.count_comm: false: no comm keys at all.
 The zero3 and fsdp2 figures above are the engines' own gathers of embedding and head (distributed.vocab_parallel:
@@ -94,8 +96,31 @@ def runs(micro_model, tmp_path_factory):
         r["model"].update(model)
         r["distributed"] = dist
         cells.append({"name": name, "recipe": r})
+    deep = _deeper(micro_model, root / "deep-llama", layers=8)
+    r = recipe_dict(deep, texts, root / "zero3-deep", max_steps=2, micro_batch_size=1,
+                    gradient_accumulation_steps=MICRO, sample_tokens=0)
+    r["data"].update(format="text", max_length=T)
+    r["distributed"] = {"engine": "deepspeed", "zero_stage": 3}
+    cells.append({"name": "zero3-deep", "recipe": r})
     run_cells(root, cells, [[1, 2, 3]])
     return root
+
+
+def _deeper(model: Path, out: Path, layers: int) -> Path:
+    """The micro model's config and tokenizer with more decoder layers (random weights, saved by transformers)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model)
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    for f in model.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+    return out
 
 
 def _step(runs: Path, engine: str, step: int = 2) -> dict:
@@ -143,7 +168,7 @@ def test_zero3_gathers_every_parameter_once_per_micro_batch(runs):
     assert measured["all_gather"] == MICRO * model
     assert measured["reduce_scatter"] == MICRO * lora
     assert measured.get("all_reduce", 0) <= 64 and set(measured) <= {"all_gather", "reduce_scatter", "all_reduce"}
-    # the planner knows DeepSpeed keeps layers gathered for backward below stage3_max_reuse_distance
+    # the planner knows DeepSpeed keeps the last layers gathered for backward (plan.zero3_layers_kept)
     assert record["comm_planned_bytes"] == {"all_gather": MICRO * model, "reduce_scatter": MICRO * lora}
 
 
@@ -175,13 +200,15 @@ def test_fsdp2_activation_checkpointing_gathers_only_the_embedding_again_and_the
 
 
 def test_zero3_activation_checkpointing_gathers_each_layers_frozen_storage_again(runs, micro_model):
-    """Everything kept gathered (below stage3_max_reuse_distance), the recomputed forward still gathers each
-    decoder layer's frozen storage (packed NF4 and norms: (M - L - R) / 2 per layer) once more; the LoRA
-    tensors stay. The plan counts it to the byte."""
+    """Both layers kept gathered (they fit in stage3_max_live_parameters: see plan.zero3_layers_kept), the
+    recomputed forward still gathers each decoder layer's frozen storage (packed NF4 and norms: (M - L - R) / 2
+    per layer) once more; the LoRA tensors stay. The embedding (E), released after its forward (qshard's
+    stage3_max_reuse_distance is 0), comes back for the backward checkpointing gives it. The plan counts it to
+    the byte."""
     record, (lora, model), root = _step(runs, "zero3-ckpt"), _sizes(runs, "zero3"), _root_bytes(micro_model)
-    frozen_layers = model - lora - root
+    frozen_layers, embedding = model - lora - root, 4 * 512 * 64
     assert frozen_layers == 2 * (19064 + 2 * 4 * 64)  # per layer: packed NF4 linears, two fp32 norms
-    assert record["comm_bytes"]["all_gather"] == MICRO * (model + frozen_layers)
+    assert record["comm_bytes"]["all_gather"] == MICRO * (model + frozen_layers + embedding)
     assert record["comm_planned_bytes"]["all_gather"] == record["comm_bytes"]["all_gather"]
 
 
@@ -212,6 +239,26 @@ def test_zero3_vocab_parallel_gathers_no_table_and_exchanges_activations_as_plan
     assert record["comm_planned_bytes"] == {"all_gather": measured["all_gather"],
                                             "reduce_scatter": measured["reduce_scatter"],
                                             **{op: MICRO * EXCHANGE[op] for op in ("all_reduce", "broadcast", "reduce")}}
+
+
+def test_zero3_releases_the_layers_beyond_its_live_limit_and_gathers_them_again_as_planned(runs, micro_model):
+    """8 layers, vocabulary-parallel: qshard's limit (4 layers' elements gathered, dsconfig.zero3_gather_limits)
+    keeps the last 4 from forward to backward (DeepSpeed's prefetcher passes their backward uses while they are
+    gathered) and releases 4, which are gathered again for backward, all but the first layer's q/k/v storage (its
+    input needs no gradient): within 0.5% of the plan (plan.zero3_layers_kept), which counts whole layers."""
+    from qshard.tools import plan
+
+    record, (_, model) = _step(runs, "zero3-deep"), _sizes(runs, "zero3-deep")
+    tables = 2 * 4 * 512 * 64  # vocabulary-parallel buffers, never gathered
+    layer = (model - tables - 4 * 64) // 8  # every layer alike; the final norm is the only other parameter
+    measured = record["comm_bytes"]["all_gather"]
+    once = MICRO * (model - tables + EXCHANGE["all_gather"])
+    assert once + MICRO * 3 * layer < measured <= once + MICRO * 4 * layer
+    spec = plan.read_model_spec(str(runs / "deep-llama"))
+    s = plan.Settings(quant="nf4", dense_dtype="float32", precision="fp32", lora_r=8, engine="zero3", gpus=2)
+    assert plan.zero3_layers_kept(spec, s, plan.lora_params(spec, s)) == 4
+    assert record["comm_planned_bytes"]["all_gather"] == once + MICRO * 4 * layer
+    assert record["comm_planned_bytes"]["all_gather"] == pytest.approx(measured, rel=0.005)
 
 
 def test_fsdp2_vocab_parallel_gathers_layers_twice_and_the_norm_once_as_planned(runs, micro_model):

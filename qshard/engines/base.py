@@ -21,6 +21,8 @@ class Engine(Protocol):
     model: nn.Module       # what the loop calls forward on (possibly wrapped)
     peft_model: nn.Module  # the PeftModel inside (config, generate)
 
+    notes: tuple[str, ...]  # after wrap: lines for the log, saying what the engine chose and how to change it
+
     def wrap(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Shard/replicate the model and build the optimizer; returns the torch optimizer the scheduler drives."""
 
@@ -125,3 +127,13 @@ def shard_span(rows: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 nullcontext = contextlib.nullcontext
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks, found by the class names transformers marks as not-to-be-split."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise RuntimeError(f"no decoder layers ({names or 'no _no_split_modules'}) found in {type(base).__name__}")
+    return layers

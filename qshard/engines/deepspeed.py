@@ -17,8 +17,8 @@ import os
 import torch
 from torch import nn
 
-from qshard.dsconfig import reduce_bucket_size
-from qshard.engines.base import nullcontext
+from qshard.dsconfig import reduce_bucket_size, zero3_gather_limits
+from qshard.engines.base import decoder_layers, nullcontext
 from qshard.errors import QShardError
 from qshard.model import experts
 
@@ -29,6 +29,7 @@ class DeepSpeedEngine:
     def __init__(self, device: torch.device, config: dict):
         self.device, self.config = device, config
         self._zero_init = None  # a deepspeed.zero.Init, for partition_in_place
+        self.notes: tuple[str, ...] = ()
 
     def _deepspeed(self):
         from qshard import _compat
@@ -66,6 +67,8 @@ class DeepSpeedEngine:
         params = [p for p in model.parameters() if p.requires_grad]
         zero = self.config.setdefault("zero_optimization", {})
         zero.setdefault("reduce_bucket_size", reduce_bucket_size(sum(p.numel() for p in params)))
+        if zero.get("stage") == 3:
+            self.notes = _limit_zero3_gathers(zero, model)
         self.optimizer = make_optimizer(params)
         experts.mark_zero3_leaves(model)  # MoE expert weights are read by index, not by a child's forward
         self.model, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=self.optimizer,
@@ -149,6 +152,24 @@ class DeepSpeedEngine:
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(p, state["state"][n][key].to(self.device, torch.float32), key)
         _set_adam_step(self.optimizer, int(next(iter(state["state"].values()))["step"]))
+
+
+def _limit_zero3_gathers(zero: dict, model: nn.Module) -> tuple[str, ...]:
+    """Fill in qshard's ZeRO-3 gather limits (dsconfig.zero3_gather_limits) from the largest decoder layer as
+    loaded, where the config does not set them; say which values hold."""
+    layer = max(sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in decoder_layers(model))
+    ours = zero3_gather_limits(layer)
+    kept = {key: zero[key] for key in ours if key in zero}
+    for key, value in ours.items():
+        zero.setdefault(key, value)
+    values = ", ".join(f"{key} {zero[key]:.3g}" for key in ours)
+    if len(kept) == len(ours):
+        return (f"ZeRO-3 gathers as the DeepSpeed config sets them: {values}",)
+    return (f"ZeRO-3 prefetches two decoder layers ahead, holds at most four gathered ({layer:.3g} elements "
+            f"each) and gathers each layer again for its backward: {values}"
+            f"{' (partly from the DeepSpeed config)' if kept else ''}. DeepSpeed's defaults keep up to 1e9 elements "
+            "gathered from forward to backward (less traffic, more memory): set these keys in "
+            "distributed.deepspeed_config to change them",)
 
 
 def _adam_step(optimizer: torch.optim.Optimizer) -> int:

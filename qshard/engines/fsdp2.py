@@ -21,6 +21,7 @@ from torch import nn
 from qshard import _compat
 from qshard.engines.base import (
     clip_and_step,
+    decoder_layers,
     full_optimizer_state,
     load_adapter_into,
     load_full_optimizer_state,
@@ -30,6 +31,7 @@ from qshard.engines.base import (
 
 class FSDP2Engine:
     name = "fsdp2"
+    notes: tuple[str, ...] = ()
 
     def __init__(self, device: torch.device, reshard_after_forward: bool = True, cpu_offload: bool = False,
                  param_dtype: torch.dtype | None = None):
@@ -117,16 +119,6 @@ class FSDP2Engine:
 
     def load_optimizer_state_dict(self, state: dict) -> None:
         load_full_optimizer_state(self.model, self.optimizer, state)
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks, found by the class names transformers marks as not-to-be-split."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise RuntimeError(f"no decoder layers ({names or 'no _no_split_modules'}) found in {type(base).__name__}")
-    return layers
 
 
 def embedding_units(model: nn.Module) -> list[nn.Module]:

@@ -19,6 +19,7 @@ from qshard.model.lora import adapter_state_dict
 
 class SingleEngine:
     name = "none"
+    notes: tuple[str, ...] = ()
 
     def __init__(self, device: torch.device, scaler: torch.amp.GradScaler | None = None):
         self.device, self.scaler = device, scaler

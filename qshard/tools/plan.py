@@ -24,15 +24,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qshard import compat
-from qshard.dsconfig import deepspeed_config, read_user_config, reduce_bucket_size
+from qshard.dsconfig import (
+    deepspeed_config,
+    read_user_config,
+    reduce_bucket_size,
+    zero3_gather_limits,
+)
 from qshard.errors import QShardError
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes (qshard/quant/bnb4bit.py)
-# ZeRO-3 defaults qshard's DeepSpeed config keeps (deepspeed/runtime/zero/config.py), in elements
-DS_MAX_REUSE_DISTANCE = 1_000_000_000  # stage3_max_reuse_distance
-DS_PREFETCH_BUCKET = 50_000_000        # stage3_prefetch_bucket_size
 
 # Outside allocated tensor bytes: the CUDA context (kernels, cuBLAS workspace; 0.3-0.9 GiB by driver and
 # card), NCCL's communicator buffers, and the caching allocator's fragmentation on top of live tensors.
@@ -510,35 +512,46 @@ def gathered_layer_sizes(spec: ModelSpec, s: Settings) -> dict[bool, tuple[int, 
             for moe in spec.layer_kinds()}
 
 
-def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
-    """Decoder layers (the last ones) that ZeRO-3 keeps gathered from their forward to their backward, at
-    DeepSpeed's defaults.
+def zero3_limits(spec: ModelSpec, s: Settings) -> dict[str, int]:
+    """The ZeRO-3 gather limits the DeepSpeed engine sets for this model (dsconfig.zero3_gather_limits, from the
+    largest decoder layer's gathered elements). A user's DeepSpeed JSON that sets these keys is not modelled."""
+    return zero3_gather_limits(max(elements for _, elements in gathered_layer_sizes(spec, s).values()))
 
-    Once the first step has traced the module order, DeepSpeed does not release a module's parameters after
-    its forward if they are used again within stage3_max_reuse_distance (1e9) elements of fetched parameters
-    (deepspeed/runtime/zero/partitioned_param_coordinator.py, `__params_to_release`). A decoder layer is used
-    again in its own backward, after every later layer and the head have been fetched twice (forward, then
-    backward), so it stays gathered when 2 x (elements after it) < 1e9: below ~5e8 elements the whole model
-    does. The head and final norm, used again at once, stay too; the embedding (no backward) is released.
-    A vocabulary-parallel head is a buffer, no ZeRO parameter: nothing is fetched for it, and the walk starts
-    from the final norm alone (a 70B's last two layers then stay, where its 1.05e9-element head kept none).
+
+def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
+    """Decoder layers (the last ones) that ZeRO-3 keeps gathered from their forward to their backward, with
+    qshard's limits (`zero3_limits`).
+
+    DeepSpeed (deepspeed/runtime/zero/partitioned_param_coordinator.py) keeps a module's parameters after its
+    forward in two cases: they are used again within stage3_max_reuse_distance elements of fetched parameters
+    (`__params_to_release`; qshard sets 0), or the prefetcher has already walked past their next use in its
+    trace, which it does for free while they are gathered. The prefetcher stops at stage3_max_live_parameters
+    gathered elements, so it reaches the backward's first uses (the head, then the last layers) while those
+    still fit beside them: the last layers whose elements, with the head's and the final norm's, stay within
+    that limit are kept (four of 24 on the 400M benchmark model, both layers of the test models; measured in
+    tests/test_commcount.py on 8 layers). At
+    DeepSpeed's defaults (1e9 elements) that is every layer of a model below ~1e9 elements. A
+    vocabulary-parallel head is a buffer, no ZeRO parameter: the walk then starts from the final norm alone.
     Each layer counts its own elements and LoRA (`gathered_layer_sizes`; `lora`, the adapter's total, is not
     needed for that)."""
-    sizes = gathered_layer_sizes(spec, s)
+    sizes, limits = gathered_layer_sizes(spec, s), zero3_limits(spec, s)
+    reuse, live = limits["stage3_max_reuse_distance"], limits["stage3_max_live_parameters"]
     head = 0 if s.vocab_split else spec.vocab * spec.hidden
-    after, kept = head + spec.hidden, 0  # elements of the head and final norm
+    after, held, kept = head + spec.hidden, head, 0  # elements fetched after a layer; gathered beside it
     for moe in reversed(spec.layer_is_moe()):
-        if 2 * after >= DS_MAX_REUSE_DISTANCE:
+        if 2 * after >= reuse and held + sizes[moe][1] > live:
             break
-        after, kept = after + sizes[moe][1], kept + 1
+        after, held, kept = after + sizes[moe][1], held + sizes[moe][1], kept + 1
     return kept
 
 
 def zero3_gathered_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
-    """Parameters ZeRO-3 holds gathered at the start of backward (the peak), at DeepSpeed's defaults: the
-    head (unless vocabulary-parallel), the final norm and the layers kept for their backward (`zero3_layers_kept`).
+    """Parameters ZeRO-3 holds gathered at the start of backward (the peak): the head (unless vocabulary-parallel),
+    the final norm, the layers kept for their backward (`zero3_layers_kept`) and the layers prefetched ahead, up
+    to stage3_max_live_parameters elements in all (four layers with qshard's limits, `zero3_limits`: the
+    prefetcher issues its bucket at every module's fetch until that many are gathered), and, where no layer is kept,
+    the one whose backward runs.
 
-    Layers beyond the reuse distance are fetched ahead, up to stage3_prefetch_bucket_size (5e7) elements.
     Each gathered layer brings its LoRA tensors whole, in the half dtype DeepSpeed casts them to. One more
     copy of the largest parameter (embedding or head) is alive as the all-gather's buffer: DeepSpeed's own
     estimator budgets two copies of the largest layer (`largest_layer_memory` in stage3.py's
@@ -549,9 +562,12 @@ def zero3_gathered_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
     head_bytes = 0 if s.vocab_split else b["lm_head"] or b["embed_tokens"]  # a tied head is the embedding
     released = spec.layers - zero3_layers_kept(spec, s, lora)
     gathered = head_bytes + spec.hidden * DTYPE_BYTES[s.dense_dtype] + sum(sizes[m][0] for m in order[released:])
+    held = (0 if s.vocab_split else spec.vocab * spec.hidden) + sum(sizes[m][1] for m in order[released:])
     rest = sum(sizes[m][1] for m in order[:released])
     layer_bytes, layer_elements = sizes[True in sizes]  # prefetched at the largest layer's bytes per element
-    prefetched = min(rest, DS_PREFETCH_BUCKET) * layer_bytes // layer_elements
+    live = zero3_limits(spec, s)["stage3_max_live_parameters"]
+    in_use = min(rest, layer_elements) if released == spec.layers else 0  # the layer whose backward runs
+    prefetched = max(in_use, min(rest, live - held)) * layer_bytes // layer_elements
     largest = largest_layer_module_bytes(spec, s) if s.vocab_split else max(b["embed_tokens"], b["lm_head"])
     return gathered + prefetched + largest
 
@@ -878,13 +894,14 @@ def step_traffic(spec: ModelSpec, s: Settings) -> list[Traffic]:
     if engine == "zero3":
         # every parameter for forward; the layers DeepSpeed released after it (zero3_layers_kept) again for backward.
         # With checkpointing a released layer is gathered for the recomputed forward too (3 in all), a kept one
-        # gathers its frozen storage once more (its LoRA tensors stay), and the embedding, released after forward,
-        # comes back for the backward checkpointing gives it (the first layer's input needs a gradient).
+        # gathers its frozen storage once more (its LoRA tensors stay), and the embedding, released after forward
+        # (stage3_max_reuse_distance 0; the prefetcher is far from its backward then), comes back for the backward
+        # checkpointing gives it (the first layer's input needs a gradient).
         released = spec.layers - zero3_layers_kept(spec, s, n_lora)
         again = sum(sizes[moe][0] for moe in order[:released])
         if s.checkpointing:
             again += again + sum(decoder_layer_bytes(spec, s, moe) for moe in order[released:])
-            again += b["embed_tokens"] if released and not s.vocab_split else 0
+            again += 0 if s.vocab_split else b["embed_tokens"]
         return [Traffic("all_gather", micro * (base - vocab + n_lora * half + again), layer,
                         f"packed base + LoRA params a layer at a time, {micro} time(s) a step, and {released} "
                         "released layer(s) again for backward"),

@@ -1,4 +1,5 @@
-"""Issue #17 benchmark: training peak and step time of a GPTQ base against an NF4 base of the same bit width.
+"""Issue #17 benchmark: training peak and step time of GPTQ, AWQ and compressed-tensors bases against an NF4 base of the
+same bit width and group size.
 
 A stack of decoder-like blocks of real shapes (TinyLlama-1.1B by default: hidden 2048, intermediate 5632,
 32 heads / 4 kv heads: q/o 2048x2048, k/v 256x2048, gate/up 5632x2048, down 2048x5632), every linear a
@@ -7,9 +8,11 @@ grad as LoRA's does). Variants (memory: each in a fresh subprocess):
 
     gptq-dense  GPTQ, the old path: F.linear(x, dequantize(x.dtype)) -- autograd keeps every dense weight
     gptq        GPTQ through qshard.quant.base.redequantizing_linear (dequantized again in backward)
+    awq         AWQ gemm (zero point), the same path
+    ct          compressed-tensors pack-quantized W4A16 (symmetric), the same path
     nf4         qshard's bitsandbytes NF4 layer (bnb.matmul_4bit, which also dequantizes again in backward)
 
-GPTQ: 4-bit, group 64, symmetric, random packed codes; NF4: block 64 (qshard's fixed blocksize), double
+GPTQ / AWQ / compressed-tensors: 4-bit, group 64, random packed codes; NF4: block 64 (qshard's fixed blocksize), double
 quant. Measured per variant: the bytes autograd saves for backward (saved_tensors_hooks; exact), the
 peak memory of one step above the memory before it (CUDA: max_memory_allocated; CPU: VmHWM - VmRSS from
 /proc, the peak reset through /proc/self/clear_refs after a warm-up step, with glibc's mmap threshold
@@ -41,7 +44,7 @@ from torch import nn
 SHAPES = {"q": (2048, 2048), "k": (256, 2048), "v": (256, 2048), "o": (2048, 2048),
           "gate": (5632, 2048), "up": (5632, 2048), "down": (2048, 5632)}  # [out, in]
 GROUP = 64
-VARIANTS = ("gptq-dense", "gptq", "nf4")
+VARIANTS = ("gptq-dense", "gptq", "awq", "ct", "nf4")
 
 
 def gptq_layer(out_f: int, in_f: int, device) -> nn.Module:
@@ -55,6 +58,31 @@ def gptq_layer(out_f: int, in_f: int, device) -> nn.Module:
     scales = torch.rand(in_f // GROUP, out_f, dtype=torch.float16, device=device) * 0.01 + 0.005
     layer.scales.data = scales.view(torch.uint8).reshape(-1)
     layer.g_idx.data = torch.arange(in_f, **int32) // GROUP
+    layer.compute_dtype = torch.bfloat16
+    return layer
+
+
+def awq_layer(out_f: int, in_f: int, device) -> nn.Module:
+    from qshard.quant.awq import AWQConfig, AWQLinear
+
+    layer = AWQLinear(in_f, out_f, AWQConfig(group_size=GROUP, zero_point=True), device=device)
+    int32 = dict(dtype=torch.int32, device=device)
+    layer.qweight.data = torch.randint(-2**31, 2**31 - 1, tuple(layer.qweight.shape), **int32)
+    layer.qzeros.data = torch.full(tuple(layer.qzeros.shape), 0x88888888 - 2**32, **int32)  # zero point 8
+    scales = torch.rand(in_f // GROUP, out_f, dtype=torch.float16, device=device) * 0.01 + 0.005
+    layer.scales.data = scales.view(torch.uint8).reshape(-1)
+    layer.compute_dtype = torch.bfloat16
+    return layer
+
+
+def ct_layer(out_f: int, in_f: int, device) -> nn.Module:
+    from qshard.quant.compressed_tensors import PackQuantizedLinear, WeightScheme
+
+    layer = PackQuantizedLinear(in_f, out_f, WeightScheme(bits=4, group_size=GROUP, symmetric=True), device=device)
+    layer.weight_packed.data = torch.randint(-2**31, 2**31 - 1, tuple(layer.weight_packed.shape),
+                                             dtype=torch.int32, device=device)
+    scale = torch.rand(out_f, in_f // GROUP, dtype=torch.bfloat16, device=device) * 0.01 + 0.005
+    layer.weight_scale.data = scale.view(torch.uint8).reshape(-1)
     layer.compute_dtype = torch.bfloat16
     return layer
 
@@ -116,6 +144,8 @@ def build(variant: str, blocks: int, device) -> nn.Module:
     torch.manual_seed(0)
     make = {"gptq-dense": lambda o, i: DenseSaved(gptq_layer(o, i, device)),
             "gptq": lambda o, i: gptq_layer(o, i, device),
+            "awq": lambda o, i: awq_layer(o, i, device),
+            "ct": lambda o, i: ct_layer(o, i, device),
             "nf4": lambda o, i: nf4_layer(o, i, device)}[variant]
     return nn.Sequential(*[Block(make) for _ in range(blocks)]).to(device)
 
@@ -176,7 +206,8 @@ def markdown(results: list[dict], args, command: str) -> str:
         f"### PTQ base training memory (issue #17) -- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
         f"`{command}`", "",
         f"{args.blocks} blocks of TinyLlama-1.1B shapes (7 linears, {sum(o * i for o, i in SHAPES.values()) / 1e6:.1f}M "
-        f"weights each), batch 1 x {args.tokens} tokens, bf16, forward + backward; GPTQ 4-bit group {GROUP} sym, "
+        f"weights each), batch 1 x {args.tokens} tokens, bf16, forward + backward; GPTQ (sym), AWQ (zero point) and "
+        f"compressed-tensors (pack-quantized, sym) 4-bit group {GROUP}, "
         f"NF4 block {GROUP} double quant. Device: {results[0]['device']}; nproc {os.cpu_count()}, "
         f"torch threads {args.threads or torch.get_num_threads()}; "
         f"{platform.processor() or platform.machine()}; torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}.",

@@ -4,7 +4,8 @@ same bit width and group size.
 A stack of decoder-like blocks of real shapes (TinyLlama-1.1B by default: hidden 2048, intermediate 5632,
 32 heads / 4 kv heads: q/o 2048x2048, k/v 256x2048, gate/up 5632x2048, down 2048x5632), every linear a
 frozen quantized base layer, runs forward + backward on one batch (1 x 512 tokens, bf16, input requiring
-grad as LoRA's does). Variants (memory: each in a fresh subprocess):
+grad as LoRA's does; `--dtype float32` on CPUs without AVX-512, whose bf16 matmuls are far slower: BENCHMARKS.md).
+Variants (memory: each in a fresh subprocess):
 
     gptq-dense  GPTQ, the old path: F.linear(x, dequantize(x.dtype)) -- autograd keeps every dense weight
     gptq        GPTQ through qshard.quant.base.redequantizing_linear (dequantized again in backward)
@@ -45,6 +46,8 @@ SHAPES = {"q": (2048, 2048), "k": (256, 2048), "v": (256, 2048), "o": (2048, 204
           "gate": (5632, 2048), "up": (5632, 2048), "down": (2048, 5632)}  # [out, in]
 GROUP = 64
 VARIANTS = ("gptq-dense", "gptq", "awq", "ct", "nf4")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+COMPUTE = torch.bfloat16  # --dtype: the activations' and the layers' compute dtype
 
 
 def gptq_layer(out_f: int, in_f: int, device) -> nn.Module:
@@ -58,7 +61,7 @@ def gptq_layer(out_f: int, in_f: int, device) -> nn.Module:
     scales = torch.rand(in_f // GROUP, out_f, dtype=torch.float16, device=device) * 0.01 + 0.005
     layer.scales.data = scales.view(torch.uint8).reshape(-1)
     layer.g_idx.data = torch.arange(in_f, **int32) // GROUP
-    layer.compute_dtype = torch.bfloat16
+    layer.compute_dtype = COMPUTE
     return layer
 
 
@@ -71,7 +74,7 @@ def awq_layer(out_f: int, in_f: int, device) -> nn.Module:
     layer.qzeros.data = torch.full(tuple(layer.qzeros.shape), 0x88888888 - 2**32, **int32)  # zero point 8
     scales = torch.rand(in_f // GROUP, out_f, dtype=torch.float16, device=device) * 0.01 + 0.005
     layer.scales.data = scales.view(torch.uint8).reshape(-1)
-    layer.compute_dtype = torch.bfloat16
+    layer.compute_dtype = COMPUTE
     return layer
 
 
@@ -83,7 +86,7 @@ def ct_layer(out_f: int, in_f: int, device) -> nn.Module:
                                              dtype=torch.int32, device=device)
     scale = torch.rand(out_f, in_f // GROUP, dtype=torch.bfloat16, device=device) * 0.01 + 0.005
     layer.weight_scale.data = scale.view(torch.uint8).reshape(-1)
-    layer.compute_dtype = torch.bfloat16
+    layer.compute_dtype = COMPUTE
     return layer
 
 
@@ -91,7 +94,7 @@ def nf4_layer(out_f: int, in_f: int, device) -> nn.Module:
     from qshard.quant.bnb4bit import Linear4bit
 
     weight = torch.randn(out_f, in_f, dtype=torch.bfloat16, device=device) * 0.02
-    return Linear4bit.from_float(weight, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    return Linear4bit.from_float(weight, quant_type="nf4", double_quant=True, compute_dtype=COMPUTE)
 
 
 class DenseSaved(nn.Module):
@@ -167,7 +170,7 @@ def memory_of(variant: str, blocks: int, tokens: int) -> dict:
     """One variant alone in this (fresh) process: storage, saved bytes, the peak of a step above its start."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(variant, blocks, device)
-    x = torch.randn(1, tokens, 2048, dtype=torch.bfloat16, device=device) * 0.1
+    x = torch.randn(1, tokens, 2048, dtype=COMPUTE, device=device) * 0.1
     step(model, x)  # warm-up: bitsandbytes' CPU repacking, allocator pools, lazy inits
     before = memory_now(device)
     reset_peak(device)
@@ -182,7 +185,7 @@ def step_times(blocks: int, tokens: int, steps: int) -> dict:
     then weighs on all alike)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = {v: build(v, blocks, device) for v in VARIANTS}
-    x = torch.randn(1, tokens, 2048, dtype=torch.bfloat16, device=device) * 0.1
+    x = torch.randn(1, tokens, 2048, dtype=COMPUTE, device=device) * 0.1
     times = {v: [] for v in VARIANTS}
     for k in range(steps + 1):
         for v, model in models.items():
@@ -206,7 +209,8 @@ def markdown(results: list[dict], args, command: str) -> str:
         f"### PTQ base training memory (issue #17) -- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
         f"`{command}`", "",
         f"{args.blocks} blocks of TinyLlama-1.1B shapes (7 linears, {sum(o * i for o, i in SHAPES.values()) / 1e6:.1f}M "
-        f"weights each), batch 1 x {args.tokens} tokens, bf16, forward + backward; GPTQ (sym), AWQ (zero point) and "
+        f"weights each), batch 1 x {args.tokens} tokens, {args.dtype}, forward + backward; GPTQ (sym), "
+        "AWQ (zero point) and "
         f"compressed-tensors (pack-quantized, sym) 4-bit group {GROUP}, "
         f"NF4 block {GROUP} double quant. Device: {results[0]['device']}; nproc {os.cpu_count()}, "
         f"torch threads {args.threads or torch.get_num_threads()}; "
@@ -226,8 +230,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per variant (0: torch's default)")
     parser.add_argument("--out", default="/tmp/bench_ptq_train.md")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                        help="compute dtype (bf16 matmuls are slow on CPUs without AVX-512: use float32 there)")
     parser.add_argument("--variant", choices=(*VARIANTS, "timing"), help="(internal) one measurement, as JSON")
     args = parser.parse_args()
+    global COMPUTE
+    COMPUTE = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.variant == "timing":
@@ -238,7 +246,8 @@ def main() -> None:
         return
     def child(variant: str) -> dict:
         cmd = [sys.executable, __file__, "--variant", variant, "--blocks", str(args.blocks),
-               "--tokens", str(args.tokens), "--steps", str(args.steps), "--threads", str(args.threads)]
+               "--tokens", str(args.tokens), "--steps", str(args.steps), "--threads", str(args.threads),
+               "--dtype", args.dtype]
         # memory: freed tensors leave the resident set; timing: glibc's defaults (a fixed mmap threshold
         # page-faults every temporary over 64 KiB afresh, which slows small-slice dequantization ~2x)
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if variant != "timing" else None

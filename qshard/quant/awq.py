@@ -31,7 +31,7 @@ from qshard.quant.base import (
     nearest_codes,
     redequantizing_linear,
 )
-from qshard.quant.gptq import exact_product, pack_int32, require_tensors, unpack_int32
+from qshard.quant.gptq import exact_product, pack_int32, require_tensors
 
 QUANT_METHOD = "awq"
 BITS = 4
@@ -76,10 +76,13 @@ def read_config(qc: dict, where: str = "config.json") -> AWQConfig:
 
 
 def _unpack_awq_columns(packed: torch.Tensor) -> torch.Tensor:
-    """[rows, out / 8] interleaved words -> [rows, out] codes in column order."""
-    fields = unpack_int32(packed, BITS, dim=1)  # field k of word w at column 8w + k
-    per_word = fields.view(packed.shape[0], -1, 8)
-    return per_word[:, :, list(AWQ_REVERSE_ORDER)].reshape(packed.shape[0], -1)
+    """[rows, out / 8] interleaved words -> [rows, out] codes in column order: column 8w + j is field
+    AWQ_REVERSE_ORDER[j] of word w, so each column is shifted out of its word directly (a gather of the
+    fields into column order made AWQ's dequantization ~1.3x GPTQ's)."""
+    shifts = torch.tensor([BITS * field for field in AWQ_REVERSE_ORDER], dtype=torch.int32, device=packed.device)
+    codes = packed.unsqueeze(2) >> shifts
+    codes &= (1 << BITS) - 1  # arithmetic shift; the mask drops sign bits
+    return codes.reshape(packed.shape[0], -1)
 
 
 def _pack_awq_columns(codes: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,9 @@ def zero3_gather_limits(layer_elements: int) -> dict[str, int]:
     and a parameter it has walked past is not released after its forward. Below 1e9 elements (a 7B in NF4) the
     whole model stays gathered from its forward to its backward on every rank. On the 400M benchmark model
     (BENCHMARKS.md): 181 MB gathered at the end of the forward with the defaults; with these limits the peak
-    fell from 0.63x to 0.55x the anchor's at 1.0x its step time. One layer of prefetch (two held) was as small
-    but 1.4x slower on CPU: a layer's gather then waits for the previous one's release."""
+    fell from 0.63x to 0.57x the anchor's, at 0.82x its step time. One layer of prefetch (two held) was as small
+    but 1.3x slower on CPU: a layer's gather then waits for the previous one's release. Reuse distance 0 lets
+    the planner say exactly which layers stay gathered (plan.zero3_layers_kept)."""
     layer = max(int(layer_elements), 1)
     return {"stage3_prefetch_bucket_size": 2 * layer, "stage3_max_live_parameters": 4 * layer,
             "stage3_max_reuse_distance": 0}

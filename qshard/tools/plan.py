@@ -527,11 +527,10 @@ def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
     (`__params_to_release`; qshard sets 0), or the prefetcher has already walked past their next use in its
     trace, which it does for free while they are gathered. The prefetcher stops at stage3_max_live_parameters
     gathered elements, so it reaches the backward's first uses (the head, then the last layers) while those
-    still fit beside them: the last layers whose elements, with the head's and the final norm's, stay within
-    that limit are kept (four of 24 on the 400M benchmark model, both layers of the test models; measured in
-    tests/test_commcount.py on 8 layers). At
-    DeepSpeed's defaults (1e9 elements) that is every layer of a model below ~1e9 elements. A
-    vocabulary-parallel head is a buffer, no ZeRO parameter: the walk then starts from the final norm alone.
+    still fit beside them: the last layers whose elements, with the head's, stay within that limit are kept (4 of
+    the 400M benchmark model's 24 layers; both layers of the test models; 4 of 8 measured to the byte in
+    tests/test_commcount.py). At DeepSpeed's defaults (1e9 elements) that is every layer of a model below ~1e9
+    elements. A vocabulary-parallel head is a buffer, no ZeRO parameter: nothing is held beside the layers then.
     Each layer counts its own elements and LoRA (`gathered_layer_sizes`; `lora`, the adapter's total, is not
     needed for that)."""
     sizes, limits = gathered_layer_sizes(spec, s), zero3_limits(spec, s)

@@ -12,6 +12,7 @@ from pathlib import Path
 from qshard.errors import QShardError
 
 DS_REDUCE_BUCKET_DEFAULT = 500_000_000  # elements (deepspeed/runtime/zero/config.py, reduce_bucket_size)
+DS_MAX_LIVE_DEFAULT = 1_000_000_000     # elements (stage3_max_live_parameters)
 
 
 def reduce_bucket_size(trainable: int) -> int:
@@ -24,7 +25,8 @@ def reduce_bucket_size(trainable: int) -> int:
 def zero3_gather_limits(layer_elements: int) -> dict[str, int]:
     """qshard's ZeRO-3 gather limits for a model whose largest decoder layer gathers `layer_elements` elements
     (`ds_numel`: one per byte of quantized storage, plus its LoRA tensors): prefetch two layers ahead, hold at
-    most four gathered, and release every layer after its forward (it is gathered again for its backward).
+    most four gathered (never more than DeepSpeed's default limit, 1e9 elements: 2.25 of a 70B's NF4 layers), and
+    release every layer after its forward (it is gathered again for its backward).
 
     DeepSpeed's defaults (stage3_prefetch_bucket_size 5e7, stage3_max_live_parameters 1e9,
     stage3_max_reuse_distance 1e9; deepspeed 0.19, partitioned_param_coordinator.py) keep much more: the prefetch
@@ -36,7 +38,8 @@ def zero3_gather_limits(layer_elements: int) -> dict[str, int]:
     but 1.3x slower on CPU: a layer's gather then waits for the previous one's release. Reuse distance 0 lets
     the planner say exactly which layers stay gathered (plan.zero3_layers_kept)."""
     layer = max(int(layer_elements), 1)
-    return {"stage3_prefetch_bucket_size": 2 * layer, "stage3_max_live_parameters": 4 * layer,
+    return {"stage3_prefetch_bucket_size": 2 * layer,
+            "stage3_max_live_parameters": min(4 * layer, DS_MAX_LIVE_DEFAULT),  # never more than DeepSpeed holds
             "stage3_max_reuse_distance": 0}
 
 

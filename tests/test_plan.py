@@ -278,8 +278,8 @@ def test_deepspeed_reduce_bucket_is_the_engines_at_least_1e6_at_most_5e8_element
 
 
 def test_zero3_holds_the_head_and_at_most_four_layers_gathered():
-    """qshard's ZeRO-3 limits (dsconfig.zero3_gather_limits): at most 4 layers' elements gathered
-    (stage3_max_live_parameters), every layer released after forward (stage3_max_reuse_distance 0) unless the
+    """qshard's ZeRO-3 limits (dsconfig.zero3_gather_limits): at most 4 layers' elements gathered, and at most
+    DeepSpeed's own 1e9 (stage3_max_live_parameters), every layer released after forward (stage3_max_reuse_distance 0) unless the
     prefetcher has passed its backward use while it was gathered: the last layers that fit beside the head and
     the final norm. The engine gathers the embedding and head here (vocabulary-parallel:
     test_zero3_vocab_parallel_...); one more copy of the largest parameter is the all-gather buffer."""
@@ -300,11 +300,11 @@ def test_zero3_holds_the_head_and_at_most_four_layers_gathered():
     s = replace(s, dense_dtype="bfloat16", precision="bf16", gpus=8)
     lora, b = plan.lora_params(big, s), plan.base_bytes(big, s)
     layer_bytes, layer = plan.gathered_layer_sizes(big, s)[False]
-    head = big.vocab * big.hidden  # 1,050,673,152 elements: with one layer within 4 layers, with two not
-    assert head + layer <= 4 * layer < head + 2 * layer
-    assert plan.zero3_layers_kept(big, s, lora) == 1
-    prefetched = (4 * layer - head - layer) * layer_bytes // layer  # what the limit leaves: 0.6 of a layer
-    assert plan.zero3_gathered_bytes(big, s, lora) == 2 * b["lm_head"] + big.hidden * 2 + layer_bytes + prefetched
+    # the limit is capped at DeepSpeed's own 1e9 elements (4 layers would be 1.78e9); the head alone, 1,050,673,152
+    # elements, is more: no layer kept, the one whose backward runs gathered beside the head
+    assert plan.zero3_limits(big, s)["stage3_max_live_parameters"] == 10 ** 9 < big.vocab * big.hidden < 4 * layer
+    assert plan.zero3_layers_kept(big, s, lora) == 0
+    assert plan.zero3_gathered_bytes(big, s, lora) == 2 * b["lm_head"] + big.hidden * 2 + layer_bytes
 
 
 def test_fsdp2_holds_two_layers_and_the_head_but_not_the_embedding():
@@ -423,22 +423,23 @@ def test_fsdp2_vocab_parallel_gathers_neither_embedding_nor_head():
     assert on.gpu["base_weights"] == off.gpu["base_weights"]
 
 
-def test_zero3_vocab_parallel_holds_four_70b_layers_and_gathers_no_table():
-    """ZeRO-3, Llama-3-70B, 8 GPUs. On: a layer is 444,002,332 elements (441,397,276 NF4 bytes + 16,384 norm
-    weights + 2,588,672 LoRA), the limit 4 of them: the last 4 layers are kept, none more prefetched; the final norm
-    beside them. The all-gather buffer's copy is then of the largest module, gate/up/down_proj in NF4: 121,167,876
-    B. Off: the head (1,050,673,152 elements) takes most of the limit: 1 layer kept and what the limit leaves
-    prefetched, besides the head and the head's buffer copy."""
+def test_zero3_vocab_parallel_holds_two_70b_layers_and_gathers_no_table():
+    """ZeRO-3, Llama-3-70B, 8 GPUs. A layer is 444,002,332 elements (441,397,276 NF4 bytes + 16,384 norm weights +
+    2,588,672 LoRA); the limit, 4 of them, is capped at DeepSpeed's 1e9 elements. On: the last 2 layers are kept
+    (888,004,664 elements) and the 111,995,336 the limit leaves are prefetched; the final norm beside them. The
+    all-gather buffer's copy is then of the largest module, gate/up/down_proj in NF4: 121,167,876 B. Off: the head
+    (1,050,673,152 elements) alone exceeds the limit: no layer kept, the one whose backward runs gathered beside
+    the head and the head's buffer copy."""
     spec = model_spec(LLAMA3_70B)
     s = Settings(quant="nf4", engine="zero3", gpus=8, global_batch=8, seq_len=2048)
     off, lora = replace(s, vocab_parallel=False), plan.lora_params(spec, s)
-    assert plan.decoder_layer_elements(spec, s) + lora // 80 == 444_002_332
-    assert plan.zero3_layers_kept(spec, off, lora) == 1 and plan.zero3_layers_kept(spec, s, lora) == 4
+    layer = 444_002_332
+    assert plan.decoder_layer_elements(spec, s) + lora // 80 == layer
+    assert plan.zero3_layers_kept(spec, off, lora) == 0 and plan.zero3_layers_kept(spec, s, lora) == 2
     assert plan.largest_layer_module_bytes(spec, s) == 121_167_876
-    assert plan.zero3_gathered_bytes(spec, s, lora) == 4 * GATHERED_70B_LAYER + 8_192 * 2 + 121_167_876
-    layer, head = 444_002_332, 128256 * 8192
-    prefetched = (4 * layer - head - layer) * GATHERED_70B_LAYER // layer  # 281,333,844 elements, 0.6 of a layer
-    assert plan.zero3_gathered_bytes(spec, off, lora) == 2 * TABLE_70B + 8_192 * 2 + GATHERED_70B_LAYER + prefetched
+    prefetched = (10 ** 9 - 2 * layer) * GATHERED_70B_LAYER // layer
+    assert plan.zero3_gathered_bytes(spec, s, lora) == 2 * GATHERED_70B_LAYER + prefetched + 8_192 * 2 + 121_167_876
+    assert plan.zero3_gathered_bytes(spec, off, lora) == 2 * TABLE_70B + 8_192 * 2 + GATHERED_70B_LAYER
 
 
 def test_vocab_parallel_logits_and_loss_hold_one_ranks_rows_of_exchange_at_a_time():
@@ -485,15 +486,15 @@ def _per_op(traffic) -> dict[str, int]:
 def test_vocab_parallel_traffic_exchanges_activations_instead_of_the_tables():
     """Llama-3-70B, 8 GPUs, 2,048 tokens, one micro-batch a step. FSDP2 no longer gathers the head twice and the
     embedding once (3 tables), not even with checkpointing (off, the embedding's backward gathers it again);
-    ZeRO-3 neither table once and 3 fewer layers again for backward (4 kept within its limit instead of 1 beside the
-    head: test_zero3_vocab_parallel_holds_four_70b_layers_and_gathers_no_table). Both add, with R = 16,384 rows:
+    ZeRO-3 neither table once and 2 fewer layers again for backward (2 kept within its limit instead of none beside
+    the head: test_zero3_vocab_parallel_holds_two_70b_layers_and_gathers_no_table). Both add, with R = 16,384 rows:
     all_gather 16 R + 4 x 8 = 262,176 (int64 ids and targets, fp32 loss gradients); broadcast 2 x 8,192 x R =
     268,435,456 (bf16 hidden states, one rank's at a time); reduce (2 + 4) x 8,192 x R = 805,306,368 (bf16
     lookups, fp32 hidden-state gradients, to their owner); all_reduce 16 + 12 R = 196,624 (row counts, log-sum-exp
     maximum, exp-sums and target logits)."""
     spec = model_spec(LLAMA3_70B)
     s = Settings(quant="nf4", gpus=8, global_batch=8, seq_len=2048)
-    for engine, fewer in (("fsdp2", 3 * TABLE_70B), ("zero3", 2 * TABLE_70B + 3 * GATHERED_70B_LAYER)):
+    for engine, fewer in (("fsdp2", 3 * TABLE_70B), ("zero3", 2 * TABLE_70B + 2 * GATHERED_70B_LAYER)):
         on = _per_op(plan.step_traffic(spec, replace(s, engine=engine)))
         off = _per_op(plan.step_traffic(spec, replace(s, engine=engine, vocab_parallel=False)))
         assert on == {"all_gather": off["all_gather"] - fewer + 262_176, "reduce_scatter": off["reduce_scatter"],

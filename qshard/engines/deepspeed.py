@@ -166,7 +166,7 @@ def _limit_zero3_gathers(zero: dict, model: nn.Module) -> tuple[str, ...]:
     if len(kept) == len(ours):
         return (f"ZeRO-3 gathers as the DeepSpeed config sets them: {values}",)
     return (f"ZeRO-3 prefetches two decoder layers ahead, holds at most four gathered ({layer:.3g} elements "
-            f"each) and gathers each layer again for its backward: {values}"
+            f"each; 1e9 at most) and gathers each layer again for its backward: {values}"
             f"{' (partly from the DeepSpeed config)' if kept else ''}. DeepSpeed's defaults keep up to 1e9 elements "
             "gathered from forward to backward (less traffic, more memory): set these keys in "
             "distributed.deepspeed_config to change them",)

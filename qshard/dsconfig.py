@@ -31,7 +31,7 @@ def zero3_gather_limits(layer_elements: int) -> dict[str, int]:
     DeepSpeed's defaults (stage3_prefetch_bucket_size 5e7, stage3_max_live_parameters 1e9,
     stage3_max_reuse_distance 1e9; deepspeed 0.19, partitioned_param_coordinator.py) keep much more: the prefetch
     bucket is issued again at every module's fetch, so the prefetcher runs ahead until 1e9 elements are gathered,
-    and a parameter it has walked past is not released after its forward. Below 1e9 elements (a 7B in NF4) the
+    and a parameter it has walked past is not released after its forward. Below 1e9 elements (~2B parameters in NF4) the
     whole model stays gathered from its forward to its backward on every rank. On the 400M benchmark model
     (BENCHMARKS.md): 181 MB gathered at the end of the forward with the defaults; with these limits the peak
     fell from 0.63x to 0.57x the anchor's, at 0.82x its step time. One layer of prefetch (two held) was as small

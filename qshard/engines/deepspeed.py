@@ -159,15 +159,15 @@ def _limit_zero3_gathers(zero: dict, model: nn.Module) -> tuple[str, ...]:
     loaded, where the config does not set them; say which values hold."""
     layer = max(sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in decoder_layers(model))
     ours = zero3_gather_limits(layer)
-    kept = {key: zero[key] for key in ours if key in zero}
+    preset = [key for key in ours if key in zero]
     for key, value in ours.items():
         zero.setdefault(key, value)
     values = ", ".join(f"{key} {zero[key]:.3g}" for key in ours)
-    if len(kept) == len(ours):
+    if len(preset) == len(ours):
         return (f"ZeRO-3 gathers as the DeepSpeed config sets them: {values}",)
     return (f"ZeRO-3 prefetches two decoder layers ahead, holds at most four gathered ({layer:.3g} elements "
             f"each; 1e9 at most) and gathers each layer again for its backward: {values}"
-            f"{' (partly from the DeepSpeed config)' if kept else ''}. DeepSpeed's defaults keep up to 1e9 elements "
+            f"{' (partly from the DeepSpeed config)' if preset else ''}. DeepSpeed's defaults keep up to 1e9 elements "
             "gathered from forward to backward (less traffic, more memory): set these keys in "
             "distributed.deepspeed_config to change them",)
 

@@ -524,7 +524,7 @@ def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
 
     DeepSpeed (deepspeed/runtime/zero/partitioned_param_coordinator.py) keeps a module's parameters after its
     forward in two cases: they are used again within stage3_max_reuse_distance elements of fetched parameters
-    (`__params_to_release`; qshard sets 0), or the prefetcher has already walked past their next use in its
+    (`__params_to_release`; qshard sets 0, so never), or the prefetcher has already walked past their next use in its
     trace, which it does for free while they are gathered. The prefetcher stops at stage3_max_live_parameters
     gathered elements, so it reaches the backward's first uses (the head, then the last layers) while those
     still fit beside them: the last layers whose elements, with the head's, stay within that limit are kept (4 of
@@ -533,15 +533,18 @@ def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
     elements. A vocabulary-parallel head is a buffer, no ZeRO parameter: nothing is held beside the layers then.
     Each layer counts its own elements and LoRA (`gathered_layer_sizes`; `lora`, the adapter's total, is not
     needed for that)."""
-    sizes, limits = gathered_layer_sizes(spec, s), zero3_limits(spec, s)
-    reuse, live = limits["stage3_max_reuse_distance"], limits["stage3_max_live_parameters"]
-    head = 0 if s.vocab_split else spec.vocab * spec.hidden
-    after, held, kept = head + spec.hidden, head, 0  # elements fetched after a layer; gathered beside it
+    sizes, live = gathered_layer_sizes(spec, s), zero3_limits(spec, s)["stage3_max_live_parameters"]
+    held, kept = zero3_head_elements(spec, s), 0  # reuse distance 0: only the prefetcher's walk keeps a layer
     for moe in reversed(spec.layer_is_moe()):
-        if 2 * after >= reuse and held + sizes[moe][1] > live:
+        if held + sizes[moe][1] > live:
             break
-        after, held, kept = after + sizes[moe][1], held + sizes[moe][1], kept + 1
+        held, kept = held + sizes[moe][1], kept + 1
     return kept
+
+
+def zero3_head_elements(spec: ModelSpec, s: Settings) -> int:
+    """The head's elements as a ZeRO-3 parameter: none where it is vocabulary-parallel (a buffer)."""
+    return 0 if s.vocab_split else spec.vocab * spec.hidden
 
 
 def zero3_gathered_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
@@ -561,7 +564,7 @@ def zero3_gathered_bytes(spec: ModelSpec, s: Settings, lora: int) -> int:
     head_bytes = 0 if s.vocab_split else b["lm_head"] or b["embed_tokens"]  # a tied head is the embedding
     released = spec.layers - zero3_layers_kept(spec, s, lora)
     gathered = head_bytes + spec.hidden * DTYPE_BYTES[s.dense_dtype] + sum(sizes[m][0] for m in order[released:])
-    held = (0 if s.vocab_split else spec.vocab * spec.hidden) + sum(sizes[m][1] for m in order[released:])
+    held = zero3_head_elements(spec, s) + sum(sizes[m][1] for m in order[released:])
     rest = sum(sizes[m][1] for m in order[:released])
     layer_bytes, layer_elements = sizes[True in sizes]  # prefetched at the largest layer's bytes per element
     live = zero3_limits(spec, s)["stage3_max_live_parameters"]

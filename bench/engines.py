@@ -4,6 +4,7 @@ measured in the same run and reported as ratios qshard / anchor.
 
     .venv/bin/python bench/engines.py                      # everything: 2 passes x 7 configurations, ~20 minutes on 2 cores
     .venv/bin/python bench/engines.py --engines ddp zero3  # a subset (the anchor always runs)
+    .venv/bin/python bench/engines.py --rounds 3 --allocators mmap1m --steps 7  # step ratios, alternating rounds
 
 Every configuration runs in its own processes (2 ranks, gloo, CPU):
   - qshard: `qshard train bench/recipe-400m.yaml --nproc 2 --overwrite --set ...`; per-rank memory and
@@ -16,6 +17,11 @@ Peak RSS is `getrusage(RUSAGE_SELF).ru_maxrss` at the last step: it includes the
 is the median of the differences of elapsed time between consecutive steps, step 1 (warm-up) dropped.
 Each configuration runs twice, under glibc's default malloc and with a fixed 1 MiB mmap threshold (see
 ALLOCATORS): RSS on CPU is as much the allocator's retention as live tensors.
+
+Step times on a shared machine drift by more than the differences being measured (the anchor's own median
+step was 4.4 s in one session and 7.9 s in the next). `--rounds R` runs the anchor and every engine R times,
+alternating the order each round (anchor first, then anchor last), and reports each engine's step ratio per
+round: engine and anchor measured minutes apart, under the same load. The verdict is the median of those ratios.
 The Markdown report goes to stdout (and to --markdown FILE if given); raw numbers to <runs>/results.json.
 """
 
@@ -163,6 +169,36 @@ def model_facts(model: str) -> dict:
             "dtype": config.get("dtype") or config.get("torch_dtype")}
 
 
+def round_ratios(rounds: list[dict]) -> dict[str, dict]:
+    """Per engine: its step and peak ratios to the anchor of the same round, one per round (None where a run
+    failed), and the median of the step ratios."""
+    out: dict[str, dict] = {}
+    for rnd in rounds:
+        a = rnd["anchor"]
+        for r in rnd["engines"]:
+            e = out.setdefault(r["name"], {"label": r["label"], "step": [], "peak": []})
+            ok = "failed" not in r and "failed" not in a
+            e["step"].append(r["step_s"] / a["step_s"] if ok else None)
+            e["peak"].append(max(r["peak_rss_mb"]) / max(a["peak_rss_mb"]) if ok else None)
+    for e in out.values():
+        steps = [x for x in e["step"] if x is not None]
+        e["step_median"] = statistics.median(steps) if steps else float("nan")
+    return out
+
+
+def rounds_table(rounds: list[dict]) -> str:
+    def cell(xs: list[float | None]) -> str:
+        return " / ".join("failed" if x is None else f"{x:.2f}" for x in xs)
+
+    lines = ["| engine | step ratio to the same round's anchor, per round | median | peak ratio, per round |"
+             " anchor median step per round (s) |", "|---|---|---|---|---|"]
+    anchor_steps = " / ".join(f"{rnd['anchor']['step_s']:.2f}" for rnd in rounds)
+    for e in round_ratios(rounds).values():
+        lines.append(f"| {e['label']} | {cell(e['step'])} | **{e['step_median']:.2f}** | {cell(e['peak'])} | "
+                     f"{anchor_steps} |")
+    return "\n".join(lines)
+
+
 def fmt_pair(values: list[float], digits: int = 0) -> str:
     return " / ".join(f"{v:,.{digits}f}" for v in values)
 
@@ -219,6 +255,9 @@ def main() -> int:
     p.add_argument("--allocators", nargs="+", default=list(ALLOCATORS), choices=list(ALLOCATORS),
                    help="glibc malloc settings to measure under (each one a full pass)")
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the anchor and every engine this many times, alternating the order, and report "
+                        "each engine's step ratio to the anchor of the same round")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--runs", default="runs/bench-400m", help="folder for run outputs and logs")
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
@@ -241,21 +280,29 @@ def main() -> int:
 
     passes = {}
     for alloc in args.allocators:
-        runs, extra = runs_root / alloc, ALLOCATORS[alloc]
-        print(f"[{alloc}] anchor ... ", end="", file=sys.stderr, flush=True)
-        anchor = run_anchor(args, runs, extra)
-        print(f"{anchor['wall_s']:.0f}s", file=sys.stderr)
-        rows = []
-        for name in args.engines:
-            print(f"[{alloc}] {name} ... ", end="", file=sys.stderr, flush=True)
-            try:
-                rows.append(run_qshard(name, args, runs, extra))
-                print(f"{rows[-1]['wall_s']:.0f}s", file=sys.stderr)
-            except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:  # report it, measure the rest
-                rows.append({"name": name, "label": LABELS[name], "failed": str(e).splitlines()[0],
-                             "log": str(runs / "logs" / f"{name}.log")})
-                print(f"FAILED: {e}", file=sys.stderr)
-        passes[alloc] = {"env": extra, "anchor": anchor, "engines": rows}
+        extra, rounds = ALLOCATORS[alloc], []
+        for k in range(args.rounds):
+            runs = runs_root / alloc if args.rounds == 1 else runs_root / alloc / f"round{k + 1}"
+            tag = alloc if args.rounds == 1 else f"{alloc} round {k + 1}/{args.rounds}"
+            order = ["anchor", *args.engines] if k % 2 == 0 else [*args.engines, "anchor"]
+            anchor, rows = None, []
+            for name in order:
+                print(f"[{tag}] {name} ... ", end="", file=sys.stderr, flush=True)
+                try:
+                    if name == "anchor":
+                        anchor = run_anchor(args, runs, extra)
+                    else:
+                        rows.append(run_qshard(name, args, runs, extra))
+                    print(f"{(anchor if name == 'anchor' else rows[-1])['wall_s']:.0f}s", file=sys.stderr)
+                except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:  # report it, measure the rest
+                    if name == "anchor":
+                        raise
+                    rows.append({"name": name, "label": LABELS[name], "failed": str(e).splitlines()[0],
+                                 "log": str(runs / "logs" / f"{name}.log")})
+                    print(f"FAILED: {e}", file=sys.stderr)
+            rounds.append({"anchor": anchor, "engines": rows, "order": order})
+        passes[alloc] = {"env": extra, "anchor": rounds[0]["anchor"], "engines": rounds[0]["engines"],
+                         "rounds": rounds}
     total = time.perf_counter() - started
     code_after = code_state()
     code = (f"qshard code {code_before} (HEAD + hash of uncommitted changes under qshard/)"
@@ -282,6 +329,9 @@ def main() -> int:
     for alloc, res in passes.items():
         setting = ("glibc defaults" if not res["env"] else
                    ", ".join(f"{k}={v}" for k, v in res["env"].items()))
+        if len(res["rounds"]) > 1:
+            lines += ["", f"#### malloc: {setting}: {len(res['rounds'])} alternating rounds", "",
+                      rounds_table(res["rounds"]), "", "The table below is round 1."]
         lines += ["", f"#### malloc: {setting}", "", table(res["engines"], res["anchor"], base), "",
                   anchor_phases(res["anchor"]), "",
                   "Losses per step (qshard: global token mean; anchor: mean of the ranks' token means):", "",

@@ -41,7 +41,7 @@ from qshard.observe.monitor import (
     replicated_tensors,
     sharding_report,
 )
-from qshard.precision import Precision
+from qshard.precision import Precision, cpu_half_warning
 from qshard.runtime import Runtime, all_reduce_sum, barrier, init_runtime, shutdown
 from qshard.state import checkpoint, rundir
 from qshard.state.resume import (
@@ -49,7 +49,7 @@ from qshard.state.resume import (
     save_checkpoint,
     set_seed,
 )
-from qshard.validate import quant_spec  # noqa: F401  (the benchmarks build specs as a run does)
+from qshard.validate import quant_spec
 
 
 @dataclass
@@ -83,6 +83,11 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, r
     validate.raise_problems(checked.problems)
     for report in checked.datasets.reports:
         say(report.summary())
+    if launch.rank == 0:
+        slow = cpu_half_warning(launch.device, {checked.precision.dtype,
+                                                quant_spec(recipe, checked.precision).compute_dtype})
+        if slow:
+            say(f"warning: {slow[0]}; {slow[1]}")
     rt = init_runtime(need_group=recipe.distributed.engine != "none")
     engine = None
     try:

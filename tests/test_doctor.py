@@ -124,6 +124,31 @@ def test_every_problem_is_printed_at_once_and_exit_code_is_1(recipe_file, tmp_pa
         assert needle in out
 
 
+@pytest.mark.parametrize("precision,compute", [("bf16", "auto"), ("fp32", "bfloat16")])
+def test_bf16_on_a_cpu_without_native_bf16_is_a_warning_naming_the_options(recipe_file, precision, compute):
+    """bf16 matmuls ran 200-300x slower than fp32 on an AVX2-only CPU (torch 2.13): the recipe's
+    precision or its quantized layers' compute dtype is named, with the options that avoid it."""
+    recipe = load_recipe(recipe_file(train={"precision": precision}, quantization={"compute_dtype": compute}))
+    slow = Environment(versions=dict(GOOD), cpu_half_slowdown={"bfloat16": 230.0, "float16": 180.0})
+    found = [p for p in doctor.diagnose(slow, recipe) if "matrix products" in p.what]
+    assert len(found) == 1 and not found[0].fatal and found[0].where == "train.precision"
+    assert "bfloat16 matrix products run 230x slower than float32" in found[0].what
+    assert "train.precision: fp32" in found[0].fix and "quantization.compute_dtype: float32" in found[0].fix
+    fast = replace(slow, cpu_half_slowdown={"bfloat16": 1.6, "float16": 3.0})
+    assert not [p for p in doctor.diagnose(fast, recipe) if "matrix products" in p.what]
+    assert not [p for p in doctor.diagnose(gpu_env(RTX_4090), recipe) if "matrix products" in p.what]
+
+
+def test_a_float32_run_never_probes_half_precision():
+    from qshard.precision import cpu_half_warning
+
+    def probe(dtype):
+        raise AssertionError(f"probed {dtype}")
+
+    assert cpu_half_warning(torch.device("cpu"), {torch.float32}, slowdown=probe) is None
+    assert cpu_half_warning(torch.device("cuda", 0), {torch.bfloat16}, slowdown=probe) is None
+
+
 # -- the real environment ---------------------------------------------------------------------------
 
 def test_gather_reads_this_machine():
@@ -133,12 +158,17 @@ def test_gather_reads_this_machine():
     assert len(env.gpus) == torch.cuda.device_count()
     assert env.bnb_devices.get("cpu") == "ok"  # bitsandbytes' CPU backend quantizes here
     assert env.free_disk and env.free_disk > 0
+    if not env.gpus:  # measured, not read from CPU flags
+        assert set(env.cpu_half_slowdown) == {"bfloat16"}
+        assert all(0 < f < float("inf") for f in env.cpu_half_slowdown.values())
 
 
 def test_doctor_command_on_this_machine(recipe_file, capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert f"torch         {torch.__version__}" in out
+    if not torch.cuda.is_available():
+        assert "CPU bfloat16  matrix products" in out
     assert main(["doctor", str(recipe_file())]) == 0
     assert main(["doctor", str(recipe_file(distributed={"engine": "deepspeed", "zero_stage": 3},
                                            lora={"use_dora": True}))]) == 1

@@ -198,3 +198,29 @@ def test_the_heap_is_trimmed_after_each_step_on_cpu_unless_turned_off(micro_mode
         assert len(calls) == expected
         assert any("train.trim_heap" in line for line in said) is trim
         said.clear()
+
+
+@pytest.mark.parametrize("factor", [50.0, 1.5])
+def test_a_bf16_run_on_a_cpu_with_slow_bf16_is_warned_before_loading(micro_model, tmp_path, monkeypatch, factor):
+    """The probe's figure (qshard/precision.py half_matmul_slowdown, timed for real in tests/test_doctor.py) is
+    fixed here so the test does not depend on this CPU: the warning comes before the base loads, names the
+    options, and a fast CPU gets none."""
+    from qshard import precision, train
+
+    probed = []
+
+    def warning(device, dtypes):
+        return precision.cpu_half_warning(device, dtypes, slowdown=lambda d: probed.append(d) or factor)
+
+    monkeypatch.setattr(train, "cpu_half_warning", warning)
+    said = []
+    recipe = recipe_dict(micro_model, write_rows(tmp_path / "train.jsonl"), tmp_path / "run", max_steps=1)
+    recipe["train"]["precision"] = "bf16"
+    run(parse_recipe(recipe), log=said.append)
+    assert probed == [torch.bfloat16]
+    warned = [i for i, line in enumerate(said) if "bfloat16 matrix products run" in line]
+    if factor < precision.SLOW_HALF_FACTOR:
+        assert not warned
+        return
+    assert len(warned) == 1 and "train.precision: fp32" in said[warned[0]]
+    assert warned[0] < next(i for i, line in enumerate(said) if line.startswith("LoRA:"))  # said once loaded

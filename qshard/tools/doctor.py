@@ -40,6 +40,7 @@ class Environment:
     gloo: bool = True
     bnb_devices: dict[str, str] = field(default_factory=dict)  # device -> "ok" or why 4-bit quantization failed
     free_disk: int | None = None                   # bytes free where the output folder will be
+    cpu_half_slowdown: dict[str, float] = field(default_factory=dict)  # "bfloat16" -> x slower than fp32 (CPU only)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ def gather(output_dir: str | None = None) -> Environment:
     if env.versions["bitsandbytes"]:
         env.bnb_devices = {d: _bnb_works(d) for d in (["cuda"] if env.gpus else []) + ["cpu"]}
     env.free_disk = _free_disk(Path(output_dir or "."))
+    if not env.gpus:
+        from qshard.precision import half_matmul_slowdown
+
+        env.cpu_half_slowdown = {"bfloat16": half_matmul_slowdown(torch.bfloat16)}  # fp16 on CPU: warned anyway
     return env
 
 
@@ -183,9 +188,11 @@ def check_hardware(env: Environment, recipe=None) -> list[Problem]:
         if recipe.distributed.engine != "none" and not env.nccl:
             problems.append(Problem("this torch build has no NCCL, which multi-GPU engines use on CUDA",
                                     "install a CUDA build of torch with NCCL", where="distributed.engine"))
-    elif recipe.train.precision == "fp16":
-        problems.append(Problem("fp16 on the CPU: gradient scaling is meant for GPUs", "use train.precision: auto "
-                                "(fp32 on CPU) or bf16", where="train.precision", fatal=False))
+    else:
+        if recipe.train.precision == "fp16":
+            problems.append(Problem("fp16 on the CPU: gradient scaling is meant for GPUs", "use train.precision: "
+                                    "auto (fp32 on CPU) or bf16", where="train.precision", fatal=False))
+        problems += _slow_half_on_cpu(env, recipe)
     if "bitsandbytes" in needs(recipe) and env.versions.get("bitsandbytes"):
         device = "cuda" if env.gpus else "cpu"
         status = env.bnb_devices.get(device, "not checked")
@@ -194,6 +201,19 @@ def check_hardware(env: Environment, recipe=None) -> list[Problem]:
                                     "install a bitsandbytes build for this device (>= 0.45 for CPU support)",
                                     where="quantization.method"))
     return problems
+
+
+def _slow_half_on_cpu(env: Environment, recipe) -> list[Problem]:
+    import torch
+
+    from qshard.precision import cpu_half_warning, resolve_precision
+    from qshard.validate import quant_spec
+
+    cpu = torch.device("cpu")
+    precision = resolve_precision(recipe.train.precision, cpu)
+    slow = cpu_half_warning(cpu, {precision.dtype, quant_spec(recipe, precision).compute_dtype},
+                            slowdown=lambda d: env.cpu_half_slowdown.get(str(d).removeprefix("torch."), 1.0))
+    return [Problem(*slow, where="train.precision", fatal=False)] if slow else []
 
 
 def check_recipe(env: Environment, recipe, overwrite: bool = False, resume: str | None = None,
@@ -264,6 +284,8 @@ def describe(env: Environment) -> str:
                      f"{g.capability[0]}.{g.capability[1]} (bf16 {'yes' if g.capability >= (8, 0) else 'no: use fp16'})")
     if not env.gpus:
         lines.append("GPU           none")
+    for dtype, factor in env.cpu_half_slowdown.items():
+        lines.append(f"CPU {dtype:<9} matrix products {factor:.1f}x the time of float32")
     for device, status in env.bnb_devices.items():
         lines.append(f"bitsandbytes  4-bit on {device}: {status}")
     if env.free_disk is not None:

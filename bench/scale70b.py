@@ -1,6 +1,7 @@
 """Issue #17's scale proof on a CPU machine: a Llama with Llama-3-70B's layer shapes (hidden 8192, intermediate
 28672, 64 heads / 8 KV heads, vocabulary 128,256, untied head) but only a few decoder layers, NF4, bf16,
-trained by `qshard train` on N gloo ranks: sharded load, 2 steps, a checkpoint, then a resume for one more step.
+trained by `qshard train` on N gloo ranks: sharded load, 2 steps, a checkpoint, then a resume for
+--resume-steps more.
 Peak resident memory of each rank is read from outside (ru_maxrss of the rank processes, via /proc while they
 run) and compared with `qshard plan`'s per-GPU tensor bytes for the same recipe.
 
@@ -86,7 +87,7 @@ def build_model(out: Path, layers: int) -> Path:
 
 
 def rank_pids(root: int) -> list[int]:
-    """The qshard worker processes under the launcher (python processes running qshard.cli train)."""
+    """The ranks: python processes running qshard.cli train that torchrun's launcher started."""
     out = subprocess.run(["ps", "-o", "pid=,ppid=,args=", "-ax"], capture_output=True, text=True).stdout
     children, procs = {}, {}
     for line in out.splitlines():
@@ -98,19 +99,33 @@ def rank_pids(root: int) -> list[int]:
         pid = stack.pop()
         for child in children.get(pid, []):
             stack.append(child)
-            if "qshard.cli" in procs[child] and "torch.distributed.run" not in procs[child]:
+            # a rank is the launcher's own child; a process a rank forks (same command line, same RANK) is not
+            if ("qshard.cli" in procs[child] and "torch.distributed.run" not in procs[child]
+                    and "torch.distributed.run" in procs.get(pid, "")):
                 found.append(child)
     return found
 
 
-def hwm_kib(pid: int) -> int:
+def proc_status(pid: int) -> dict[str, int]:
+    """VmHWM (peak resident), VmRSS and its file-backed part RssFile (mapped safetensors pages count in RSS
+    too), in KiB; {} once the process is gone."""
+    out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
+            key = line.split(":", 1)[0]
+            if key in ("VmHWM", "VmRSS", "RssFile", "RssAnon"):
+                out[key] = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return out
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
 
 
 def available_gib() -> float:
@@ -125,17 +140,24 @@ def run_train(args, recipe: Path, extra: list[str]) -> dict:
     log = open(args.out / f"train{'-resume' if extra else ''}.log", "w")
     job = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    peaks, min_free, killed = {}, available_gib(), False
+    peaks, file_peaks, ranks, min_free, killed = {}, {}, {}, available_gib(), False
     while job.poll() is None:
         for pid in rank_pids(job.pid):
-            peaks[pid] = max(peaks.get(pid, 0), hwm_kib(pid))
+            st = proc_status(pid)
+            if pid not in ranks:
+                ranks[pid] = rank_of(pid)
+            peaks[pid] = max(peaks.get(pid, 0), st.get("VmHWM", 0))
+            file_peaks[pid] = max(file_peaks.get(pid, 0), st.get("RssFile", 0))
         min_free = min(min_free, available_gib())
         if min_free < args.min_free_gib and not killed:
             os.killpg(job.pid, signal.SIGKILL)
             killed = True
         time.sleep(0.2)
+    by_rank = sorted((ranks[pid] if ranks.get(pid) is not None else -1, pid) for pid in peaks)
     return {"rc": job.returncode, "killed_low_memory": killed, "min_available_gib": round(min_free, 2),
-            "rank_peak_rss_mib": sorted(round(k / 1024) for k in peaks.values())}
+            "rank_peak_rss_mib": sorted(round(k / 1024) for k in peaks.values()),
+            "peak_rss_mib_by_rank": {str(r): round(peaks[pid] / 1024) for r, pid in by_rank},
+            "peak_file_rss_mib_by_rank": {str(r): round(file_peaks[pid] / 1024) for r, pid in by_rank}}
 
 
 def main() -> int:
@@ -145,13 +167,19 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--min-free-gib", type=float, default=1.0)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="train.precision; fp32 where this CPU's bf16 matmuls are slow (qshard doctor says)")
+    p.add_argument("--resume-steps", type=int, default=2,
+                   help="steps the resumed run trains (its first is DeepSpeed's tracing step; the planner models "
+                        "the steps after it)")
     p.add_argument("--no-vocab-parallel", action="store_true",
                    help="distributed.vocab_parallel: false (the engine gathers embedding and head like a layer)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "scale70b")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
     model = build_model(REPO / "build" / f"llama70b-shaped-L{args.layers}", args.layers)
-    args.out = args.out / f"{args.engine}-n{args.nproc}-L{args.layers}{'-gathered' if args.no_vocab_parallel else ''}"
+    args.out = args.out / (f"{args.engine}-n{args.nproc}-L{args.layers}{'-gathered' if args.no_vocab_parallel else ''}"
+                           f"{'-fp32' if args.precision == 'fp32' else ''}")
     if args.out.exists() and not (args.out / "recipe.yaml").is_file():  # only a folder this script wrote is replaced
         sys.exit(f"{args.out} exists and is not an earlier run of this benchmark (no recipe.yaml): choose another --out")
     shutil.rmtree(args.out, ignore_errors=True)
@@ -164,7 +192,7 @@ def main() -> int:
     recipe = {"model": {"path": str(model), "dtype": "bfloat16"}, "quantization": {"method": "nf4"},
               "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "data": {"path": str(data), "max_length": args.seq},
               "train": {"output_dir": str(args.out / "run"), "max_steps": 2, "micro_batch_size": 1,
-                        "precision": "bf16", "save_every": 1, "sample_tokens": 0, "learning_rate": 1e-4},
+                        "precision": args.precision, "save_every": 1, "sample_tokens": 0, "learning_rate": 1e-4},
               "distributed": distributed}
     import yaml
 
@@ -178,8 +206,8 @@ def main() -> int:
               "available_gib_before": round(available_gib(), 2)}
     result["train"] = run_train(args, args.out / "recipe.yaml", [])
     if result["train"]["rc"] == 0:
-        (args.out / "recipe-resume.yaml").write_text(yaml.safe_dump({**recipe, "train": {**recipe["train"],
-                                                                                          "max_steps": 3}}))
+        resume = {**recipe, "train": {**recipe["train"], "max_steps": 2 + args.resume_steps}}
+        (args.out / "recipe-resume.yaml").write_text(yaml.safe_dump(resume))
         result["resume"] = run_train(args, args.out / "recipe-resume.yaml", ["--resume=auto"])
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -62,14 +62,16 @@ ENGINES = {
     "fsdp2": {"engine": "fsdp2"},
     # the other ZeRO-3 load path: the whole base on every rank, then deepspeed.initialize partitions it
     "zero3 whole-load": {"engine": "deepspeed", "zero_stage": 3, "shard_on_load": False},
+    # DeepSpeed's own gather limits from a user's JSON (README: the faster side on CPU), instead of qshard's
+    "zero3 deepspeed-limits": {"engine": "deepspeed", "deepspeed_config": str(ROOT / "bench" / "zero3-deepspeed-limits.json")},
 }
 # (model size, engine label, precision, micro-batch per rank, sequence, activation checkpointing); NF4 base
-CASES = [("small", e, "fp32", 4, 256, False) for e in ENGINES if e != "zero3 whole-load"] + [
+CASES = [("small", e, "fp32", 4, 256, False) for e in ENGINES if e not in ("zero3 whole-load", "zero3 deepspeed-limits")] + [
     ("small", "zero3", "fp32", 4, 256, True),
     ("small", "fsdp2", "fp32", 4, 256, True),
 ] + [("small", e, "bf16", 4, 256, False) for e in ("ddp", "zero2", "zero3", "zero3 whole-load", "fsdp2")] + [
     ("400m", e, p, 1, 256, False) for p in ("fp32", "bf16") for e in ("zero3", "fsdp2")] + [
-    ("400m", "zero3 whole-load", "bf16", 1, 256, False)]
+    ("400m", "zero3 whole-load", "bf16", 1, 256, False), ("400m", "zero3 deepspeed-limits", "fp32", 1, 256, False)]
 QUICK = [c for c in CASES if c[0] != "400m"]
 
 
@@ -77,8 +79,9 @@ QUICK = [c for c in CASES if c[0] != "400m"]
 
 def measure_rank(model_dir: str, label: str, precision: str, micro_batch: int, seq: int, ckpt: bool) -> dict:
     from qshard import train
-    from qshard.compat import engine_key
+    from qshard.compat import deepspeed_json_identity, engine_key
     from qshard.config import parse_recipe
+    from qshard.dsconfig import read_user_config
     from qshard.engines import create_engine
     from qshard.model.load import open_base
     from qshard.model.lora import resolve_targets
@@ -97,16 +100,17 @@ def measure_rank(model_dir: str, label: str, precision: str, micro_batch: int, s
     quant = train.quant_spec(recipe, prec)
     model_dir, skeleton = open_base(model_dir, dtype=recipe.model.dtype, quant=quant)
     d = recipe.distributed
+    stage = deepspeed_json_identity(read_user_config(d.deepspeed_config))[0] if d.deepspeed_config else d.zero_stage
     engine = create_engine(d.engine, device=rt.device, precision=prec.name, world_size=rt.world_size,
-                           micro_batch=micro_batch, accumulation=1, max_grad_norm=None, zero_stage=d.zero_stage,
+                           micro_batch=micro_batch, accumulation=1, max_grad_norm=None, zero_stage=stage,
                            offload_optimizer=d.offload_optimizer, offload_params=d.offload_params,
-                           reshard_after_forward=d.reshard_after_forward)
+                           deepspeed_config=d.deepspeed_config, reshard_after_forward=d.reshard_after_forward)
     torch.manual_seed(rt.rank)  # each rank its own batch, as in training
     ids = torch.randint(2, skeleton.config.vocab_size, (micro_batch, seq))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     tracker = LiveTensorBytes()
     with tracker:  # from before the load: under ZeRO-3 / FSDP2 qshard loads each rank's shards only (#4)
-        checked = Checked(engine=engine_key(d.engine, d.zero_stage, d.offload_params, d.offload_optimizer),
+        checked = Checked(engine=engine_key(d.engine, stage, d.offload_params, d.offload_optimizer),
                           model_dir=model_dir, skeleton=skeleton, targets=resolve_targets(skeleton, "all-linear"))
         model = train.build_model(checked, quant, engine, recipe, rt, say=lambda *_: None)
         for t in list(model.parameters()) + list(model.buffers()):  # storages no op returned (file reads)
@@ -172,6 +176,13 @@ def predict(model_dir: Path, label: str, precision: str, micro_batch: int, seq: 
                       lora_r=8, engine=engine, offload_optimizer=off_opt, offload_params=off_params,
                       micro_batch=micro_batch, seq_len=seq, checkpointing=ckpt, gpus=WORLD,
                       global_batch=micro_batch * WORLD)
+    user_json = ENGINES[label].get("deepspeed_config")
+    if user_json:
+        from dataclasses import replace
+
+        from qshard.dsconfig import read_user_config
+
+        s = replace(s, zero3_gathering=plan.user_zero3_gathering(read_user_config(user_json)))
     e = plan.estimate(spec, s)
     both = {k: e.gpu.get(k, 0) + e.cpu.get(k, 0) for k in e.gpu.keys() | e.cpu.keys()}
     # ZeRO-1/2's reduce bucket lives only during backward: the measurement finds it in the working set

@@ -13,6 +13,7 @@ from qshard.errors import QShardError
 
 DS_REDUCE_BUCKET_DEFAULT = 500_000_000  # elements (deepspeed/runtime/zero/config.py, reduce_bucket_size)
 DS_MAX_LIVE_DEFAULT = 1_000_000_000     # elements (stage3_max_live_parameters)
+ZERO3_GATHER_KEYS = ("stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance")
 
 
 def reduce_bucket_size(trainable: int) -> int:

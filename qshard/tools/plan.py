@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qshard import compat
 from qshard.dsconfig import (
+    ZERO3_GATHER_KEYS,
     deepspeed_config,
     read_user_config,
     reduce_bucket_size,
@@ -370,6 +371,7 @@ class Settings:
     offload_params: bool = False
     reshard_after_forward: bool = True  # FSDP2
     vocab_parallel: bool = True      # distributed.vocab_parallel; where it applies: `vocab_split`
+    zero3_gathering: tuple[tuple[str, int], ...] = ()  # ZeRO-3 gather limits the user's DeepSpeed JSON sets
     micro_batch: int = 1
     seq_len: int = 1024
     checkpointing: bool = False
@@ -513,19 +515,32 @@ def gathered_layer_sizes(spec: ModelSpec, s: Settings) -> dict[bool, tuple[int, 
 
 
 def zero3_limits(spec: ModelSpec, s: Settings) -> dict[str, int]:
-    """The ZeRO-3 gather limits the DeepSpeed engine sets for this model (dsconfig.zero3_gather_limits, from the
-    largest decoder layer's gathered elements). A user's DeepSpeed JSON that sets these keys is not modelled."""
-    return zero3_gather_limits(max(elements for _, elements in gathered_layer_sizes(spec, s).values()))
+    """The ZeRO-3 gather limits of the run: the keys the user's DeepSpeed JSON sets (`s.zero3_gathering`), the
+    others as the engine fills them (dsconfig.zero3_gather_limits, from the largest decoder layer's gathered
+    elements)."""
+    own = zero3_gather_limits(max(elements for _, elements in gathered_layer_sizes(spec, s).values()))
+    return {**own, **dict(s.zero3_gathering)}
+
+
+def user_zero3_gathering(ds_config: dict) -> tuple[tuple[str, int], ...]:
+    """The ZeRO-3 gather limits a user's DeepSpeed JSON sets (numbers only; DeepSpeed refuses anything else)."""
+    zero = ds_config.get("zero_optimization")
+    zero = zero if isinstance(zero, dict) else {}
+    return tuple((key, int(zero[key])) for key in ZERO3_GATHER_KEYS
+                 if isinstance(zero.get(key), (int, float)) and not isinstance(zero.get(key), bool))
 
 
 def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
-    """Decoder layers (the last ones) that ZeRO-3 keeps gathered from their forward to their backward, with
-    qshard's limits (`zero3_limits`).
+    """Decoder layers (the last ones) that ZeRO-3 keeps gathered from their forward to their backward, with the
+    run's limits (`zero3_limits`).
 
     DeepSpeed (deepspeed/runtime/zero/partitioned_param_coordinator.py) keeps a module's parameters after its
-    forward in two cases: they are used again within stage3_max_reuse_distance elements of fetched parameters
-    (`__params_to_release`; qshard sets 0, so never), or the prefetcher has already walked past their next use in its
-    trace, which it does for free while they are gathered. The prefetcher stops at stage3_max_live_parameters
+    forward in two cases. (1) They are used again within stage3_max_reuse_distance elements of fetched parameters
+    (`__params_to_release`): a decoder layer is used again in its own backward, after every later layer and the
+    head have been fetched twice (forward, then backward), so it stays when 2 x (elements after it) is below the
+    distance. qshard sets 0, so never; at DeepSpeed's default (1e9, a user's JSON) every layer of a model below
+    ~5e8 elements stays (measured before qshard set its limits, BENCHMARKS.md). (2) The prefetcher has already
+    walked past their next use in its trace, which it does for free while they are gathered. The prefetcher stops at stage3_max_live_parameters
     gathered elements, so it reaches the backward's first uses (the head, then the last layers) while those
     still fit beside them: the last layers whose elements, with the head's, stay within that limit are kept (4 of
     the 400M benchmark model's 24 layers; both layers of the test models; 4 of 8 measured to the byte in
@@ -533,12 +548,14 @@ def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
     elements. A vocabulary-parallel head is a buffer, no ZeRO parameter: nothing is held beside the layers then.
     Each layer counts its own elements and LoRA (`gathered_layer_sizes`; `lora`, the adapter's total, is not
     needed for that)."""
-    sizes, live = gathered_layer_sizes(spec, s), zero3_limits(spec, s)["stage3_max_live_parameters"]
-    held, kept = zero3_head_elements(spec, s), 0  # reuse distance 0: only the prefetcher's walk keeps a layer
+    sizes, limits = gathered_layer_sizes(spec, s), zero3_limits(spec, s)
+    reuse, live = limits["stage3_max_reuse_distance"], limits["stage3_max_live_parameters"]
+    held, kept = zero3_head_elements(spec, s), 0  # gathered beside the layers walked so far
+    after = held + spec.hidden  # fetched after a layer's forward: the head, the final norm and the later layers
     for moe in reversed(spec.layer_is_moe()):
-        if held + sizes[moe][1] > live:
+        if 2 * after >= reuse and held + sizes[moe][1] > live:
             break
-        held, kept = held + sizes[moe][1], kept + 1
+        after, held, kept = after + sizes[moe][1], held + sizes[moe][1], kept + 1
     return kept
 
 
@@ -981,8 +998,10 @@ def candidates(base: Settings, quants: tuple[str, ...], micro_batches: tuple[int
             for mb in micro_batches:
                 for ckpt in (False, True):
                     for split in splits:
+                        # each candidate is planned with qshard's own DeepSpeed config (the one the plan writes)
                         out.append(replace(base, engine=engine, offload_optimizer=off_opt, offload_params=off_params,
-                                           quant=quant, micro_batch=mb, checkpointing=ckpt, vocab_parallel=split))
+                                           quant=quant, micro_batch=mb, checkpointing=ckpt, vocab_parallel=split,
+                                           zero3_gathering=()))
     return out
 
 
@@ -1036,6 +1055,7 @@ def settings_from_recipe(recipe, spec: ModelSpec, gpus: int, nodes: int) -> Sett
     """The recipe's own configuration; precision auto is planned as bf16 (a GPU of compute capability >= 8)."""
     q, lo, tr, d = recipe.quantization, recipe.lora, recipe.train, recipe.distributed
     engine, offload_optimizer, offload_params = engine_settings(d)
+    gathering = user_zero3_gathering(read_user_config(d.deepspeed_config)) if d.deepspeed_config else ()
     return Settings(quant=q.method, double_quant=q.double_quant, skip_modules=tuple(q.skip_modules),
                     dense_dtype=spec.dtype if recipe.model.dtype == "auto" else recipe.model.dtype,
                     precision="bf16" if tr.precision == "auto" else tr.precision, lora_r=lo.r,
@@ -1043,7 +1063,7 @@ def settings_from_recipe(recipe, spec: ModelSpec, gpus: int, nodes: int) -> Sett
                     use_dora=lo.use_dora, optimizer=tr.optimizer, engine=engine,
                     offload_optimizer=offload_optimizer, offload_params=offload_params,
                     reshard_after_forward=d.reshard_after_forward, vocab_parallel=d.vocab_parallel,
-                    micro_batch=tr.micro_batch_size,
+                    zero3_gathering=gathering, micro_batch=tr.micro_batch_size,
                     seq_len=recipe.data.max_length, checkpointing=recipe.model.gradient_checkpointing,
                     gpus=gpus, nodes=nodes,
                     global_batch=tr.micro_batch_size * tr.gradient_accumulation_steps * gpus * nodes)

@@ -63,10 +63,12 @@ ENGINES = {
     # the other ZeRO-3 load path: the whole base on every rank, then deepspeed.initialize partitions it
     "zero3 whole-load": {"engine": "deepspeed", "zero_stage": 3, "shard_on_load": False},
     # DeepSpeed's own gather limits from a user's JSON (README: the faster side on CPU), instead of qshard's
-    "zero3 deepspeed-limits": {"engine": "deepspeed", "deepspeed_config": str(ROOT / "bench" / "zero3-deepspeed-limits.json")},
+    "zero3 deepspeed-limits": {"engine": "deepspeed",
+                               "deepspeed_config": str(ROOT / "bench" / "zero3-deepspeed-limits.json")},
 }
 # (model size, engine label, precision, micro-batch per rank, sequence, activation checkpointing); NF4 base
-CASES = [("small", e, "fp32", 4, 256, False) for e in ENGINES if e not in ("zero3 whole-load", "zero3 deepspeed-limits")] + [
+CASES = [("small", e, "fp32", 4, 256, False) for e in ENGINES
+         if e not in ("zero3 whole-load", "zero3 deepspeed-limits")] + [
     ("small", "zero3", "fp32", 4, 256, True),
     ("small", "fsdp2", "fp32", 4, 256, True),
 ] + [("small", e, "bf16", 4, 256, False) for e in ("ddp", "zero2", "zero3", "zero3 whole-load", "fsdp2")] + [

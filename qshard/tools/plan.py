@@ -541,13 +541,13 @@ def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
     distance. qshard sets 0, so never; at DeepSpeed's default (1e9, a user's JSON) every layer of a model below
     ~5e8 elements stays (+2.7% on the 400M model's peak, tests/test_plan.py MEASURED_ZERO3). (2) The prefetcher
     has already walked past their next use in its trace, which it does for free while they are gathered. The
-    prefetcher stops at stage3_max_live_parameters gathered elements, so it reaches the backward's first uses (the head, then the last layers) while those
-    still fit beside them: the last layers whose elements, with the head's, stay within that limit are kept (4 of
-    the 400M benchmark model's 24 layers; both layers of the test models; 4 of 8 measured to the byte in
-    tests/test_commcount.py). At DeepSpeed's defaults (1e9 elements) that is every layer of a model below ~1e9
-    elements. A vocabulary-parallel head is a buffer, no ZeRO parameter: nothing is held beside the layers then.
-    Each layer counts its own elements and LoRA (`gathered_layer_sizes`; `lora`, the adapter's total, is not
-    needed for that)."""
+    prefetcher stops at stage3_max_live_parameters gathered elements, so it reaches the backward's first uses
+    (the head, then the last layers) while those still fit beside them: the last layers whose elements, with the
+    head's, stay within that limit are kept (4 of the 400M benchmark model's 24 layers; both layers of the test
+    models; 4 of 8 measured to the byte in tests/test_commcount.py). At DeepSpeed's defaults (1e9 elements) that
+    is every layer of a model below ~1e9 elements. A vocabulary-parallel head is a buffer, no ZeRO parameter:
+    nothing is held beside the layers then. Each layer counts its own elements and LoRA (`gathered_layer_sizes`;
+    `lora`, the adapter's total, is not needed for that)."""
     sizes, limits = gathered_layer_sizes(spec, s), zero3_limits(spec, s)
     reuse, live = limits["stage3_max_reuse_distance"], limits["stage3_max_live_parameters"]
     held, kept = zero3_head_elements(spec, s), 0  # gathered beside the layers walked so far

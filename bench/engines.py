@@ -290,10 +290,11 @@ def main() -> int:
                 print(f"[{tag}] {name} ... ", end="", file=sys.stderr, flush=True)
                 try:
                     if name == "anchor":
-                        anchor = run_anchor(args, runs, extra)
+                        anchor = result = run_anchor(args, runs, extra)
                     else:
-                        rows.append(run_qshard(name, args, runs, extra))
-                    print(f"{(anchor if name == 'anchor' else rows[-1])['wall_s']:.0f}s", file=sys.stderr)
+                        result = run_qshard(name, args, runs, extra)
+                        rows.append(result)
+                    print(f"{result['wall_s']:.0f}s", file=sys.stderr)
                 except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:  # report it, measure the rest
                     if name == "anchor":
                         raise

@@ -107,13 +107,13 @@ def rank_pids(root: int) -> list[int]:
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmHWM (peak resident), VmRSS and its file-backed part RssFile (mapped safetensors pages count in RSS
-    too), in KiB; {} once the process is gone."""
+    """VmHWM (peak resident) and RssFile (its file-backed part now: mapped safetensors pages count in RSS too),
+    in KiB; {} once the process is gone."""
     out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key = line.split(":", 1)[0]
-            if key in ("VmHWM", "VmRSS", "RssFile", "RssAnon"):
+            if key in ("VmHWM", "RssFile"):
                 out[key] = int(line.split()[1])
     except OSError:
         pass

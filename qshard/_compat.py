@@ -206,6 +206,27 @@ def deepspeed_in_place_unsupported(config: dict) -> str | None:
     return f"the DeepSpeed config's {', '.join(used)} lays ZeRO-3 partitions out otherwise" if used else None
 
 
+def deepspeed_leaf_inputs_require_grad(module, args):
+    """A forward pre-hook for a ZeRO-3 leaf module (`_z3_leaf`): its floating-point positional inputs that need no
+    gradient are replaced by leaves that do.
+
+    DeepSpeed 0.19.8 reduces a leaf module's parameter gradients from a `register_full_backward_hook`
+    (stage3.py `create_reduce_and_remove_grad_hooks`). When none of the module's inputs needs a gradient (the
+    first decoder layer: the frozen embedding's output), torch fires that hook as soon as the gradients of the
+    module's *outputs* exist ("Full backward hook is firing when gradients are computed with respect to module
+    outputs since no inputs require gradients"), before its own parameter gradients: DeepSpeed then reduces and
+    releases the layer before its backward has run, which stops with "The size of tensor a (0) must match the
+    size of tensor b (16)". With an input that needs a gradient the hook fires after the module's backward. No
+    gradient path is cut (the input had none); the cost is the input's gradient, one activation. Remove when
+    DeepSpeed reduces leaf gradients from per-parameter hooks (test: tests/test_compat.py)."""
+    import torch
+
+    if not torch.is_grad_enabled():
+        return None
+    return tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() and not a.requires_grad
+                 else a for a in args)
+
+
 def deepspeed_cpu_fp16() -> bool:
     """Whether DeepSpeed will run fp16 on this CPU.
 

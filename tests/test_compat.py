@@ -316,6 +316,41 @@ def test_deepspeed_still_has_what_deepspeed_prepare_optimizer_state_uses():
     assert not missing, f"deepspeed_prepare_optimizer_state relies on names upstream changed: {missing}"
 
 
+# deepspeed_leaf_inputs_require_grad: DeepSpeed 0.19.8 reduces a ZeRO-3 leaf module's gradients from a full backward
+# hook, which torch fires before the module's parameter gradients when none of its inputs needs one (end to end: the
+# zero3 cells of tests/test_engines.py, whose first decoder layer is such a leaf, equal one process)
+def test_deepspeed_reduces_leaf_gradients_from_a_full_backward_hook():
+    from deepspeed.runtime.zero import stage3
+
+    source = inspect.getsource(stage3.DeepSpeedZeroOptimizer_Stage3.create_reduce_and_remove_grad_hooks)
+    assert "register_full_backward_hook(make_hook(leaf_parameters))" in source
+
+
+def _weight_grad_ready_when_full_backward_hook_fires(pre_hook) -> list[bool]:
+    layer, seen = torch.nn.Linear(4, 4), []
+    layer.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(module.weight.grad is not None))
+    if pre_hook:
+        layer.register_forward_pre_hook(pre_hook)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Full backward hook is firing when gradients are computed with respect to
+        layer(torch.randn(2, 4)).sum().backward()  # module outputs since no inputs require gradients"
+    return seen
+
+
+def test_full_backward_hook_still_fires_before_parameter_grads_when_no_input_needs_one():
+    assert _weight_grad_ready_when_full_backward_hook_fires(None) == [False]
+
+
+def test_deepspeed_leaf_inputs_require_grad_makes_the_hook_fire_after_them_and_leaves_no_grad_mode_alone():
+    assert _weight_grad_ready_when_full_backward_hook_fires(_compat.deepspeed_leaf_inputs_require_grad) == [True]
+    x, ids = torch.randn(2, 4), torch.arange(3)
+    with torch.no_grad():
+        assert _compat.deepspeed_leaf_inputs_require_grad(None, (x,)) is None
+    needs = torch.randn(2, 4, requires_grad=True)
+    out = _compat.deepspeed_leaf_inputs_require_grad(None, (x, ids, needs, None))
+    assert out[0].requires_grad and torch.equal(out[0], x) and out[1] is ids and out[2] is needs and out[3] is None
+
+
 # exit_without_teardown: flushes output, exits with the code, skips interpreter teardown (end to end: every
 # multi-process run of tests/test_faults.py ends through it, qshard/cli.py)
 def test_exit_without_teardown_flushes_output_and_skips_atexit():

@@ -532,7 +532,8 @@ def user_zero3_gathering(ds_config: dict) -> tuple[tuple[str, int], ...]:
 
 def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
     """Decoder layers (the last ones) that ZeRO-3 keeps gathered from their forward to their backward, with the
-    run's limits (`zero3_limits`).
+    run's limits (`zero3_limits`). Every decoder layer is a ZeRO-3 leaf module (qshard/engines/deepspeed.py):
+    DeepSpeed gathers and releases it whole.
 
     DeepSpeed (deepspeed/runtime/zero/partitioned_param_coordinator.py) keeps a module's parameters after its
     forward in two cases. (1) They are used again within stage3_max_reuse_distance elements of fetched parameters
@@ -540,20 +541,21 @@ def zero3_layers_kept(spec: ModelSpec, s: Settings, lora: int) -> int:
     head have been fetched twice (forward, then backward), so it stays when 2 x (elements after it) is below the
     distance. qshard sets 0, so never; at DeepSpeed's default (1e9, a user's JSON) every layer of a model below
     ~5e8 elements stays (+2.7% on the 400M model's peak, tests/test_plan.py MEASURED_ZERO3). (2) The prefetcher
-    has already walked past their next use in its trace, which it does for free while they are gathered. The
-    prefetcher stops at stage3_max_live_parameters gathered elements, so it reaches the backward's first uses
-    (the head, then the last layers) while those still fit beside them: the last layers whose elements, with the
-    head's, stay within that limit are kept (4 of the 400M benchmark model's 24 layers; both layers of the test
-    models; 4 of 8 measured to the byte in tests/test_commcount.py). At DeepSpeed's defaults (1e9 elements) that
+    has already walked past their next use in its trace, which it does for free while they are gathered. At a
+    layer's fetch the prefetcher walks on only while fewer than stage3_max_live_parameters elements are gathered
+    with what it has prefetched: it passes the layer's backward use when that layer, every later one, the final
+    norm and the head are all gathered below that limit. The last layers for which that holds are kept (3 of the
+    400M benchmark model's 24 layers, with qshard's limit of four layers' elements; both layers of the test
+    models; 3 of 8 measured to the byte in tests/test_commcount.py). At DeepSpeed's defaults (1e9 elements) that
     is every layer of a model below ~1e9 elements. A vocabulary-parallel head is a buffer, no ZeRO parameter:
     nothing is held beside the layers then. Each layer counts its own elements and LoRA (`gathered_layer_sizes`;
     `lora`, the adapter's total, is not needed for that)."""
     sizes, limits = gathered_layer_sizes(spec, s), zero3_limits(spec, s)
     reuse, live = limits["stage3_max_reuse_distance"], limits["stage3_max_live_parameters"]
-    held, kept = zero3_head_elements(spec, s), 0  # gathered beside the layers walked so far
-    after = held + spec.hidden  # fetched after a layer's forward: the head, the final norm and the later layers
+    held, kept = zero3_head_elements(spec, s) + spec.hidden, 0  # the head, the final norm and the later layers
+    after = held  # fetched after a layer's forward
     for moe in reversed(spec.layer_is_moe()):
-        if 2 * after >= reuse and held + sizes[moe][1] > live:
+        if 2 * after >= reuse and held + sizes[moe][1] >= live:
             break
         after, held, kept = after + sizes[moe][1], held + sizes[moe][1], kept + 1
     return kept
@@ -911,15 +913,14 @@ def step_traffic(spec: ModelSpec, s: Settings) -> list[Traffic]:
     b, vocab = base_bytes(spec, s), vocab_parallel_bytes(spec, s)  # vocabulary-parallel tables: never gathered
     exchange = vocab_parallel_traffic(spec, s) if s.vocab_split else []
     if engine == "zero3":
-        # every parameter for forward; the layers DeepSpeed released after it (zero3_layers_kept) again for backward.
-        # With checkpointing a released layer is gathered for the recomputed forward too (3 in all), a kept one
-        # gathers its frozen storage once more (its LoRA tensors stay), and the embedding, released after forward
-        # (stage3_max_reuse_distance 0; the prefetcher is far from its backward then), comes back for the backward
-        # checkpointing gives it (the first layer's input needs a gradient).
+        # every parameter for forward; the layers DeepSpeed released after it (zero3_layers_kept) again for backward,
+        # whole (each layer is a ZeRO-3 leaf): its recomputed forward under checkpointing runs inside that gather.
+        # With checkpointing the embedding, released after forward (stage3_max_reuse_distance 0; the prefetcher is
+        # far from its backward then), comes back for the backward checkpointing gives it (the first layer's input
+        # needs a gradient).
         released = spec.layers - zero3_layers_kept(spec, s, n_lora)
         again = sum(sizes[moe][0] for moe in order[:released])
         if s.checkpointing:
-            again += again + sum(decoder_layer_bytes(spec, s, moe) for moe in order[released:])
             again += 0 if s.vocab_split else b["embed_tokens"]
         return [Traffic("all_gather", micro * (base - vocab + n_lora * half + again), layer,
                         f"packed base + LoRA params a layer at a time, {micro} time(s) a step, and {released} "

@@ -35,10 +35,12 @@ def zero3_gather_limits(layer_elements: int) -> dict[str, int]:
     and a parameter it has walked past is not released after its forward. Below 1e9 elements (~2B parameters in NF4) the
     whole model stays gathered from its forward to its backward on every rank. On the 400M benchmark model
     (BENCHMARKS.md): 181 MB gathered at the end of the forward with the defaults; with these limits the peak
-    fell from 0.63x to 0.55-0.57x the anchor's, at 1.35x its step time on CPU (median of three rounds alternated
-    with the anchor; DeepSpeed's defaults: 0.91-0.93x the step, 0.59-0.61x the peak). One layer of prefetch (two
-    held) was as small but 1.3x slower on CPU: a layer's gather then waits for the previous one's release. Reuse
-    distance 0 lets the planner say exactly which layers stay gathered (plan.zero3_layers_kept)."""
+    fell from 0.63x to 0.55-0.57x the anchor's, at 1.35x its step time on CPU while DeepSpeed gathered each
+    sub-module on its own (1,022 all-gathers a step). With every decoder layer a ZeRO-3 leaf, gathered in one
+    collective (engines/deepspeed.py), it is 0.52-0.53x the peak at 0.96x the step (median of three rounds
+    alternated with the anchor). One layer of prefetch (two held) was as small but 1.3x slower on CPU (before the
+    leaves): a layer's gather then waits for the previous one's release. Reuse distance 0 lets the planner say
+    exactly which layers stay gathered (plan.zero3_layers_kept)."""
     layer = max(int(layer_elements), 1)
     return {"stage3_prefetch_bucket_size": 2 * layer,
             "stage3_max_live_parameters": min(4 * layer, DS_MAX_LIVE_DEFAULT),  # never more than DeepSpeed holds

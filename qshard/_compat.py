@@ -217,12 +217,20 @@ def deepspeed_leaf_inputs_require_grad(module, args):
     outputs since no inputs require gradients"), before its own parameter gradients: DeepSpeed then reduces and
     releases the layer before its backward has run, which stops with "The size of tensor a (0) must match the
     size of tensor b (16)". With an input that needs a gradient the hook fires after the module's backward. No
-    gradient path is cut (the input had none); the cost is the input's gradient, one activation. Remove when
-    DeepSpeed reduces leaf gradients from per-parameter hooks (test: tests/test_compat.py)."""
+    gradient path is cut (the input had none); the cost is the input's gradient, one activation. torch's hook sees
+    positional inputs only: a module called with its hidden states as a keyword is refused, not trained wrong. Remove
+    when DeepSpeed reduces leaf gradients from per-parameter hooks (test: tests/test_compat.py)."""
     import torch
+
+    from qshard.errors import QShardError
 
     if not torch.is_grad_enabled():
         return None
+    if not any(torch.is_tensor(a) and a.is_floating_point() for a in args):
+        raise QShardError(f"{type(module).__name__} is called without a positional floating-point input, so "
+                          "DeepSpeed ZeRO-3 cannot tell when its backward has run (each decoder layer is a ZeRO-3 "
+                          "leaf module)", where="distributed.engine: deepspeed, zero_stage: 3",
+                          fix="use distributed.engine: fsdp2 for this architecture")
     return tuple(a.detach().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() and not a.requires_grad
                  else a for a in args)
 

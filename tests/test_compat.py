@@ -351,6 +351,15 @@ def test_deepspeed_leaf_inputs_require_grad_makes_the_hook_fire_after_them_and_l
     assert out[0].requires_grad and torch.equal(out[0], x) and out[1] is ids and out[2] is needs and out[3] is None
 
 
+def test_deepspeed_leaf_inputs_require_grad_refuses_a_layer_called_with_keywords_only():
+    """torch's full backward hook sees positional inputs only: such a leaf's gradients would be reduced too early."""
+    from qshard.errors import QShardError
+
+    with pytest.raises(QShardError, match="Linear is called without a positional floating-point input") as e:
+        _compat.deepspeed_leaf_inputs_require_grad(torch.nn.Linear(4, 4), (torch.arange(3),))
+    assert "fsdp2" in e.value.fix
+
+
 # exit_without_teardown: flushes output, exits with the code, skips interpreter teardown (end to end: every
 # multi-process run of tests/test_faults.py ends through it, qshard/cli.py)
 def test_exit_without_teardown_flushes_output_and_skips_atexit():

@@ -307,20 +307,3 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, experts: int, scaling: float, t
     a = a.float().reshape(experts, -1, a.shape[-1])
     b = b.float().reshape(b.shape[0], -1, experts)
     return torch.einsum("o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i", b, a) * scaling
-
-
-def mark_zero3_leaves(model: nn.Module) -> int:
-    """DeepSpeed ZeRO-3 gathers a module's own parameters around its forward; the stacks (and the LoRA
-    factors ExpertLora reads) are children whose forward never runs. Marking the outermost module that
-    holds them a ZeRO-3 leaf (`_z3_leaf`, DeepSpeed's `set_z3_leaf_modules`) makes DeepSpeed gather all
-    of its parameters around its forward and backward. Returns how many were marked."""
-    marked, inside = 0, set()
-    for module in model.modules():  # outermost first
-        if id(module) in inside:
-            continue
-        wraps = type(module).__name__ in ("ParamWrapper", "ExpertLora") or hasattr(module, "_is_expert_parallel")
-        if wraps and any(isinstance(c, ExpertStack) for c in module.modules()):
-            module._z3_leaf = True
-            inside |= {id(m) for m in module.modules()}
-            marked += 1
-    return marked

@@ -222,11 +222,11 @@ def deepspeed_leaf_inputs_require_grad(module, args):
     when DeepSpeed reduces leaf gradients from per-parameter hooks (test: tests/test_compat.py)."""
     import torch
 
-    from qshard.errors import QShardError
-
     if not torch.is_grad_enabled():
         return None
     if not any(torch.is_tensor(a) and a.is_floating_point() for a in args):
+        from qshard.errors import QShardError
+
         raise QShardError(f"{type(module).__name__} is called without a positional floating-point input, so "
                           "DeepSpeed ZeRO-3 cannot tell when its backward has run (each decoder layer is a ZeRO-3 "
                           "leaf module)", where="distributed.engine: deepspeed, zero_stage: 3",
